@@ -1,0 +1,435 @@
+"""Typed configuration tree: YAML files with ``base:`` inheritance plus dotted command-line overrides.
+
+Every section is a dataclass, so the set of valid keys, their types and their defaults live in one place. Loading walks
+the YAML tree against the dataclasses: an unknown key is an error that suggests the closest valid key, and a wrong type
+or out-of-range value is an error that names the dotted key. No code is executed from config files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file or dotted key and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Shape and options of the network. Covers GPT-2 style and Llama style decoders."""
+
+    family: Literal["decoder"] = "decoder"
+    vocab_size: int = 50257
+    pad_vocab_multiple: int = 128
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None  # None: same as num_heads (MHA); 1: MQA; otherwise GQA
+    ffn_hidden_size: int | None = None  # None: 4*hidden (gelu/relu) or the Llama rule for swiglu
+    max_seq_len: int = 1024
+    position: Literal["learned", "sinusoidal", "rotary"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: Literal["pre", "post"] = "pre"
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's approximation
+    bias: bool = True
+    tie_embeddings: bool = True
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # std / sqrt(2 * num_layers) on residual output projections
+    activation_checkpointing: bool = False
+
+    def validate(self, where: str = "model") -> None:
+        _positive(self, where, "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads", "max_seq_len")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{where}.hidden_size={self.hidden_size} must be divisible by {where}.num_heads={self.num_heads}"
+            )
+        kv = self.kv_heads
+        if kv < 1 or self.num_heads % kv:
+            raise ConfigError(f"{where}.num_kv_heads={kv} must be >= 1 and divide {where}.num_heads={self.num_heads}")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head dim, got {self.head_dim} ({where}.hidden_size/num_heads)")
+        for name in ("embedding_dropout", "attention_dropout", "residual_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{where}.{name}={value} must be in [0, 1)")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            raise ConfigError(f"{where}.ffn_hidden_size={self.ffn_hidden_size} must be positive")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":  # Llama: 2/3 of 4h, rounded up to a multiple of 256
+            return (int(8 * self.hidden_size / 3) + 255) // 256 * 256
+        return 4 * self.hidden_size
+
+
+@dataclass
+class DataConfig:
+    """Which tokenized shards to read and how to cut them into samples."""
+
+    prefixes: str | list = ""  # "0.7 web 0.3 code", or a list of prefixes / alternating weights and prefixes
+    split: str = "98,1,1"  # train, valid, test weights by documents
+    seq_len: int = 1024
+    seed: int = 1234
+    tokenizer: str | None = None  # tokenizer.json or HF tokenizer dir (used for the vocabulary size check and logs)
+    reset_at_document: bool = False  # stop attention and reset positions at document boundaries
+    cache_dir: str | None = None  # where sample indices are cached (per node); None: the data module's default
+    prefetch: int = 2  # global batches prefetched by a background thread (0: synchronous)
+
+    def validate(self, where: str = "data") -> None:
+        _positive(self, where, "seq_len")
+        if self.prefetch < 0:
+            raise ConfigError(f"{where}.prefetch={self.prefetch} must be >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    no_decay_norms: bool = True
+    no_decay_biases: bool = True
+    no_decay_embeddings: bool = True
+    fused: bool | None = None  # None: fused on GPU, plain on CPU
+
+    def validate(self, where: str = "optimizer") -> None:
+        _positive(self, where, "lr", "eps")
+        if self.min_lr < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{where}.min_lr and {where}.weight_decay must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be in [0, 1)")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over optimizer steps."""
+
+    kind: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: training.train_steps - warmup_steps
+    wsd_decay_fraction: float = 0.2  # warmup-stable-decay: the final fraction of decay_steps spent decaying
+    wsd_decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+
+    def validate(self, where: str = "schedule") -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(f"{where}.decay_steps={self.decay_steps} must be positive")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ConfigError(f"{where}.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 1000
+    global_batch_size: int = 8  # samples per optimizer step (across all data-parallel ranks)
+    global_batch_tokens: int | None = None  # alternative to global_batch_size: tokens per step (divided by seq_len)
+    micro_batch_size: int = 1  # samples per forward/backward on one rank
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    label_smoothing: float = 0.0
+    compile: bool = False
+    seed: int = 1234
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_interval: int = 0  # 0: evaluate only at the end
+    eval_samples: int = 64
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 disables
+
+    def validate(self, where: str = "training") -> None:
+        _positive(self, where, "train_steps", "global_batch_size", "micro_batch_size", "eval_samples")
+        if self.global_batch_tokens is not None and self.global_batch_tokens <= 0:
+            raise ConfigError(f"{where}.global_batch_tokens={self.global_batch_tokens} must be positive")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{where}.grad_clip={self.grad_clip} must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.eval_interval < 0 or self.early_stopping_patience < 0:
+            raise ConfigError(f"{where}.eval_interval and {where}.early_stopping_patience must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: <logging.run_dir>/checkpoints
+    interval: int = 0  # save every N steps; 0: only at the end
+    keep_last: int = 3
+    resume: bool = True  # resume from <dir>/latest when it exists
+    load: str | None = None  # a checkpoint directory to start from (weights, optimizer, data position)
+
+    def validate(self, where: str = "checkpoint") -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ConfigError(f"{where}.interval must be >= 0 and {where}.keep_last >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_interval: int = 10
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
+    wandb_project: str = "megatron_lite"
+    wandb_run_name: str | None = None
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: looked up by device name
+
+    def validate(self, where: str = "logging") -> None:
+        _positive(self, where, "log_interval")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes. One process uses the single-device engine."""
+
+    engine: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"  # auto: single for 1 rank, else ddp
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reshard_after_forward: bool = True
+    dp_replicate: int = 1  # HSDP: replicas x shards; dp_shard = dp / dp_replicate
+    fsdp_cpu_offload: bool = False
+    deepspeed_overrides: dict = field(default_factory=dict)
+
+    def validate(self, where: str = "parallel") -> None:
+        _positive(self, where, "tp", "pp", "dp_replicate")
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"{where}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step, from global_batch_size or global_batch_tokens."""
+        t = self.training
+        if t.global_batch_tokens is None:
+            return t.global_batch_size
+        if t.global_batch_tokens % self.data.seq_len:
+            raise ConfigError(
+                f"training.global_batch_tokens={t.global_batch_tokens} is not a multiple of data.seq_len={self.data.seq_len}"
+            )
+        return t.global_batch_tokens // self.data.seq_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _positive(section: Any, where: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(f"{where}.{name}={value} must be positive")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read one YAML file and merge it over its ``base:`` (a path relative to the file), recursively."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base:' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, _read_yaml((path.parent / str(b)), seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "deepspeed_overrides":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where it is lossless (int -> float, str numbers)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key} must not be null")
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} does not match {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if isinstance(value, base):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a {base.__name__}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, naming the dotted key of any error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a plain nested dict (for example one saved with a checkpoint)."""
+    return _build(Config, data, "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (with its ``base:`` chain), apply dotted ``overrides`` like ``training.micro_batch_size=4``."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def config_hash(cfg: Config) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
