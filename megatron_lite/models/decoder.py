@@ -1,0 +1,200 @@
+"""The decoder-only family: one implementation whose options cover GPT-2 and Llama styles.
+
+The forward is a plain sequence, embed -> positions -> dropout -> blocks -> final norm -> lm_head, and each part is
+skipped when it is None. A pipeline stage deletes the parts it does not own and feeds hidden states instead of ids; a
+tensor-parallel plan shards the unfused ``nn.Linear`` modules by name. Neither needs changes here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.models.layers import (
+    MLP,
+    NORM_TYPES,
+    Attention,
+    SinusoidalPositions,
+    build_attention_mask,
+    make_norm,
+    rotary_cos_sin,
+)
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then MLP, each a residual branch, with pre- or post-norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(
+            cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.bias, cfg.attention_dropout
+        )
+        self.mlp_norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, cfg.activation, cfg.bias)
+        self.dropout = nn.Dropout(cfg.residual_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.pre_norm:  # x + f(norm(x)): GPT-2, Llama
+            x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        # norm(x + f(x)): the original Transformer
+        x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class DecoderLM(nn.Module):
+    """Causal language model: token ids [b, s] -> logits [b, s, padded_vocab_size]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.activation_checkpointing = cfg.activation_checkpointing
+        h = cfg.hidden_size
+        self.embed = nn.Embedding(cfg.padded_vocab_size, h)
+        if cfg.position == "learned":
+            self.pos_embed: nn.Module | None = nn.Embedding(cfg.max_seq_len, h)
+        elif cfg.position == "sinusoidal":
+            self.pos_embed = SinusoidalPositions(h)  # no parameters; computed from position ids
+        else:
+            self.pos_embed = None  # rotary: applied to q and k inside attention
+        self.dropout = nn.Dropout(cfg.embedding_dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # Post-norm blocks already end in a norm, so only pre-norm needs a final one.
+        self.final_norm = make_norm(cfg.norm, h, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else None
+        self.lm_head = nn.Linear(h, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``input_ids`` long [b, s], or float hidden states [b, s, h] when this module has no ``embed``.
+
+        ``position_ids`` default to 0..s-1. With ``document_ids`` a token attends only to earlier tokens of the same
+        document; with ``padding_mask`` (True = real token) padded keys are never attended to.
+        """
+        b, s = input_ids.shape[:2]
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(s, device=device).expand(b, s)
+
+        if self.embed is not None:
+            x = self.embed(input_ids)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(position_ids).to(x.dtype)
+            x = self.dropout(x)
+        else:
+            x = input_ids
+
+        rope = None
+        if self.cfg.position == "rotary":
+            scaling = getattr(self.cfg, "rope_scaling", None)
+            rope = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, scaling, dtype=x.dtype)
+        mask = build_attention_mask(s, document_ids, padding_mask, device=device)
+
+        for block in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask)
+
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for matrices and embeddings; residual output projections (o_proj, down_proj) use
+        init_std / sqrt(2 * num_layers) when ``scaled_residual_init``, so the residual stream's variance does not grow
+        with depth (GPT-2). Norm scales are 1, all biases 0."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scaled_residual_init else std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(module.weight, 0.0, out_std if last in ("o_proj", "down_proj") else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, NORM_TYPES):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Point ``lm_head.weight`` at ``embed.weight`` again (after moves that may create new parameters)."""
+        if self.cfg.tie_embeddings and self.embed is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed.weight
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token and learned
+        position tables, the usual convention for FLOPs estimates; an untied lm_head stays, as it is a real matmul."""
+        seen = {id(p): p.numel() for p in self.parameters()}
+        if exclude_embeddings:
+            for module in (self.embed, self.pos_embed):
+                for p in module.parameters() if module is not None else ():
+                    seen.pop(id(p), None)
+        return sum(seen.values())
+
+    def no_decay_param_names(self, norms: bool = True, biases: bool = True, embeddings: bool = True) -> set[str]:
+        """Names (as in ``named_parameters(remove_duplicate=False)``) of parameters usually exempt from weight decay.
+
+        ``embeddings`` covers the token and position tables, and ``lm_head.weight`` when it is tied to the embedding.
+        """
+        names: set[str] = set()
+        for mod_name, module in self.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            for p_name, _ in module.named_parameters(recurse=False):
+                full = prefix + p_name
+                if norms and isinstance(module, NORM_TYPES):
+                    names.add(full)
+                elif biases and p_name == "bias":
+                    names.add(full)
+                elif embeddings and isinstance(module, nn.Embedding):
+                    names.add(full)
+        if embeddings and self.cfg.tie_embeddings and self.lm_head is not None:
+            names.add("lm_head.weight")
+        return names
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> DecoderLM:
+    """Build the model for ``cfg`` on ``device``, initialized; on "meta" only shapes exist and init is skipped.
+
+    Parameters are first created on the meta device and then materialized once, so large models skip the default
+    (discarded) initialization of every ``nn.Linear``.
+    """
+    cfg.validate()
+    if cfg.family != "decoder":
+        raise ValueError(f"build_model builds the decoder family, got family={cfg.family!r}")
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    device = torch.device(device)
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights()
+    return model

@@ -1,0 +1,51 @@
+"""Named model sizes. Each has a twin in ``configs/models/<name>.yaml`` (a test keeps the two equal).
+
+GPT-2 shapes follow the released checkpoints; Llama shapes follow the published configs. Only shapes are given: Llama
+3.x's long-context rope rescaling is not part of ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_lite.config import ModelConfig
+
+
+def _gpt2(hidden: int, layers: int, heads: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=50257, hidden_size=hidden, num_layers=layers, num_heads=heads, max_seq_len=1024,
+        position="learned", norm="layernorm", norm_eps=1e-5, norm_position="pre", activation="gelu_tanh",
+        bias=True, tie_embeddings=True,
+    )  # fmt: skip
+
+
+def _llama(
+    vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, seq: int, theta: float, tied: bool
+) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+        ffn_hidden_size=ffn, max_seq_len=seq, position="rotary", rope_theta=theta, norm="rmsnorm", norm_eps=1e-5,
+        norm_position="pre", activation="swiglu", bias=False, tie_embeddings=tied,
+    )  # fmt: skip
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt2-124m": _gpt2(768, 12, 12),
+    "gpt2-355m": _gpt2(1024, 24, 16),
+    "gpt2-774m": _gpt2(1280, 36, 20),
+    "gpt2-1.5b": _gpt2(1600, 48, 25),
+    "llama-1b": _llama(128256, 2048, 16, 32, 8, 8192, 131072, 500000.0, tied=True),  # Llama-3.2-1B
+    "llama-8b": _llama(128256, 4096, 32, 32, 8, 14336, 8192, 500000.0, tied=False),  # Llama-3-8B
+    "llama2-7b": _llama(32000, 4096, 32, 32, 32, 11008, 4096, 10000.0, tied=False),
+    "llama2-13b": _llama(32000, 5120, 40, 40, 40, 13824, 4096, 10000.0, tied=False),
+    "llama2-70b": _llama(32000, 8192, 80, 64, 8, 28672, 4096, 10000.0, tied=False),
+    # A ~1M-parameter Llama-style model (GQA, rotary, RMSNorm, SwiGLU) for tests and debugging.
+    "tiny": _llama(512, 128, 4, 4, 2, 512, 1024, 10000.0, tied=True),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset, safe to modify."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
