@@ -1,0 +1,102 @@
+"""Load a trained tokenizer (a ``tokenizer.json`` or an HF tokenizer directory) and find its special ids.
+
+The rest of the pipeline needs only ``encode``, ``vocab_size``, ``eod_id`` and ``pad_id``; this wrapper gives exactly
+that over the HF ``tokenizers`` library, so preprocessing workers can rebuild it from a path cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import DataError
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SENTINEL_FORMAT = "<extra_id_{}>"
+
+# Names other tokenizers use for the same roles, tried in order after ours.
+_EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
+_PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>")
+
+
+class Tokenizer:
+    """A byte-level BPE (or any ``tokenizers`` model) with the ids the data pipeline needs."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.path = str(path)
+        file, config = _resolve(Path(path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"{file}: unreadable tokenizer ({_first_line(e)}); expected a tokenizers JSON file") from None
+        self.file = str(file)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod_id: int = self._special(config.get("eos_token"), _EOD_CANDIDATES, "end-of-document")
+        pad = self._lookup(config.get("pad_token"), _PAD_CANDIDATES)
+        self.pad_id: int = self.eod_id if pad is None else pad
+        self.sentinel_ids: list[int] = []
+        while (i := self._tok.token_to_id(SENTINEL_FORMAT.format(len(self.sentinel_ids)))) is not None:
+            self.sentinel_ids.append(i)
+
+    def _lookup(self, configured, candidates) -> int | None:
+        if isinstance(configured, dict):
+            configured = configured.get("content")
+        for name in ([configured] if configured else []) + list(candidates):
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    def _special(self, configured, candidates, role: str) -> int:
+        i = self._lookup(configured, candidates)
+        if i is None:
+            raise DataError(f"{self.file}: no {role} token (expected one of {', '.join(candidates)})")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _resolve(path: Path) -> tuple[Path, dict]:
+    """Find the JSON file, plus the HF ``tokenizer_config.json`` (for eos/pad names) when it sits beside it."""
+    if not path.exists():
+        raise DataError(f"{path}: tokenizer not found (expected a tokenizer.json file or a directory holding one)")
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise DataError(f"{path}: directory has no tokenizer.json (expected an HF fast-tokenizer directory)")
+    else:
+        file = path
+    config: dict = {}
+    cfg_file = file.parent / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{cfg_file}: unreadable tokenizer config ({_first_line(e)})") from None
+    return file, config
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load ``path`` (a tokenizer.json, or a directory with one); :class:`DataError` if it cannot be used."""
+    return Tokenizer(path)

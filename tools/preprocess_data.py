@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Tokenize a corpus into PREFIX.bin / PREFIX.idx (Megatron-compatible MMIDIDX), in parallel and in bounded memory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_lite.data.errors import run_cli
+from megatron_lite.data.preprocess import preprocess
+
+EPILOG = """\
+input formats (by extension):
+  .jsonl .ndjson .json   one JSON object per line (or one JSON array); the document is the value of --json-key
+  .parquet               the column named by --json-key
+  .csv .arrow            read through HF datasets, column --json-key
+  anything else          UTF-8 text; by default each block of lines separated by blank lines is one document
+                         (--text-document block); --text-document file makes each whole file one document
+  --dataset NAME         any dataset HF datasets can load (streamed), with --split and --json-key
+  .gz on a text or JSON-lines file is decompressed on the fly
+
+The output is written under a temporary name and renamed at the end; it is byte-identical for any --workers.
+Existing output is never replaced without --overwrite.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input")
+    src.add_argument("--input", nargs="+", metavar="FILE", help="corpus files or directories, read in this order")
+    src.add_argument("--dataset", metavar="NAME", help="an HF datasets name or local dataset directory, instead of --input")
+    src.add_argument("--split", default="train", help="split of --dataset (default: train)")
+    src.add_argument("--json-key", default="text", help="record key / column holding the text (default: text)")
+    src.add_argument("--text-document", choices=["block", "file"], default="block",
+                     help="for plain text: a blank-line-separated block (default) or a whole file is one document")
+    src.add_argument("--skip-bad-records", action="store_true",
+                     help="count and skip records without the key (default: stop with an error naming file and line)")
+    out = p.add_argument_group("output")
+    out.add_argument("--tokenizer", required=True, help="a tokenizer.json, or an HF tokenizer directory holding one")
+    out.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    out.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
+    out.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.bin/.idx")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: one process, all threads)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, only the summary line")
+    a = p.parse_args(argv)
+    if not a.input and not a.dataset:
+        p.error("one of --input or --dataset is required")
+    if a.input and a.dataset:
+        p.error("give --input or --dataset, not both")
+    if a.workers < 1:
+        p.error("--workers must be at least 1")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    preprocess(a.input, a.tokenizer, a.output_prefix, workers=a.workers, append_eod=a.append_eod,
+               overwrite=a.overwrite, skip_bad_records=a.skip_bad_records, json_key=a.json_key,
+               text_mode=a.text_document, dataset=a.dataset, split=a.split, progress=not a.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
