@@ -1,0 +1,163 @@
+"""The one engine interface the trainer talks to, and the logical checkpoint tensors every engine reads and writes.
+
+An engine owns the wrapped model and its optimizer. The trainer hands it this rank's microbatches for one optimizer
+step and gets back metrics; it never asks which kind of engine it holds.
+
+Logical checkpoint tensors use the unsharded, layout-free names of the plain model:
+
+    model.<fqn>              fp32 master weights, full shape (tied weights appear under each name)
+    optim.<fqn>.exp_avg      AdamW first moment
+    optim.<fqn>.exp_avg_sq   AdamW second moment
+    optim.<fqn>.step         AdamW step count (a 0-d float32 tensor)
+
+They are written through PyTorch DCP as safetensors shards (``HuggingFaceStorageWriter``): each rank writes the pieces
+it holds, in parallel, and DCP reshards on load to whatever layout the loading engine has. Reading needs no pickle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_lite.topology import Topology
+
+Microbatch = dict[str, torch.Tensor]
+ForwardLoss = Callable[[nn.Module, Microbatch], torch.Tensor]
+"""Runs the model on one microbatch and returns the mean loss over its tokens (a scalar tensor)."""
+
+OPTIM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+@dataclass
+class StepMetrics:
+    loss: float  # mean over the global batch, averaged over data-parallel ranks
+    grad_norm: float  # global L2 norm of the gradients before clipping
+    lr: float
+    skipped: bool = False  # the optimizer step was skipped (fp16 overflow)
+
+
+class Engine(ABC):
+    """Forward/backward over microbatches, the optimizer step, grad-norm reporting, save and load."""
+
+    topology: Topology
+    model: nn.Module  # the plain (unwrapped) model, for parameter counts and export
+
+    @abstractmethod
+    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
+        """One optimizer step over this rank's share of the global batch."""
+
+    @abstractmethod
+    def eval_loss(self, microbatches: list[Microbatch]) -> float:
+        """Mean loss over the microbatches, averaged over data-parallel ranks, without gradients."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write the logical model and optimizer tensors under ``path`` (all ranks call this)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Read logical tensors written by any engine and any layout (all ranks call this)."""
+
+    def to_device(self, microbatch: Microbatch) -> Microbatch:
+        dev = self.topology.device
+        return {k: v.to(dev, non_blocking=True) for k, v in microbatch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logical checkpoint tensors through DCP + safetensors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_logical(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a flat dict of (possibly DTensor-sharded or replicated) tensors as safetensors shards under ``path``.
+
+    Replicated entries are written once: DCP deduplicates identical keys across ranks and spreads the writes.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    path.mkdir(parents=True, exist_ok=True)
+    distributed = dist.is_available() and dist.is_initialized()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=distributed))
+
+
+def read_logical(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fill ``state`` in place (full tensors or DTensor shards) from logical tensors under ``path``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    stored = logical_keys(path)
+    missing = sorted(set(state) - stored)
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}; "
+            f"it holds {len(stored)} tensors"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)))
+
+
+def logical_keys(path: Path) -> set[str]:
+    """Names of the tensors stored under ``path`` (read from the safetensors headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files under checkpoint directory {path}")
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def param_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Each parameter's first fully qualified name (tied weights get one name)."""
+    return {p: n for n, p in model.named_parameters()}
+
+
+def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create zero AdamW state for parameters that have none yet, so a checkpoint can be loaded into it in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The logical ``optim.<fqn>.<key>`` view of a torch AdamW's state (tensors shared, not copied)."""
+    ensure_adamw_state(optimizer)
+    names = param_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in OPTIM_STATE_KEYS:
+                out[f"optim.{names[p]}.{key}"] = optimizer.state[p][key]
+    return out
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The logical ``model.<fqn>`` view of a model's parameters and buffers (tensors shared, not copied)."""
+    return {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def all_reduce_mean(value: float, topology: Topology, device: torch.device) -> float:
+    """Average a python float over the data-parallel ranks."""
+    if not topology.is_distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=topology.group("dp"))
+    return t.item() / topology.dp

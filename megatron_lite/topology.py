@@ -1,0 +1,147 @@
+"""The process layout: a (pp, dp, tp) mesh with its process groups, passed explicitly to whatever needs it.
+
+There are no module-level globals: code that needs a rank or a group along an axis asks the Topology object it was
+given. A single process gets a Topology of size 1 on every axis and no process groups, so the same code paths run
+with or without ``torch.distributed``.
+
+Rank order is pp-major, tp-minor (tp ranks are neighbours, so they land on one node first), as in Megatron-LM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import ConfigError, ParallelConfig
+
+
+@dataclass
+class Topology:
+    """Sizes and this process's coordinates along each axis, plus the device mesh when distributed."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+    dp_replicate: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: "torch.distributed.device_mesh.DeviceMesh | None" = None
+
+    @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def coord(self, axis: str) -> int:
+        """This rank's index along ``axis`` ("pp", "dp", "tp")."""
+        if self.mesh is None:
+            return 0
+        return self.mesh.get_local_rank(axis)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coord("dp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coord("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coord("pp")
+
+    def group(self, axis: str) -> "dist.ProcessGroup | None":
+        """The process group along ``axis``; None in a single process."""
+        if self.mesh is None:
+            return None
+        return self.mesh.get_group(axis)
+
+    def submesh(self, *axes: str) -> "torch.distributed.device_mesh.DeviceMesh | None":
+        if self.mesh is None:
+            return None
+        return self.mesh[axes if len(axes) > 1 else axes[0]]
+
+    def data_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh | None":
+        """The data-parallel mesh: 1-D (dp) or, for HSDP, 2-D (dp_replicate, dp_shard)."""
+        if self.mesh is None:
+            return None
+        if self.dp_replicate == 1:
+            return self.mesh["dp"]
+        from torch.distributed.device_mesh import init_device_mesh
+
+        key = "_hsdp_mesh"
+        if getattr(self, key, None) is None:
+            # A separate mesh over the same ranks: valid when pp == tp == 1 (checked in from_env).
+            object.__setattr__(
+                self,
+                key,
+                init_device_mesh(
+                    self.device.type,
+                    (self.dp_replicate, self.dp_shard),
+                    mesh_dim_names=("dp_replicate", "dp_shard"),
+                ),
+            )
+        return getattr(self, key)
+
+    def describe(self) -> str:
+        return f"world={self.world_size} pp={self.pp} dp={self.dp} tp={self.tp}" + (
+            f" (dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard})" if self.dp_replicate > 1 else ""
+        )
+
+    @classmethod
+    def from_env(cls, parallel: ParallelConfig, device: str = "auto") -> "Topology":
+        """Build the topology for this process, initializing torch.distributed when launched with several ranks.
+
+        Works under torchrun, the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK in the environment) and plain python.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = resolve_device(device, local_rank)
+        tp, pp = parallel.tp, parallel.pp
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp={tp} x parallel.pp={pp} (= {tp * pp})"
+            )
+        dp = world_size // (tp * pp)
+        if dp % parallel.dp_replicate:
+            raise ConfigError(
+                f"data-parallel size {dp} is not divisible by parallel.dp_replicate={parallel.dp_replicate}"
+            )
+        if parallel.dp_replicate > 1 and (tp > 1 or pp > 1):
+            raise ConfigError("parallel.dp_replicate > 1 (HSDP) is supported with tp = pp = 1 only")
+        topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev)
+        if world_size == 1:
+            return topo
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        from torch.distributed.device_mesh import init_device_mesh
+
+        topo.mesh = init_device_mesh(dev.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        return topo
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' picks this rank's GPU when CUDA is available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device)

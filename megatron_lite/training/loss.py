@@ -1,0 +1,36 @@
+"""The causal language-modelling loss, applied outside the model so that parallel plans can swap it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.engines.base import ForwardLoss, Microbatch
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean token cross-entropy in fp32; labels equal to -100 are ignored."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )
+
+
+def make_forward_loss(label_smoothing: float = 0.0) -> ForwardLoss:
+    """A ForwardLoss for decoder-only models fed by the data loader's microbatches."""
+
+    def forward_loss(model: nn.Module, mb: Microbatch) -> torch.Tensor:
+        logits = model(
+            mb["input_ids"],
+            position_ids=mb.get("position_ids"),
+            document_ids=mb.get("document_ids"),
+            padding_mask=mb.get("padding_mask"),
+        )
+        return causal_lm_loss(logits, mb["labels"], label_smoothing)
+
+    return forward_loss

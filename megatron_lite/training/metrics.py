@@ -1,0 +1,93 @@
+"""Training metrics: one console line per log interval, a JSONL file in the run directory, and wandb.
+
+MFU = achieved model FLOP/s / peak FLOP/s, where achieved FLOP/s = tokens/s x FLOPs per token from
+``megatron_lite.planning.flops.training_flops_per_token`` (PaLM's 6N + 12·L·H·Q·T, the same formula ``tools/plan.py``
+prints) and the peak comes from ``logging.peak_flops`` or the per-device table in ``megatron_lite.planning.hardware``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lite.config import Config, LoggingConfig
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated bytes on the GPU, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_flops(cfg: LoggingConfig, device: torch.device, precision: str) -> float | None:
+    if cfg.peak_flops is not None:
+        return cfg.peak_flops
+    if device.type != "cuda":
+        return None
+    from megatron_lite.planning.hardware import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(device), "fp32" if precision == "fp32" else "bf16")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """'auto' is online with an API key in the environment, offline otherwise (offline makes no network calls)."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """Writes metrics from rank 0 only; other ranks hold a logger that does nothing."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.wandb_run = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        mode = resolve_wandb_mode(cfg.logging.wandb_mode)
+        if mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=cfg.logging.wandb_project,
+                name=cfg.logging.wandb_run_name,
+                dir=str(run_dir),
+                mode=mode,
+                config=cfg.to_dict(),
+                resume="allow",
+            )
+
+    def log(self, record: dict[str, Any], console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        if console:
+            print(console, flush=True)
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def format_train_line(m: dict[str, Any], train_steps: int) -> str:
+    mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
+    return (
+        f"step {m['step']:>6}/{train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f}"
+        f" | tok/s {m['tokens_per_s']:,.0f} | mfu {mfu} | mem {m['memory_gib']:.2f} GiB | data {100 * m['data_wait']:.0f}%"
+    )

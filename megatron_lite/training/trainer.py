@@ -1,0 +1,254 @@
+"""The training loop: data -> engine.train_step -> metrics, evaluation and checkpoints.
+
+The loop never asks which engine it drives. Its whole resumable state is the optimizer step, the number of global
+samples consumed (which fixes the data position for any data-parallel size), the RNG states and the early-stopping
+counters; everything else comes from the config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.data import GlobalBatchLoader, build_datasets
+from megatron_lite.engines import Engine, build_engine, engine_name
+from megatron_lite.models import build_model
+from megatron_lite.topology import Topology
+from megatron_lite.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megatron_lite.training.loss import make_forward_loss
+from megatron_lite.training.metrics import MetricsLogger, device_peak_flops, format_train_line, peak_memory_bytes
+from megatron_lite.training.schedules import lr_at
+
+
+@dataclass
+class TrainResult:
+    """What a run did: used by the quickstart, the tests and the layout-parity harness."""
+
+    losses: list[float] = field(default_factory=list)  # train loss of each step run in this process
+    steps: list[int] = field(default_factory=list)  # the step number (1-based) of each loss
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    final_step: int = 0
+    checkpoint: Path | None = None
+    run_dir: Path | None = None
+    stopped_early: bool = False
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def check_batch_layout(cfg: Config, topology: Topology) -> int:
+    """The global batch must split evenly into data-parallel ranks and microbatches; return the global batch size."""
+    gbs, mbs, dp = cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size={mbs} "
+            f"x data-parallel size {dp} (= {mbs * dp})"
+        )
+    if cfg.training.eval_samples % (mbs * dp):
+        raise ConfigError(
+            f"training.eval_samples={cfg.training.eval_samples} is not divisible by training.micro_batch_size={mbs} "
+            f"x data-parallel size {dp} (= {mbs * dp})"
+        )
+    return gbs
+
+
+class Trainer:
+    """Builds the pieces from a config and runs the loop. ``run()`` returns a TrainResult."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.topology = Topology.from_env(cfg.parallel, cfg.training.device)
+        topo = self.topology
+        self.log = log if topo.is_main else (lambda *_: None)
+        self.global_batch = check_batch_layout(cfg, topo)
+        seed_everything(cfg.training.seed, cfg.training.deterministic)
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+
+        self.log(f"megatron_lite: {topo.describe()} engine={engine_name(cfg, topo)} device={topo.device}")
+        self.log("resolved config:\n" + cfg.to_yaml())
+
+        t = cfg.training
+        self.datasets = build_datasets(
+            cfg.data,
+            {"train": t.train_steps * self.global_batch, "valid": t.eval_samples, "test": t.eval_samples},
+            log=self.log,
+        )
+        model = build_model(cfg.model, device="cpu")  # same seed on every rank: identical initial weights
+        if t.compile:
+            for block in model.layers:
+                block.compile()
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.engine: Engine = build_engine(cfg, model, topo, make_forward_loss(t.label_smoothing))
+        torch.manual_seed(t.seed + topo.rank)  # dropout streams differ per rank from here on
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.best_valid = float("inf")
+        self.evals_without_improvement = 0
+        self._resume()
+
+        self.flops_per_token = _flops_per_token(cfg)
+        self.peak_flops = device_peak_flops(cfg.logging, topo.device, t.precision)
+        self.metrics = MetricsLogger(cfg, self.run_dir, enabled=topo.is_main)
+        self.log(
+            f"model: {self.n_params:,} parameters, {self.flops_per_token:,.0f} training FLOPs/token; "
+            f"global batch {self.global_batch} x {cfg.data.seq_len} tokens; run dir {self.run_dir}"
+        )
+
+    def _resume(self) -> None:
+        cfg = self.cfg.checkpoint
+        path = find_latest(self.ckpt_root) if cfg.resume else None
+        if path is None and cfg.load:
+            path = Path(cfg.load)
+        if path is None:
+            return
+        meta = load_checkpoint(path, self.engine)
+        state = meta["trainer_state"]
+        self.step = meta["step"]
+        self.consumed_samples = meta["consumed_samples"]
+        self.best_valid = state.get("best_valid", float("inf"))
+        self.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples:,} samples consumed)")
+
+    def trainer_state(self) -> dict:
+        return {
+            "consumed_samples": self.consumed_samples,
+            "best_valid": self.best_valid if self.best_valid != float("inf") else None,
+            "evals_without_improvement": self.evals_without_improvement,
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(
+            self.ckpt_root, self.step, self.engine, self.cfg, self.trainer_state(), self.cfg.checkpoint.keep_last
+        )
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def evaluate(self) -> float:
+        t = self.cfg.training
+        ds = self.datasets.get("valid")
+        if ds is None:
+            return float("nan")
+        loader = GlobalBatchLoader(
+            ds, t.eval_samples, t.micro_batch_size, self.topology.dp_rank, self.topology.dp, 0, prefetch=0
+        )
+        return self.engine.eval_loss(next(iter(loader)))
+
+    def _record_eval(self, result: TrainResult) -> bool:
+        """Evaluate, log, and return True when early stopping says to stop."""
+        loss = self.evaluate()
+        result.valid_losses.append((self.step, loss))
+        ppl = float(torch.tensor(loss).exp()) if loss == loss else float("nan")
+        self.metrics.log(
+            {"step": self.step, "valid_loss": loss, "valid_ppl": ppl},
+            console=f"eval step {self.step:>6} | valid loss {loss:.4f} | valid ppl {ppl:,.2f}",
+        )
+        if loss < self.best_valid:
+            self.best_valid, self.evals_without_improvement = loss, 0
+        else:
+            self.evals_without_improvement += 1
+        patience = self.cfg.training.early_stopping_patience
+        return patience > 0 and self.evals_without_improvement >= patience
+
+    def run(self) -> TrainResult:
+        cfg, t, topo = self.cfg, self.cfg.training, self.topology
+        result = TrainResult(run_dir=self.run_dir)
+        loader = GlobalBatchLoader(
+            self.datasets["train"],
+            self.global_batch,
+            t.micro_batch_size,
+            topo.dp_rank,
+            topo.dp,
+            self.consumed_samples,
+            prefetch=cfg.data.prefetch,
+            pin_memory=topo.device.type == "cuda",
+        )
+        batches = iter(loader)
+        tokens_per_step = self.global_batch * cfg.data.seq_len
+        if t.eval_interval and self.step == 0:
+            self._record_eval(result)
+        saved_at = None
+        window_time = window_wait = 0.0
+        window_steps = 0
+        while self.step < t.train_steps:
+            start = time.perf_counter()
+            microbatches = next(batches)
+            got_data = time.perf_counter()
+            metrics = self.engine.train_step(microbatches, lr_at(self.step, cfg.schedule, cfg.optimizer, t.train_steps))
+            self.step += 1
+            self.consumed_samples += self.global_batch
+            if topo.device.type == "cuda":
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+            window_time += end - start
+            window_wait += got_data - start
+            window_steps += 1
+            result.losses.append(metrics.loss)
+            result.steps.append(self.step)
+            if self.step % cfg.logging.log_interval == 0 or self.step == t.train_steps:
+                tps = window_steps * tokens_per_step / window_time
+                achieved = tps * self.flops_per_token / topo.world_size
+                record = {
+                    "step": self.step,
+                    "loss": metrics.loss,
+                    "lr": metrics.lr,
+                    "grad_norm": metrics.grad_norm,
+                    "tokens_per_s": tps,
+                    "mfu": achieved / self.peak_flops if self.peak_flops else None,
+                    "memory_gib": peak_memory_bytes(topo.device) / 2**30,
+                    "data_wait": window_wait / window_time,
+                    "consumed_samples": self.consumed_samples,
+                    "skipped": metrics.skipped,
+                }
+                self.metrics.log(record, console=format_train_line(record, t.train_steps))
+                window_time = window_wait = 0.0
+                window_steps = 0
+            stop = False
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                stop = self._record_eval(result)
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                result.checkpoint, saved_at = self.save(), self.step
+            if stop:
+                self.log(f"early stopping: no validation improvement in {t.early_stopping_patience} evaluations")
+                result.stopped_early = True
+                break
+        evaluated_now = bool(result.valid_losses) and result.valid_losses[-1][0] == self.step
+        if result.steps and not evaluated_now and self.datasets.get("valid") is not None:
+            self._record_eval(result)
+        if saved_at != self.step and result.steps:
+            result.checkpoint = self.save()
+        elif result.checkpoint is None:
+            result.checkpoint = find_latest(self.ckpt_root)
+        result.final_step = self.step
+        self.metrics.close()
+        self.log(f"done: step {self.step}; checkpoint {result.checkpoint}; metrics {self.run_dir / 'metrics.jsonl'}")
+        return result
+
+
+def _flops_per_token(cfg: Config) -> float:
+    from megatron_lite.planning.flops import training_flops_per_token
+
+    return training_flops_per_token(cfg.model, cfg.data.seq_len, causal=False)
+
+
+def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
+    """Build everything from ``cfg`` and train; resumes from ``<checkpoint.dir>/latest`` when it exists."""
+    return Trainer(cfg, log).run()
