@@ -1,0 +1,61 @@
+"""Training FLOPs per token, in PaLM's convention (Chowdhery et al. 2022, Appendix B).
+
+    flops_per_token = 6 N + 12 L H Q T
+
+- N: parameters that multiply an activation (``params.matmul_params``): every non-embedding parameter, plus the output
+  projection (V_padded x h) counted once even when tied to the token embedding; the token and learned-position tables
+  are lookups and are left out. Each such parameter costs 2 FLOPs per token forward and 4 backward.
+- 12 L H Q T: attention scores (Q K^T) and their weighted sum (A V): 2 matmuls x 2 FLOPs x T keys x H heads x Q head
+  dims per token and layer, forward (4 L H Q T) plus backward (twice that).
+- ``causal=True`` halves the attention term (only the lower triangle of scores is needed, as a causal flash kernel
+  computes). The default (False) is PaLM's number, which MFU figures are usually quoted against.
+
+Not counted: norms, softmax, activations, rotary, the loss (all O(h) per token). Activation recomputation is *not* part
+of model FLOPs: MFU counts the model's work, not the extra forward.
+"""
+
+from __future__ import annotations
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.params import matmul_params
+
+
+def attention_flops_per_token(layers: int, heads: int, head_dim: int, keys: int, causal: bool) -> float:
+    """12 L H Q T, halved when causal."""
+    term = 12.0 * layers * heads * head_dim * keys
+    return term / 2 if causal else term
+
+
+def encdec_training_flops(spec: EncDecSpec, enc_len: int, dec_len: int, causal: bool = False) -> float:
+    """Training FLOPs of one (input, target) pair of an encoder-decoder.
+
+    Encoder parameters act on ``enc_len`` tokens; decoder parameters on ``dec_len`` tokens, except the cross-attention
+    key/value projections, which act on the ``enc_len`` encoder outputs; the output head acts on ``dec_len``.
+    ``causal`` halves only the decoder's self-attention term.
+    """
+    d, inner = spec.d_model, spec.inner_dim
+    enc_n = spec.encoder_params()
+    cross_kv = spec.num_decoder_layers * 2 * d * inner
+    dec_n = spec.decoder_params() - cross_kv + spec.vocab_size * d
+    linear = 6.0 * (enc_n * enc_len + dec_n * dec_len + cross_kv * enc_len)
+    h, q = spec.num_heads, spec.d_kv
+    attn = enc_len * attention_flops_per_token(spec.num_encoder_layers, h, q, enc_len, False)
+    attn += dec_len * attention_flops_per_token(spec.num_decoder_layers, h, q, dec_len, causal)
+    attn += dec_len * attention_flops_per_token(spec.num_decoder_layers, h, q, enc_len, False)  # cross-attention
+    return linear + attn
+
+
+def training_flops_per_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int, causal: bool = False) -> float:
+    """Forward + backward FLOPs per token: 6N + 12 L H Q T (see the module docstring for what N counts).
+
+    For an encoder-decoder, ``seq_len`` is both the input and the target length and the result is per processed token
+    (input and target tokens together); use ``encdec_training_flops`` for other lengths.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    if isinstance(model_cfg, EncDecSpec):
+        return encdec_training_flops(model_cfg, seq_len, seq_len, causal) / (2 * seq_len)
+    n = matmul_params(model_cfg)
+    attn = attention_flops_per_token(model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim, seq_len, causal)
+    return 6.0 * n + attn
