@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Measure parts of the framework on this machine. Subcommands: ``data`` (preprocessing and loader throughput).
+
+Add a subcommand by writing ``add_<name>(subparsers)`` that registers a parser with ``func=run_<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def stdlib_docstrings(limit_chars: int | None = None) -> list[str]:
+    """Every docstring of the standard library's modules, found with ``ast``: ~1.8M characters of real prose."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node)
+                if d and len(d) > 20:
+                    docs.append(d)
+                    total += len(d)
+                    if limit_chars and total >= limit_chars:
+                        return docs
+    return docs
+
+
+def _baseline_map(jsonl: Path, tok_dir: Path) -> tuple[int, float]:
+    """``datasets.map`` with a fast tokenizer, batched, on all cores: the plain way to do it."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=str(jsonl.parent / "hf"))
+    out = ds.map(lambda b: {"ids": tok(b["text"])["input_ids"]}, batched=True, batch_size=1000,
+                 remove_columns=["text"], num_proc=os.cpu_count())
+    n = sum(len(x) for x in out["ids"])
+    return n, time.perf_counter() - t0
+
+
+def run_data(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from megatron_lite.data import GlobalBatchLoader, IndexedDataset, build_datasets
+    from megatron_lite.data.preprocess import preprocess
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_tokenizer import train
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    jsonl = work / "docstrings.jsonl"
+    t = time.perf_counter()
+    docs = stdlib_docstrings()
+    docs = docs * a.repeat
+    with open(jsonl, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    chars = sum(map(len, docs))
+    print(f"corpus: {len(docs):,} stdlib docstrings x{a.repeat}, {chars / 1e6:.2f}M characters "
+          f"({time.perf_counter() - t:.1f} s to collect)")
+    tok_dir = work / "tok"
+    if not (tok_dir / "tokenizer.json").exists():
+        t = time.perf_counter()
+        tok = train(iter(docs), a.vocab_size)
+        tok_dir.mkdir(exist_ok=True)
+        tok.save(str(tok_dir / "tokenizer.json"))
+        print(f"tokenizer: byte-level BPE, vocabulary {a.vocab_size:,}, trained in {time.perf_counter() - t:.1f} s")
+    results: dict = {}
+    for w in a.workers:
+        prefix = work / f"shard-w{w}"
+        s = preprocess([str(jsonl)], str(tok_dir), str(prefix), workers=w, append_eod=True, overwrite=True,
+                       progress=False, log=lambda s: None)
+        results[f"preprocess_w{w}"] = s.tokens_per_second
+        print(f"preprocess --workers {w}: {s.documents:,} docs, {s.tokens:,} tokens, {s.seconds:.2f} s, "
+              f"{s.tokens_per_second:,.0f} tokens/s")
+    if a.baseline:
+        n, sec = _baseline_map(jsonl, tok_dir)
+        results["baseline"] = n / sec
+        print(f"baseline datasets.map + PreTrainedTokenizerFast (num_proc={os.cpu_count()}): {n:,} tokens, "
+              f"{sec:.2f} s, {n / sec:,.0f} tokens/s")
+    prefix = work / f"shard-w{a.workers[-1]}"
+    t = time.perf_counter()
+    for _ in range(100):
+        IndexedDataset(prefix)
+    print(f"open .bin/.idx: {(time.perf_counter() - t) * 10:.2f} ms")
+    cfg = SimpleNamespace(prefixes=str(prefix), split="100,0,0", seq_len=a.seq_len, seed=1,
+                          reset_at_document=a.reset_at_document, cache_dir=str(work / "cache"), prefetch=2)
+    n_samples = a.steps * a.global_batch
+    t = time.perf_counter()
+    ds = build_datasets(cfg, {"train": n_samples}, log=lambda s: None)["train"]
+    print(f"index build (first use, {n_samples:,} samples over {ds.epochs} epochs): {time.perf_counter() - t:.2f} s")
+    t = time.perf_counter()
+    for i in range(min(len(ds), 20000)):
+        ds[i]
+    dt = time.perf_counter() - t
+    n = min(len(ds), 20000)
+    print(f"reader: {n / dt:,.0f} samples/s, {n * a.seq_len / dt / 1e6:.2f}M tokens/s (seq_len {a.seq_len})")
+    for prefetch in (0, 2):
+        loader = GlobalBatchLoader(ds, a.global_batch, a.micro_batch, 0, 1, prefetch=prefetch)
+        t = time.perf_counter()
+        steps = 0
+        for _ in loader:
+            steps += 1
+        dt = time.perf_counter() - t
+        print(f"loader (global batch {a.global_batch}, micro {a.micro_batch}, prefetch {prefetch}): "
+              f"{steps * a.global_batch / dt:,.0f} samples/s, {steps * a.global_batch * a.seq_len / dt / 1e6:.2f}M "
+              f"tokens/s, {dt / steps * 1e3:.1f} ms per global batch")
+    return 0
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="preprocessing tokens/s (vs a datasets.map baseline) and reader/loader throughput")
+    p.add_argument("--workdir", help="keep the corpus, tokenizer and shards here (default: a temporary directory)")
+    p.add_argument("--repeat", type=int, default=1, help="repeat the docstring corpus this many times")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--no-baseline", dest="baseline", action="store_false")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--global-batch", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--reset-at-document", action="store_true")
+    p.set_defaults(func=run_data)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_data(sub)
+    a = p.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
