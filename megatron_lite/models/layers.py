@@ -117,9 +117,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [b, heads, s, d] by the angles in cos/sin [b, s, d]: pairs are (i, i + d/2), as in HF Llama."""
+    """Rotate ``x`` [b, heads, s, d] by the angles in cos/sin [b, s, d]: pairs are (i, i + d/2), as in HF Llama.
+
+    The product is taken in the wider of the two dtypes (fp32 tables under autocast) and returned in ``x``'s dtype.
+    """
     cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+    return (x * cos + rotate_half(x) * sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
