@@ -4,7 +4,7 @@ Pure functions on state dicts and config dicts: no model is built and neither ``
 imported, so conversion tools stay light. Our decoder uses unfused, HF-Llama-style names and layouts, hence:
 
 - Llama maps 1:1 (rotary uses the same rotate-half layout, so q/k need no permutation);
-- GPT-2 stores ``Conv1D`` weights as [in, out] (transposed here) and fuses q, k, v into ``c_attn`` (split in this order);
+- GPT-2 stores ``Conv1D`` weights as [in, out] (transposed here) and fuses q, k, v into ``c_attn`` (in that order);
 - our embedding and lm_head have ``padded_vocab_size`` rows: padding rows are added as zeros on the way in and dropped
   on the way out.
 
@@ -284,7 +284,8 @@ def gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}", f"transformer.h.{i}"
         names = ("q_proj", "k_proj", "v_proj")
-        out[f"{theirs}.attn.c_attn.weight"] = torch.cat([src.pop(f"{ours}.attn.{n}.weight") for n in names]).t().contiguous()
+        qkv_w = torch.cat([src.pop(f"{ours}.attn.{n}.weight") for n in names])  # [3h, h]
+        out[f"{theirs}.attn.c_attn.weight"] = qkv_w.t().contiguous()
         out[f"{theirs}.attn.c_attn.bias"] = torch.cat([src.pop(f"{ours}.attn.{n}.bias") for n in names])
         for o, t in _GPT2_LAYER.items():
             is_norm = o.endswith("norm")

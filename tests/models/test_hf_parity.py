@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 def gpt2_reference(tie: bool = True) -> "transformers.GPT2LMHeadModel":
     config = transformers.GPT2Config(
         vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie, initializer_range=0.15, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie, initializer_range=0.15,
+        bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
@@ -31,7 +32,8 @@ def llama_reference(tie: bool = False, bias: bool = False) -> "transformers.Llam
     config = transformers.LlamaConfig(
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=50000.0,
-        tie_word_embeddings=tie, attention_bias=bias, initializer_range=0.15, mlp_bias=bias, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, initializer_range=0.15,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -120,5 +122,6 @@ def test_converter_imports_no_training_stack() -> None:
     import subprocess
     import sys
 
-    code = "import sys, megatron_lite.convert.hf; bad = [m for m in sys.modules if m.startswith(('megatron_lite.training', 'megatron_lite.engines', 'transformers', 'deepspeed'))]; print(bad); sys.exit(bool(bad))"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    heavy = ("megatron_lite.training", "megatron_lite.engines", "megatron_lite.models", "transformers", "deepspeed")
+    code = f"import sys, megatron_lite.convert.hf; sys.exit(str([m for m in sys.modules if m.startswith({heavy})]))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr.strip() == "[]"
