@@ -1,0 +1,247 @@
+"""Per-GPU memory of a training layout: model states per engine, activations (Korthikanti et al.), overhead.
+
+Model states are computed tensor by tensor from the shapes one rank holds (``layout.stage_shapes``), so that the
+sharding and padding rules of each engine are reproduced exactly. With AdamW (two fp32 moments) and the parameter
+groups of ``training/optim.py`` (decay; no decay for embeddings, biases and 1-D tensors):
+
+DeepSpeed, ZeRO 0 (fp32): parameters, their .grad and the moments, all whole: 4 + 4 + 8 bytes per parameter.
+  With bf16/fp16: 2 + 2 + 12 (low-precision weights and grads, fp32 master copy and moments; ZeRO paper accounting).
+DeepSpeed, ZeRO 1/2: each parameter group is flattened into one buffer padded to a multiple of 2*dp elements
+  (``nccl_start_alignment_factor``) and split into dp equal partitions. Weights: the whole padded flat buffer in the
+  training dtype. Optimizer: an fp32 copy of this rank's partition (made even when training in fp32), its two moments,
+  and one 4-byte step counter per group. Gradients: ZeRO 1 holds every gradient whole at the end of backward, ZeRO 2
+  only this rank's partition (in the training dtype).
+DeepSpeed, ZeRO 3: each tensor is split into ceil(numel/dp)-element partitions; tensors below the persistence
+  threshold (1e5 elements by default) also stay whole on every rank. Gradients: the partitions. Optimizer: fp32
+  partitions, moments, and a step counter per group.
+FSDP2 (``fully_shard``): each tensor is split along dim 0 into dp chunks of ceil(d0/dp) rows (rank 0, the most loaded,
+  holds a full chunk); parameters stay fp32 in the shard (the mixed-precision policy casts the gathered copy),
+  gradients are fp32 shards, and torch AdamW keeps two moments and a 4-byte step counter per tensor.
+Offload moves the optimizer states (and, with ``params``, the sharded weights) to host memory; they are reported under
+``cpu`` and leave the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.layout import DTYPE_BYTES, Layout, stage_layers, stage_shapes
+from megatron_lite.planning.params import EMBEDDING_NAMES, Shape
+
+ModelSpec = ModelConfig | EncDecSpec
+ALIGNMENT = 2  # DeepSpeed ZeRO 1/2: nccl_start_alignment_factor
+SUB_GROUP = 1_000_000_000  # DeepSpeed ZeRO 3: default sub_group_size (elements per fp32 flat sub-group)
+
+
+def param_groups(shapes: list[tuple[str, Shape]]) -> list[list[tuple[str, Shape]]]:
+    """Split shapes into the optimizer's (decay, no-decay) groups, in model order; empty groups are dropped."""
+    decay, no_decay = [], []
+    for name, shape in shapes:
+        skip = name in EMBEDDING_NAMES or name.endswith(".bias") or len(shape) < 2
+        (no_decay if skip else decay).append((name, shape))
+    return [g for g in (decay, no_decay) if g]
+
+
+def _numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[str, int]:
+    """Bytes of weights, gradients and optimizer states that one rank holds (see the module docstring)."""
+    p = DTYPE_BYTES[layout.dtype]
+    dp = layout.dp
+    groups = param_groups(shapes)
+    total = sum(_numel(s) for _, s in shapes)
+    if layout.engine == "fsdp":
+        local = sum(math.ceil(s[0] / dp) * _numel(s[1:]) for _, s in shapes)
+        w, g, o = 4 * local, 4 * local, 8 * local + 4 * len(shapes)
+    elif layout.zero == 0:
+        w, g = p * total, p * total
+        o = 8 * total + 4 * len(shapes) + (4 * total if p != 4 else 0)
+    elif layout.zero in (1, 2):
+        align = ALIGNMENT * dp
+        padded = [math.ceil(sum(_numel(s) for _, s in grp) / align) * align for grp in groups]
+        part = sum(n // dp for n in padded)
+        w = p * sum(padded)
+        g = p * total if layout.zero == 1 else p * part
+        o = 12 * part + 4 * len(groups)
+    else:
+        parts = [sum(math.ceil(_numel(s) / dp) for _, s in grp) for grp in groups]
+        part = sum(parts)
+        persistent = sum(_numel(s) for _, s in shapes if _numel(s) < layout.persistence_threshold)
+        w = p * (part + persistent)
+        g = p * part
+        o = 12 * part + 4 * sum(math.ceil(n / SUB_GROUP) for n in parts)
+    out = {"weights": w, "gradients": g, "optimizer": o, "cpu": 0}
+    if layout.offload in ("optimizer", "params"):
+        out["cpu"] += out["optimizer"]
+        out["optimizer"] = 0
+    if layout.offload == "params":
+        out["cpu"] += out["weights"]
+        out["weights"] = 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _block_bytes(layout: Layout, s_q: int, s_kv: int, b: int, h: int, q_dim: int, kv_dim: int, heads: int,
+                 attn_dropout: bool, resid_dropout: bool, stored_scores: bool) -> tuple[float, float]:
+    """(replicated, TP-sharded) bytes of one attention sub-block, Korthikanti et al. 2022, Section 4.1.
+
+    Replicated on TP ranks (unless sequence parallel): the norm input and the QKV projection input (s*b*h values each),
+    a residual-dropout mask (1 byte per value). Sharded: Q and the output-projection input (s*b*q_dim each), K and V
+    (s_kv*b*kv_dim each), the softmax output (heads*s_q*s_kv*b) with its dropout mask and output when attention
+    dropout is on; with flash attention (or recomputed scores) only a float32 log-sum-exp per query and head.
+    """
+    p = DTYPE_BYTES[layout.dtype]
+    rep = 2 * s_q * b * h * p + (s_q * b * h if resid_dropout else 0)
+    shard = (2 * s_q * b * q_dim + 2 * s_kv * b * kv_dim) * p
+    if stored_scores:
+        scores = heads * s_q * s_kv * b
+        shard += scores * p + (scores * (1 + p) if attn_dropout else 0)
+    else:
+        shard += 4 * heads * s_q * b
+    return rep, shard
+
+
+def _mlp_bytes(layout: Layout, s: int, b: int, h: int, f: int, gated: bool, resid_dropout: bool) -> tuple[float, float]:
+    """(replicated, sharded) bytes of the MLP sub-block: norm and first-linear inputs (replicated), a dropout mask,
+    and 2 (plain: activation input and output) or 4 (gated: gate, up, act(gate), product) s*b*f tensors."""
+    p = DTYPE_BYTES[layout.dtype]
+    rep = 2 * s * b * h * p + (s * b * h if resid_dropout else 0)
+    shard = (4 if gated else 2) * s * b * f * p
+    return rep, shard
+
+
+def layer_activation_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool = True) -> float:
+    """Bytes one layer keeps for backward for one microbatch, on one TP rank, before recomputation.
+
+    For a GPT-3 style layer (MHA, 4h GELU MLP, dropout, no flash) this is Korthikanti's s*b*h*(34 + 5*a*s/h) at 16 bits,
+    s*b*h*(10 + 24/t + 5*a*s/(h*t)) with tensor parallelism and s*b*h/t*(34 + 5*a*s/h) with sequence parallelism.
+    """
+    t = layout.tp
+    b = layout.micro_batch
+    scores = not layout.flash_attention and layout.recompute == "none"
+    if isinstance(spec, EncDecSpec):
+        s_enc, s_dec = layout.seq_len, layout.target_len or layout.seq_len
+        h, inner, a = spec.d_model, spec.inner_dim, spec.num_heads
+        parts = []
+        if decoder_layer:
+            parts.append(_block_bytes(layout, s_dec, s_dec, b, h, inner, inner, a, True, True, scores))
+            parts.append(_block_bytes(layout, s_dec, s_enc, b, h, inner, inner, a, True, True, scores))
+            parts.append(_mlp_bytes(layout, s_dec, b, h, spec.d_ff, spec.gated, True))
+        else:
+            parts.append(_block_bytes(layout, s_enc, s_enc, b, h, inner, inner, a, True, True, scores))
+            parts.append(_mlp_bytes(layout, s_enc, b, h, spec.d_ff, spec.gated, True))
+    else:
+        s, h, d = layout.seq_len, spec.hidden_size, spec.head_dim
+        attn_do, resid_do = spec.attention_dropout > 0, spec.residual_dropout > 0
+        parts = [
+            _block_bytes(layout, s, s, b, h, spec.num_heads * d, spec.kv_heads * d, spec.num_heads, attn_do, resid_do,
+                         scores),
+            _mlp_bytes(layout, s, b, h, spec.ffn_size, spec.activation == "swiglu", resid_do),
+        ]
+    rep = sum(r for r, _ in parts)
+    shard = sum(x for _, x in parts)
+    return (rep / t if layout.sequence_parallel else rep) + shard / t
+
+
+def _layer_input_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool) -> float:
+    """Full recomputation keeps only each layer's input (s*b*h values; split over TP with sequence parallel)."""
+    s = layout.seq_len
+    if isinstance(spec, EncDecSpec) and decoder_layer:
+        s = layout.target_len or layout.seq_len
+    x = s * layout.micro_batch * spec.hidden_size * DTYPE_BYTES[layout.dtype]
+    return x / layout.tp if layout.sequence_parallel else x
+
+
+def inflight_microbatches(layout: Layout, stage: int) -> float:
+    """Microbatches whose activations a pipeline stage holds at its peak, in units of the stage's whole layer stack.
+
+    GPipe: all m. 1F1B: min(pp - stage, m). Interleaved with v chunks per rank: Megatron's warm-up of
+    2(pp - stage - 1) + (v - 1) pp chunk-microbatches, plus the one in flight, each 1/v of the rank's layers; for
+    stage 0 this is pp (1 + (pp - 1)/(pp v)) (Korthikanti et al. 2022, Section 4.2.3).
+    """
+    m, pp, v = layout.num_microbatches, layout.pp, layout.virtual_stages
+    if pp == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(m)
+    if layout.schedule == "1f1b":
+        return float(min(pp - stage, m))
+    chunks = 2 * (pp - stage - 1) + (v - 1) * pp + 1
+    return min(chunks, m * v) / v
+
+
+def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
+    """Peak activation bytes of one pipeline stage on one TP rank."""
+    counts = stage_layers(spec.num_layers, layout.pp)
+    first = sum(counts[:stage])
+    n_enc = spec.num_encoder_layers if isinstance(spec, EncDecSpec) else 0
+    layer_ids = range(first, first + counts[stage])
+    kinds = [i >= n_enc for i in layer_ids]  # True: decoder layer
+    full = {k: layer_activation_bytes(spec, layout, k) for k in set(kinds)}
+    if layout.recompute == "full":
+        kept = sum(_layer_input_bytes(spec, layout, k) for k in kinds)
+        working = max(full.values())  # the one layer being recomputed during backward
+    else:
+        kept = sum(full[k] for k in kinds)
+        working = 0.0
+    total = kept * inflight_microbatches(layout, stage) + working
+    p = DTYPE_BYTES[layout.dtype]
+    b, h = layout.micro_batch, spec.hidden_size
+    if stage == layout.pp - 1:  # final norm and head inputs, logits in the training dtype and in fp32 for the loss
+        s = (layout.target_len or layout.seq_len) if isinstance(spec, EncDecSpec) else layout.seq_len
+        vocab = spec.vocab_size if isinstance(spec, EncDecSpec) else spec.padded_vocab_size
+        total += 2 * s * b * h * p + s * b * math.ceil(vocab / layout.tp) * (p + 4)
+    return int(math.ceil(total))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The estimate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gathered_bytes(spec: ModelSpec, layout: Layout, shapes: list[tuple[str, Shape]]) -> int:
+    """ZeRO-3 / FSDP: the largest layer gathered whole in the training dtype, twice (current and prefetched)."""
+    layers: dict[str, int] = {}
+    for name, shape in shapes:
+        key = name.split(".")[1] if name.startswith("layers.") else ".".join(name.split(".")[:3])
+        layers[key] = layers.get(key, 0) + math.prod(shape)
+    return 2 * max(layers.values()) * DTYPE_BYTES[layout.dtype]
+
+
+def estimate(spec: ModelSpec, layout: Layout, gpu_memory: int | None = None) -> dict:
+    """Per-GPU bytes for the most-loaded rank, with a breakdown and whether it fits ``gpu_memory``."""
+    layout.validate(spec)
+    stages = []
+    for stage in range(layout.pp):
+        shapes = stage_shapes(spec, layout.tp, layout.pp, stage)
+        states = model_state_bytes(shapes, layout)
+        act = activation_bytes(spec, layout, stage)
+        overhead = layout.overhead_bytes + (_gathered_bytes(spec, layout, shapes) if layout.sharded else 0)
+        breakdown = {"weights": states["weights"], "gradients": states["gradients"], "optimizer": states["optimizer"],
+                     "activations": act, "overhead": overhead}
+        stages.append({"stage": stage, "per_gpu_bytes": sum(breakdown.values()), "breakdown": breakdown,
+                       "cpu_bytes": states["cpu"], "params": sum(math.prod(s) for _, s in shapes)})
+    worst = max(stages, key=lambda st: st["per_gpu_bytes"])
+    out = {
+        "layout": {"gpus": layout.gpus, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "engine": layout.engine,
+                   "zero": layout.zero, "offload": layout.offload, "micro_batch": layout.micro_batch,
+                   "seq_len": layout.seq_len, "num_microbatches": layout.num_microbatches,
+                   "recompute": layout.recompute, "schedule": layout.schedule, "dtype": layout.dtype,
+                   "sequence_parallel": layout.sequence_parallel, "flash_attention": layout.flash_attention},
+        "per_gpu_bytes": worst["per_gpu_bytes"],
+        "breakdown": worst["breakdown"],
+        "cpu_bytes": worst["cpu_bytes"],
+        "most_loaded_stage": worst["stage"],
+        "stages": stages,
+        "gpu_memory": gpu_memory,
+        "fits": None if gpu_memory is None else worst["per_gpu_bytes"] <= gpu_memory,
+    }
+    return out
