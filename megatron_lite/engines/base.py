@@ -84,10 +84,26 @@ def write_logical(state: dict[str, torch.Tensor], path: Path) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     path.mkdir(parents=True, exist_ok=True)
+    state = _unshare(state)
     distributed = dist.is_available() and dist.is_initialized()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=distributed))
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy entries whose memory an earlier entry already uses (tied weights): safetensors refuses shared storage."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        ptr = local.untyped_storage().data_ptr() if local.numel() else None
+        if ptr is not None and ptr in seen:
+            value = value.detach().clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = value
+    return out
 
 
 def read_logical(state: dict[str, torch.Tensor], path: Path) -> None:
