@@ -135,6 +135,18 @@ class Topology:
         return topo
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """Initialize a one-rank process group when none exists.
+
+    Engines built on collectives (FSDP, DeepSpeed) then run unchanged in a single process, e.g. to resume a
+    multi-rank checkpoint under the same engine on one device. An in-memory store is used: no port is opened.
+    """
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' picks this rank's GPU when CUDA is available, else the CPU."""
     if device == "auto":

@@ -29,7 +29,45 @@ def engine_name(cfg: Config, topology: Topology) -> str:
             f"parallel.engine=single runs one process, but {topology.world_size} ranks were launched; "
             "use ddp, fsdp or deepspeed"
         )
+    check_engine_config(cfg, name, topology)
     return name
+
+
+def check_engine_config(cfg: Config, name: str, topology: Topology) -> None:
+    """Refuse parallel settings the chosen engine would ignore or reject, before any data or model is built."""
+    par = cfg.parallel
+    if par.zero_stage > 0 and name != "deepspeed":
+        raise ConfigError(
+            f"parallel.zero_stage={par.zero_stage} needs parallel.engine=deepspeed (got {name}); "
+            "for ZeRO-3-style sharding with PyTorch use parallel.engine=fsdp"
+        )
+    for flag in ("offload_optimizer", "offload_params"):
+        if getattr(par, flag) and name != "deepspeed":
+            raise ConfigError(
+                f"parallel.{flag} is a DeepSpeed ZeRO setting (got parallel.engine={name}); "
+                "with fsdp use parallel.fsdp_cpu_offload"
+            )
+    if par.offload_params and par.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params needs parallel.zero_stage=3 (got {par.zero_stage})")
+    if par.offload_optimizer and par.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if name == "deepspeed" and par.pp > 1 and par.zero_stage >= 2:
+        raise ConfigError(
+            f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: DeepSpeed's pipeline engine supports "
+            "ZeRO stage 0 or 1 only; use zero_stage<=1, or parallel.engine=fsdp for sharded data parallelism with "
+            "pipeline parallelism"
+        )
+    if par.fsdp_cpu_offload and name != "fsdp":
+        raise ConfigError(
+            f"parallel.fsdp_cpu_offload needs parallel.engine=fsdp (got {name}); "
+            "with deepspeed use parallel.offload_optimizer / offload_params"
+        )
+    if par.dp_replicate > 1 and name != "fsdp":
+        raise ConfigError(f"parallel.dp_replicate={par.dp_replicate} (HSDP) needs parallel.engine=fsdp (got {name})")
+    if name == "fsdp":
+        from megatron_lite.engines.fsdp import check_fsdp_config
+
+        check_fsdp_config(cfg, topology.device)
 
 
 def build_engine(cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> Engine:
@@ -40,4 +78,4 @@ def build_engine(cfg: Config, model: nn.Module, topology: Topology, forward_loss
     return cls(cfg, model, topology, forward_loss)
 
 
-__all__ = ["Engine", "StepMetrics", "ForwardLoss", "build_engine", "engine_name"]
+__all__ = ["Engine", "StepMetrics", "ForwardLoss", "build_engine", "check_engine_config", "engine_name"]

@@ -1,0 +1,247 @@
+"""DeepSpeed ZeRO 0-3 (with optional CPU offload) behind the engine interface.
+
+DeepSpeed owns loss scaling, gradient averaging, accumulation boundaries and clipping (from the generated JSON, see
+``deepspeed_config.py``); this engine only feeds it microbatches and sets the learning rate of the client optimizer,
+a plain ``torch.optim.AdamW``, so the update is the same arithmetic as in every other engine.
+
+Checkpoints use the logical format: ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` assemble each
+parameter's fp32 master weight and AdamW moments from whatever ZeRO partitioning is in place, and the ``safe_set_*``
+counterparts scatter them back on load. A checkpoint saved under ZeRO-3 on two ranks therefore loads under FSDP on
+one, and the other way round. DeepSpeed's native checkpoint files are not written: they cannot change world size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.engines.base import (
+    OPTIM_STATE_KEYS,
+    Engine,
+    ForwardLoss,
+    Microbatch,
+    StepMetrics,
+    all_reduce_mean,
+    param_names,
+    read_logical,
+    write_logical,
+)
+from megatron_lite.engines.deepspeed_config import deepspeed_config
+from megatron_lite.topology import Topology, ensure_process_group
+from megatron_lite.training.optim import build_adamw
+
+MOMENT_KEYS = tuple(k for k in OPTIM_STATE_KEYS if k != "step")
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed with its CPU accelerator selected when training on the CPU (silences the detection warning)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` over the plain model with a client torch AdamW; logical checkpoints."""
+
+    def __init__(self, cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> None:
+        if topology.tp > 1 or topology.pp > 1:
+            raise ConfigError("parallel.engine=deepspeed runs data parallelism only here; set parallel.tp = pp = 1")
+        self.cfg = cfg
+        self.topology = topology
+        self.forward_loss = forward_loss
+        self.model = model.to(topology.device)
+        deepspeed = import_deepspeed(topology.device)
+        ensure_process_group(topology.device)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        self.ds_config, overrides = deepspeed_config(cfg, topology.dp)
+        if overrides and topology.is_main:
+            print(f"deepspeed_overrides merged into the generated DeepSpeed config: {overrides}", flush=True)
+        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
+        )
+        self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
+        if len(microbatches) != self.accumulation:
+            raise ValueError(
+                f"got {len(microbatches)} microbatches, but the DeepSpeed config accumulates {self.accumulation}"
+            )
+        for group in self.optimizer.param_groups:  # the client optimizer is DeepSpeed's base optimizer
+            group["lr"] = lr
+        skipped_before = self.engine.skipped_steps
+        total = torch.zeros((), device=self.topology.device)
+        for mb in microbatches:
+            loss = self.forward_loss(self.engine, self.to_device(mb))
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach().float()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        loss = all_reduce_mean(total.item() / len(microbatches), self.topology, self.topology.device)
+        return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=self.engine.skipped_steps > skipped_before)
+
+    @torch.no_grad()
+    def eval_loss(self, microbatches: list[Microbatch]) -> float:
+        self.engine.eval()
+        try:
+            total = sum(self.forward_loss(self.engine, self.to_device(mb)).float().item() for mb in microbatches)
+        finally:
+            self.engine.train()
+        return all_reduce_mean(total / max(len(microbatches), 1), self.topology, self.topology.device)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Logical checkpoints
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _names(self) -> list[tuple[nn.Parameter, list[str]]]:
+        """Each trainable parameter with all its names (a tied matrix has several)."""
+        names: dict[nn.Parameter, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(p, []).append(name)
+        return list(names.items())
+
+    def _managed(self, p: nn.Parameter) -> bool:
+        """Whether DeepSpeed keeps a separate fp32 master copy of ``p`` (ZeRO, or its bf16 optimizer)."""
+        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # the mapping is None where this rank holds none of p
+
+    def _full(self, p: nn.Parameter, key: str | None) -> torch.Tensor:
+        """The full fp32 master weight (``key`` None) or AdamW moment of ``p``, identical on every rank."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if not self._managed(p):  # ZeRO-0 in fp32: the module's own parameter is the master
+            return (p.detach() if key is None else self.optimizer.state[p][key]).float().clone()
+        value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        return value.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+
+    def _base_state(self) -> list[dict]:
+        """The per-tensor states of the client optimizer (flat fp32 partitions under ZeRO)."""
+        return [self.optimizer.state[p] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _ensure_optimizer_state(self) -> None:
+        """Create AdamW's state before the first step, so it can be written or overwritten.
+
+        torch AdamW creates its state lazily. One step with zero gradients and a zero learning rate creates it without
+        touching the weights (the moments stay zero and weight decay is scaled by the learning rate); the step count
+        is reset to zero afterwards.
+        """
+        if not all(s for s in self._base_state()):
+            saved_lr = [g["lr"] for g in self.optimizer.param_groups]
+            grads = {}
+            for g in self.optimizer.param_groups:
+                g["lr"] = 0.0
+                for p in g["params"]:
+                    grads[p] = p.grad
+                    p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+            for g, lr in zip(self.optimizer.param_groups, saved_lr):
+                g["lr"] = lr
+                for p in g["params"]:
+                    p.grad = grads[p]
+            for state in self._base_state():
+                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """Point every parameter's ZeRO-1/2 (or bf16) fragments at the optimizer state of its partition.
+
+        DeepSpeed links them after stepping the first parameter group, when the state of later groups does not exist
+        yet, and never again; with two groups (decay / no decay) the second stays unlinked. Linking again is cheap
+        and idempotent.
+        """
+        opt = self.engine.optimizer
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and hasattr(opt, "_hp_optimizer_states_linked"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def _step_count(self) -> torch.Tensor:
+        steps = [float(s["step"]) for s in self._base_state()]
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"optimizer parameter groups disagree on the step count: {sorted(set(steps))}")
+        return torch.tensor(steps[0] if steps else 0.0, dtype=torch.float32)
+
+    def _set_step_count(self, value: float) -> None:
+        for state in self._base_state():
+            if torch.is_tensor(state["step"]):
+                state["step"].fill_(value)
+            else:
+                state["step"] = value
+
+    def logical_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors under logical names (assembled on every rank; DCP writes each once)."""
+        self._ensure_optimizer_state()
+        out: dict[str, torch.Tensor] = {}
+        first = param_names(self.model)
+        step = self._step_count()
+        for p, names in self._names():
+            weight = self._full(p, None)
+            for name in names:
+                out[f"model.{name}"] = weight
+            for key in MOMENT_KEYS:
+                out[f"optim.{first[p]}.{key}"] = self._full(p, key)
+            out[f"optim.{first[p]}.step"] = step.clone()
+        for name, buf in self.model.named_buffers():
+            if name in self.model.state_dict():
+                out[f"model.{name}"] = buf.detach().cpu().clone()
+        return out
+
+    def save(self, path: Path) -> None:
+        write_logical(self.logical_state(), path)
+
+    def load(self, path: Path) -> None:
+        state = self.logical_state()  # buffers of the right shapes, filled in place
+        read_logical(state, path)
+        self._load_weights(state)
+        first = param_names(self.model)
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        steps = set()
+        for p, _ in self._names():
+            for key in MOMENT_KEYS:
+                value = state[f"optim.{first[p]}.{key}"]
+                if self._managed(p):
+                    safe_set_full_optimizer_state(p, value.to(self.topology.device), key)
+                else:
+                    self.optimizer.state[p][key].copy_(value)
+            steps.add(float(state[f"optim.{first[p]}.step"]))
+        if len(steps) > 1:
+            raise ValueError(f"checkpoint {path} holds different AdamW step counts per parameter: {sorted(steps)}")
+        self._set_step_count(steps.pop() if steps else 0.0)
+
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the fp32 masters and the module's (possibly bf16, possibly partitioned) weights."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        named = self._names()
+        for p, names in named:
+            if self._managed(p):
+                safe_set_full_fp32_param(p, state[f"model.{names[0]}"].to(self.topology.device))
+        if self.stage == 3:
+            import deepspeed
+
+            params = [p for p, _ in named]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                self._copy_into_module(named, state)
+        else:
+            self._copy_into_module(named, state)
+        for name, buf in self.model.named_buffers():
+            if f"model.{name}" in state:
+                buf.data.copy_(state[f"model.{name}"])
+
+    @torch.no_grad()
+    def _copy_into_module(self, named: list[tuple[nn.Parameter, list[str]]], state: dict[str, torch.Tensor]) -> None:
+        for p, names in named:
+            p.data.copy_(state[f"model.{names[0]}"].to(p.device, p.dtype).reshape(p.shape))

@@ -1,0 +1,85 @@
+"""The DeepSpeed JSON config, generated from ours so that every setting has exactly one owner.
+
+Batch sizes, accumulation, clipping and precision come from the ``training`` section; ZeRO stage and offload from
+``parallel``. The optimizer and the learning-rate schedule stay ours (a client ``torch.optim.AdamW`` whose learning
+rate the engine sets each step), so the JSON has no ``optimizer`` or ``scheduler`` section. DeepSpeed clips and scales
+the loss itself, so the engine never does either a second time.
+
+``parallel.deepspeed_overrides`` is merged last (nested dicts merge key by key) for settings we do not model, such as
+bucket sizes. Keys that would contradict our own sections are refused with a message naming the section to use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from megatron_lite.config import Config, ConfigError
+
+# Keys whose value must follow our config; an override could only make DeepSpeed disagree with the data loader,
+# the optimizer or the schedule.
+OWNED_KEYS = {
+    "train_batch_size": "training.global_batch_size",
+    "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.global_batch_size / (micro_batch_size x data-parallel size)",
+    "optimizer": "the optimizer section (a client torch AdamW is passed to DeepSpeed)",
+    "scheduler": "the schedule section (the engine sets the learning rate each step)",
+}
+
+NO_PRINT = 2**31 - 1  # DeepSpeed's own step logging is off: the trainer prints one line per log interval
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks, and the overrides that were applied."""
+    t, par = cfg.training, cfg.parallel
+    gbs, mbs = cfg.global_batch_size, t.micro_batch_size
+    if gbs % (mbs * dp_size):
+        raise ConfigError(
+            f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size={mbs} "
+            f"x data-parallel size {dp_size} (= {mbs * dp_size})"
+        )
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if par.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_batch_size": gbs,
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": gbs // (mbs * dp_size),
+        "gradient_clipping": float(t.grad_clip),  # 0 disables clipping in DeepSpeed too
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling, as torch's GradScaler in the other engines
+            "initial_scale_power": 16,
+            "loss_scale_window": 2000,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        },
+        "zero_optimization": zero,
+        "steps_per_print": NO_PRINT,
+        "wall_clock_breakdown": False,
+    }
+    if par.offload_optimizer or par.offload_params:
+        # torch AdamW then steps on the CPU copies of the fp32 states. DeepSpeed would insist on its DeepSpeedCPUAdam
+        # (faster for large models, but a C++ op compiled on first use); we keep one optimizer for every engine.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    overrides = par.deepspeed_overrides or {}
+    for key in overrides:
+        if key in OWNED_KEYS:
+            raise ConfigError(
+                f"parallel.deepspeed_overrides.{key} is set from our config; use {OWNED_KEYS[key]} instead"
+            )
+    return merge(ds, overrides), copy.deepcopy(overrides)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``; nested dicts merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,246 @@
+"""Layout parity: run one config under several parallel layouts and compare their per-step losses with one process.
+
+Every layout trains on the same global batches (data is a function of the global sample index, not of the layout),
+so in fp32 the losses of a correct layout match the single-process run up to reduction order, ~1e-6.
+
+Layout names are dash-separated parts, read left to right:
+
+    single            one process
+    ddp<N>            DDP over N data-parallel ranks
+    fsdp<N>           FSDP2 over N ranks
+    hsdp<R>x<S>       FSDP2 as HSDP: R replica groups of S shards (R*S ranks)
+    zero<K>           DeepSpeed ZeRO stage K over 2 data-parallel ranks (change with dp<N>)
+    offload           with zero<K>: offload optimizer state and parameters (stage 3) to the CPU
+    dp<N>             the data-parallel size, for engines named without one
+    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2
+
+e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2pp2`` (4 ranks, DDP over dp=1).
+The world size is dp x tp x pp. Each layout runs in forked child processes with its own rendezvous port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from megatron_lite.config import ConfigError
+
+DEFAULT_LAYOUTS = ("single", "ddp2", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "hsdp2x2")
+ZERO_DEFAULT_DP = 2
+
+
+@dataclass
+class Layout:
+    """A named layout: how many ranks it needs and the config overrides that select it."""
+
+    name: str
+    world_size: int
+    overrides: list[str] = field(default_factory=list)
+
+
+def parse_layout(name: str) -> Layout:
+    """Turn a layout name (see the module docstring) into a world size and config overrides."""
+    engine, dp, dp_replicate, tp, pp = None, None, 1, 1, 1
+    stage, offload = None, False
+    for part in name.lower().split("-"):
+        if part == "single":
+            engine, dp = "single", 1
+        elif m := re.fullmatch(r"(ddp|fsdp)(\d+)", part):
+            engine, dp = m.group(1), int(m.group(2))
+        elif m := re.fullmatch(r"hsdp(\d+)x(\d+)", part):
+            engine, dp_replicate, dp = "fsdp", int(m.group(1)), int(m.group(1)) * int(m.group(2))
+        elif m := re.fullmatch(r"zero([0-3])", part):
+            engine, stage = "deepspeed", int(m.group(1))
+        elif part == "offload":
+            offload = True
+        elif re.fullmatch(r"((dp|tp|pp)\d+)+", part):
+            for axis, size in re.findall(r"(dp|tp|pp)(\d+)", part):
+                if axis == "dp":
+                    dp = int(size)
+                elif axis == "tp":
+                    tp = int(size)
+                else:
+                    pp = int(size)
+        else:
+            raise ConfigError(
+                f"layout '{name}': unknown part '{part}' (expected single, ddp<N>, fsdp<N>, hsdp<R>x<S>, zero<K>, "
+                "offload, dp<N>, tp<N>, pp<N>)"
+            )
+    if dp is None:
+        dp = ZERO_DEFAULT_DP if engine == "deepspeed" else 1
+    world = dp * tp * pp
+    if engine is None:
+        engine = "single" if world == 1 else "ddp"
+    if engine == "single" and world > 1:
+        raise ConfigError(f"layout '{name}': 'single' is one process, but tp x pp x dp = {world}")
+    overrides = [f"parallel.engine={engine}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    overrides.append(f"parallel.dp_replicate={dp_replicate}")
+    if stage is not None:
+        overrides.append(f"parallel.zero_stage={stage}")
+    if offload:
+        if engine == "deepspeed":
+            overrides.append("parallel.offload_optimizer=true")
+            if stage == 3:
+                overrides.append("parallel.offload_params=true")
+        elif engine == "fsdp":
+            overrides.append("parallel.fsdp_cpu_offload=true")
+        else:
+            raise ConfigError(f"layout '{name}': 'offload' needs zero<K> or fsdp<N>")
+    return Layout(name, world, overrides)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, config: str | None, overrides: list[str], out: str) -> None:
+    """One rank of a layout: train and, on rank 0, write the per-step losses to ``out``."""
+    import torch
+
+    torch.set_num_threads(1)  # forked after the parent ran torch ops: OpenMP with >1 thread would hang
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    import torch.distributed as dist
+
+    from megatron_lite.config import load_config
+    from megatron_lite.training.trainer import train
+
+    try:
+        cfg = load_config(config, overrides)
+        result = train(cfg, log=lambda *_: None)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"losses": result.losses, "steps": result.steps}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_layout(
+    layout: Layout | str,
+    config: str | None,
+    overrides: list[str] = (),
+    timeout: float = 600.0,
+    workdir: str | None = None,
+) -> list[float]:
+    """Train ``config`` (plus ``overrides``) under ``layout`` in forked ranks; return rank 0's per-step losses."""
+    import torch.multiprocessing as mp
+
+    if isinstance(layout, str):
+        layout = parse_layout(layout)
+    with tempfile.TemporaryDirectory(prefix=f"parity-{layout.name}-", dir=workdir) as tmp:
+        out = os.path.join(tmp, "losses.json")
+        run_overrides = [
+            *overrides,
+            *layout.overrides,
+            f"logging.run_dir={tmp}/run",
+            f"checkpoint.dir={tmp}/checkpoints",
+            "checkpoint.resume=false",
+            "logging.wandb_mode=disabled",
+        ]
+        args = (layout.world_size, free_port(), config, run_overrides, out)
+        ctx = mp.start_processes(_child, args=args, nprocs=layout.world_size, join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"layout {layout.name} did not finish within {timeout:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        return json.loads(Path(out).read_text())["losses"]
+
+
+@dataclass
+class ParityReport:
+    """Losses per layout, each layout's max |loss - single| and the errors of layouts that failed."""
+
+    steps: int
+    losses: dict[str, list[float]]
+    errors: dict[str, str]
+    seconds: dict[str, float]
+    reference: str = "single"
+
+    def max_abs_diff(self, name: str) -> float:
+        ref, got = self.losses.get(self.reference), self.losses.get(name)
+        if ref is None or got is None or len(ref) != len(got):
+            return float("inf")
+        return max((abs(a - b) for a, b in zip(ref, got)), default=0.0)
+
+    def failures(self, tolerance: float) -> list[str]:
+        bad = list(self.errors)
+        bad += [n for n in self.losses if n != self.reference and self.max_abs_diff(n) > tolerance]
+        return bad
+
+    def table(self) -> str:
+        names = list(self.losses) + [n for n in self.errors if n not in self.losses]
+        width = max(14, *(len(n) + 2 for n in names))
+        lines = ["step " + "".join(f"{n:>{width}}" for n in names)]
+        for i in range(self.steps):
+            row = "".join(
+                f"{self.losses[n][i]:>{width}.6f}" if n in self.losses and i < len(self.losses[n]) else f"{'-':>{width}}"
+                for n in names
+            )
+            lines.append(f"{i + 1:>4} " + row)
+        lines.append(
+            "max| " + "".join(f"{self.max_abs_diff(n):>{width}.2e}" if n in self.losses else f"{'FAILED':>{width}}"
+                               for n in names)
+        )
+        lines.append("sec  " + "".join(f"{self.seconds.get(n, 0.0):>{width}.1f}" for n in names))
+        for n, e in self.errors.items():
+            lines.append(f"{n}: {e}")
+        return "\n".join(lines)
+
+
+def compare_layouts(
+    config: str | None,
+    layouts: list[str] = DEFAULT_LAYOUTS,
+    steps: int = 4,
+    overrides: list[str] = (),
+    timeout: float = 600.0,
+    log: Callable[[str], None] | None = None,
+) -> ParityReport:
+    """Run each layout for ``steps`` steps (``single`` first, as the reference) and collect a ParityReport."""
+    names = list(dict.fromkeys(["single", *layouts]))
+    parsed = {n: parse_layout(n) for n in names}  # bad names fail before any run
+    run_overrides = [*overrides, f"training.train_steps={steps}", "training.eval_interval=0"]
+    report = ParityReport(steps, {}, {}, {})
+    for name in names:
+        start = time.perf_counter()
+        try:
+            report.losses[name] = run_layout(parsed[name], config, run_overrides, timeout)
+        except Exception as e:  # a failing layout is a result, not the end of the comparison
+            report.errors[name] = _one_line(e)
+        report.seconds[name] = time.perf_counter() - start
+        if log:
+            status = "failed" if name in report.errors else f"max |diff| {report.max_abs_diff(name):.2e}"
+            log(f"{name:>16}: {parsed[name].world_size} rank(s), {report.seconds[name]:.1f} s, {status}")
+    return report
+
+
+def _one_line(e: BaseException) -> str:
+    """The most useful line of a (possibly child-process) exception."""
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # child tracebacks end with "ExcType: message"
+        if re.match(r"^[\w.]+(Error|Exception)\b", ln.strip()):
+            return ln.strip()
+    return lines[-1] if lines else type(e).__name__
