@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""The whole pipeline on one CPU machine with no internet, in a few minutes.
+
+1. Collects text that every Python installation has: the standard library's docstrings (walked with ``ast``).
+2. Trains a byte-level BPE tokenizer on it (tools/train_tokenizer.py).
+3. Tokenizes it into Megatron-compatible shards (tools/preprocess_data.py).
+4. Trains a small GPT with 2 data-parallel ranks (``deepspeed --num_gpus 2 launch/pretrain.py``, on CPU),
+   printing loss, tokens/s and where the checkpoint and metrics went.
+
+    python tools/quickstart.py                         # everything, under runs/quickstart
+    python tools/quickstart.py --ranks 1               # one process, no launcher
+    python tools/quickstart.py --launcher torchrun     # torchrun instead of the deepspeed launcher
+
+Steps whose outputs already exist are reused; training resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def collect_docstrings(out_file: Path) -> int:
+    """Write every docstring of the standard library as one JSONL document; return the count."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    count = 0
+    tmp = out_file.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for path in sorted(stdlib.rglob("*.py")):
+            if "site-packages" in path.parts:
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) > 40:
+                        f.write(json.dumps({"text": doc}) + "\n")
+                        count += 1
+    os.replace(tmp, out_file)
+    return count
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quickstart", help="directory for corpus, tokenizer, shards and the run")
+    p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks on this machine (default 2)")
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("overrides", nargs="*", help="extra dotted config overrides, e.g. training.train_steps=100")
+    a = p.parse_args(argv)
+
+    out = (ROOT / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
+    started = time.time()
+    corpus = out / "corpus" / "stdlib_docstrings.jsonl"
+    tokenizer = out / "tokenizer" / "tokenizer.json"
+    prefix = out / "data" / "stdlib_docstrings"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    if not corpus.exists():
+        n = collect_docstrings(corpus)
+        print(f"[1/4] collected {n:,} docstrings ({corpus.stat().st_size / 1e6:.1f} MB) -> {corpus}", flush=True)
+    else:
+        print(f"[1/4] corpus exists: {corpus}")
+    py = sys.executable
+    if not tokenizer.exists():
+        print("[2/4] training the tokenizer", flush=True)
+        run([py, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", str(a.vocab_size),
+             "--output", str(tokenizer.parent)])
+    else:
+        print(f"[2/4] tokenizer exists: {tokenizer}")
+    if not prefix.with_suffix(".idx").exists():
+        print("[3/4] tokenizing into shards", flush=True)
+        run([py, "tools/preprocess_data.py", "--input", str(corpus), "--tokenizer", str(tokenizer),
+             "--output-prefix", str(prefix), "--workers", "2", "--append-eod", "--no-progress"])
+    else:
+        print(f"[3/4] shards exist: {prefix}.bin/.idx")
+
+    overrides = [
+        f"data.prefixes={prefix}",
+        f"data.tokenizer={tokenizer}",
+        f"model.vocab_size={a.vocab_size}",
+        f"logging.run_dir={out / 'run'}",
+        *a.overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1" if a.ranks > 1 else "2"),
+               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
+    train = ["launch/pretrain.py", "--config", a.config, *overrides]
+    if a.ranks == 1:
+        cmd = [py, *train]
+    elif a.launcher == "deepspeed":
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(a.ranks), *train]
+    else:
+        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), *train]
+    print(f"[4/4] training with {a.ranks} rank(s)", flush=True)
+    run(cmd, env=env)
+    print(f"quickstart finished in {time.time() - started:.0f} s; metrics: {out / 'run' / 'metrics.jsonl'}; "
+          f"plot them with: python tools/plot_metrics.py {out / 'run'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
