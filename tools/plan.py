@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Plan a pretraining run before spending GPU time: parameters and FLOPs, Chinchilla sizing and wall-clock time,
+per-GPU memory of a layout, and a search over layouts that fit.
+
+    python tools/plan.py model   --preset llama3-8b
+    python tools/plan.py compute --flops 1e23 --gpus 256 --gpu h100 --mfu 0.4
+    python tools/plan.py memory  --config configs/x.yaml --gpus 16 --tp 2 --zero 1 --gpu-memory 80GiB
+    python tools/plan.py search  --preset llama3-8b --gpus 16 --gpu-memory 80GiB
+
+Every subcommand takes ``--json``. Formulas, conventions and JSON keys: docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from typing import Any, NoReturn
+
+from megatron_lite.config import ConfigError, ModelConfig, load_config
+from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.errors import PlanError
+from megatron_lite.planning.hardware import device_memory, peak_flops
+from megatron_lite.planning.layout import Layout
+from megatron_lite.planning.memory import estimate
+from megatron_lite.planning.presets import get_preset
+from megatron_lite.planning.report import model_report
+from megatron_lite.planning.scaling import plan_compute, training_time
+from megatron_lite.planning.search import Network, search
+
+GiB = 1024**3
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": GiB, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1024, "mib": 1024**2, "gib": GiB, "tib": 1024**4}
+_COUNT = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"plan.py: error: {message}\n")
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80G' (GiB), '80GB' (10^9), '1.5TiB' or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: '{text}' (e.g. 80GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_count(text: str) -> float:
+    """'7e9', '7B', '1.4T', '350M'."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]?)\s*", text)
+    if not m or m.group(2).lower() not in _COUNT:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}' (e.g. 7e9 or 7B)")
+    try:
+        return float(m.group(1)) * _COUNT[m.group(2).lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _load_model(args: argparse.Namespace) -> tuple[ModelConfig | EncDecSpec, dict[str, Any], str]:
+    """(model spec, run defaults from the config, name) from ``--preset`` or ``--config``."""
+    if args.preset and args.config:
+        raise PlanError("give --preset or --config, not both")
+    if args.preset:
+        spec = get_preset(args.preset)
+        return spec, {"seq_len": spec.max_seq_len}, args.preset
+    if args.config:
+        cfg = load_config(args.config, args.override or [])
+        p, t = cfg.parallel, cfg.training
+        defaults = {"seq_len": cfg.data.seq_len, "global_batch": cfg.global_batch_size,
+                    "micro_batch": t.micro_batch_size, "dtype": t.precision, "tp": p.tp, "pp": p.pp,
+                    "zero": p.zero_stage, "engine": p.engine if p.engine in ("deepspeed", "fsdp") else None,
+                    "recompute": "full" if cfg.model.activation_checkpointing else None}
+        return cfg.model, defaults, args.config
+    raise PlanError("give --preset NAME or --config FILE")
+
+
+def _layout(args: argparse.Namespace, defaults: dict[str, Any]) -> Layout:
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+        return defaults.get(name) if defaults.get(name) is not None else fallback
+
+    engine = "fsdp" if args.fsdp else pick("engine", "deepspeed")
+    return Layout(
+        gpus=args.gpus, gpus_per_node=args.gpus_per_node, tp=pick("tp", 1), pp=pick("pp", 1), engine=engine,
+        zero=0 if engine == "fsdp" else pick("zero", 0), offload=args.offload, micro_batch=pick("micro_batch", 1),
+        seq_len=pick("seq_len", 1024), global_batch=pick("global_batch", None), recompute=pick("recompute", "none"),
+        schedule=args.schedule, virtual_stages=args.virtual_stages, dtype=pick("dtype", "bf16"),
+        sequence_parallel=args.sequence_parallel, flash_attention=not args.no_flash,
+        overhead_bytes=int(args.overhead_gib * GiB),
+    )
+
+
+def _gpu_memory(args: argparse.Namespace) -> int | None:
+    if args.gpu_memory is not None:
+        if args.gpu_memory <= 0:
+            raise PlanError("--gpu-memory must be positive")
+        return args.gpu_memory
+    return device_memory(args.gpu) if args.gpu else None
+
+
+def _peak(args: argparse.Namespace, dtype: str = "bf16") -> float:
+    if args.peak_flops is not None:
+        if args.peak_flops <= 0:
+            raise PlanError("--peak-flops must be positive")
+        return args.peak_flops
+    peak = peak_flops(args.gpu, dtype)
+    if peak is None:
+        raise PlanError(f"no peak FLOP/s known for --gpu '{args.gpu}' in {dtype}; pass --peak-flops")
+    return peak
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:,.2f} GiB"
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:,.2f}{unit}"
+    return f"{x:,.0f}"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_model(args: argparse.Namespace) -> tuple[dict, str]:
+    spec, defaults, name = _load_model(args)
+    seq = args.seq_len or defaults["seq_len"]
+    r = model_report(spec, seq, name)
+    rows = [("model", f"{name} ({r['family']})"),
+            ("params total", f"{r['params_total']:,} ({_human(r['params_total'])})"),
+            ("  embedding", f"{r['params_embedding']:,}"), ("  non-embedding", f"{r['params_non_embedding']:,}")]
+    rows += [(f"  per {k} layer", f"{v:,}") for k, v in r["params_per_layer"].items()]
+    rows += [("vocab", f"{r['vocab_size']:,} padded to {r['padded_vocab_size']:,} "
+                       f"(+{r['vocab_padding_params']:,} params; unpadded total {r['params_total_unpadded']:,})"),
+             ("meta-device count", f"{r['params_meta']:,} ({'agrees' if r['counts_agree'] else 'DISAGREES'})"
+              if r["params_meta"] is not None else "unavailable"),
+             ("N for FLOPs", f"{r['params_flops']:,}"),
+             (f"FLOPs/token @ seq {seq}", f"{r['flops_per_token']:.4g} (causal {r['flops_per_token_causal']:.4g})"),
+             ("convention", r["flops_convention"])]
+    return r, _table(rows)
+
+
+def cmd_compute(args: argparse.Namespace) -> tuple[dict, str]:
+    r = plan_compute(args.flops, args.params, args.tokens, args.approach)
+    rows = [("compute C = 6PD", f"{r['flops']:.4g} FLOPs"), ("params P", f"{r['params']:.4g} ({_human(r['params'])})"),
+            ("tokens D", f"{r['tokens']:.4g} ({_human(r['tokens'])})"), ("tokens/param", f"{r['tokens_per_param']:.1f}"),
+            ("predicted loss", f"{r['loss']:.3f} (Hoffmann et al. L(N, D))"),
+            ("headline", f"{r['approach']} optimum" if r["compute_optimal"] else "as given (not optimized)")]
+    if args.gpus is not None:
+        r.update(training_time(r["flops"], args.gpus, _peak(args), args.mfu, args.price_per_gpu_hour))
+        rows += [("GPUs", f"{args.gpus} x {args.gpu} at {args.mfu:.0%} MFU of {r['peak_flops']:.3g} FLOP/s"),
+                 ("wall-clock", f"{r['days']:,.2f} days"), ("GPU-hours", f"{r['gpu_hours']:,.0f}")]
+        if "cost" in r:
+            rows.append(("cost", f"{r['cost']:,.0f} at {args.price_per_gpu_hour:g}/GPU-hour"))
+    text = _table(rows) + "\n\napproach        params        tokens       flops      loss\n"
+    for k, v in r["approaches"].items():
+        text += f"{k:<14}{v['params']:>10.3g}{v['tokens']:>14.3g}{v['flops']:>12.3g}{v['loss']:>10.3f}\n"
+    return r, text.rstrip()
+
+
+def cmd_memory(args: argparse.Namespace) -> tuple[dict, str]:
+    spec, defaults, name = _load_model(args)
+    layout = _layout(args, defaults)
+    r = estimate(spec, layout, _gpu_memory(args))
+    b = r["breakdown"]
+    rows = [("layout", f"{layout.name()} {layout.dtype} {layout.schedule} (m={layout.num_microbatches})"),
+            ("weights", _gib(b["weights"])), ("gradients", _gib(b["gradients"])), ("optimizer", _gib(b["optimizer"])),
+            ("activations", _gib(b["activations"])), ("overhead", _gib(b["overhead"])),
+            ("per GPU", f"{_gib(r['per_gpu_bytes'])} (pipeline stage {r['most_loaded_stage']}, the most loaded)")]
+    if r["cpu_bytes"]:
+        rows.append(("host (offloaded)", _gib(r["cpu_bytes"])))
+    if r["gpu_memory"] is not None:
+        rows.append(("fits", f"{'yes' if r['fits'] else 'NO'} in {_gib(r['gpu_memory'])}"))
+    return r, _table(rows)
+
+
+def cmd_search(args: argparse.Namespace) -> tuple[dict | list, str]:
+    spec, defaults, name = _load_model(args)
+    memory = _gpu_memory(args)
+    if memory is None:
+        raise PlanError("give --gpu-memory (e.g. 80GiB) or a known --gpu")
+    base = _layout(args, defaults)
+    net = Network(args.intra_node_bandwidth, args.inter_node_bandwidth)
+    rows = search(spec, base, memory, _peak(args, base.dtype), args.mfu, net, args.top)
+    if not rows:
+        return rows, f"no layout of {name} fits {_gib(memory)} per GPU on {args.gpus} GPUs"
+    head = f"{'tp':>3}{'pp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}  {'recompute':<10}{'GiB/GPU':>9}{'step s':>9}" \
+           f"{'tok/s':>11}{'MFU':>7}"
+    lines = [head]
+    for x in rows:
+        lay = x["layout"]
+        eng = "fsdp" if lay["engine"] == "fsdp" else f"zero{lay['zero']}"
+        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}  "
+                     f"{lay['recompute']:<10}{x['per_gpu_bytes'] / GiB:>9.1f}{x['step_time_s']:>9.3f}"
+                     f"{x['tokens_per_s']:>11,.0f}{x['mfu']:>7.1%}")
+    return rows, "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="plan.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", help="named architecture, e.g. gpt2-124m, llama3-8b, t5-base")
+        p.add_argument("--config", help="a training YAML config (its model, data and parallel sections)")
+        p.add_argument("--override", action="append", help="dotted config override, e.g. model.num_layers=48")
+        p.add_argument("--seq-len", type=int, help="sequence length (default: the config's data.seq_len)")
+        p.add_argument("--json", action="store_true", help="print one JSON object (docs/plan.md lists the keys)")
+
+    def layout_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gpus", type=int, default=1)
+        p.add_argument("--gpus-per-node", type=int, default=8)
+        p.add_argument("--tp", type=int)
+        p.add_argument("--pp", type=int)
+        p.add_argument("--zero", type=int, choices=range(4))
+        p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully sharded) instead of DeepSpeed ZeRO")
+        p.add_argument("--offload", choices=("optimizer", "params"))
+        p.add_argument("--micro-batch", type=int)
+        p.add_argument("--global-batch", type=int, help="samples per optimizer step (default: the config's)")
+        p.add_argument("--recompute", choices=("none", "selective", "full"))
+        p.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b")
+        p.add_argument("--virtual-stages", type=int, default=2, help="model chunks per rank (interleaved)")
+        p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+        p.add_argument("--sequence-parallel", action="store_true")
+        p.add_argument("--no-flash", action="store_true", help="attention that stores the s x s scores")
+        p.add_argument("--overhead-gib", type=float, default=1.0, help="fixed per-GPU overhead (CUDA context etc.)")
+        p.add_argument("--gpu", default="h100", help="device name for peak FLOP/s and memory (default h100)")
+        p.add_argument("--gpu-memory", type=parse_bytes, help="per-GPU memory, e.g. 80GiB")
+
+    p = sub.add_parser("model", help="parameter counts and FLOPs per token")
+    model_args(p)
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("compute", help="Chinchilla sizing, predicted loss, wall-clock time and cost")
+    p.add_argument("--flops", type=parse_count)
+    p.add_argument("--params", type=parse_count)
+    p.add_argument("--tokens", type=parse_count)
+    p.add_argument("--approach", default="approach1", choices=("approach1", "approach2", "approach3", "replication"))
+    p.add_argument("--gpus", type=int)
+    p.add_argument("--gpu", default="h100")
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--peak-flops", type=float, help="per-GPU peak FLOP/s (default: looked up from --gpu)")
+    p.add_argument("--price-per-gpu-hour", type=float)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compute)
+
+    p = sub.add_parser("memory", help="per-GPU memory of one layout")
+    model_args(p)
+    layout_args(p)
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("search", help="layouts that fit, ranked by estimated step time")
+    model_args(p)
+    layout_args(p)
+    p.add_argument("--mfu", type=float, default=0.5, help="attainable fraction of peak for the compute term")
+    p.add_argument("--peak-flops", type=float)
+    p.add_argument("--intra-node-bandwidth", type=float, default=300e9, help="bytes/s per GPU (NVLink)")
+    p.add_argument("--inter-node-bandwidth", type=float, default=25e9, help="bytes/s per GPU (network)")
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result, text = args.func(args)
+    except (PlanError, ConfigError, ValueError) as e:
+        print(f"plan.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=_json_default) if args.json else text)
+    return 0
+
+
+def _json_default(x: Any) -> Any:
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    raise TypeError(type(x).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
