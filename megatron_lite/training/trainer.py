@@ -124,7 +124,8 @@ class Trainer:
         state = meta["trainer_state"]
         self.step = meta["step"]
         self.consumed_samples = meta["consumed_samples"]
-        self.best_valid = state.get("best_valid", float("inf"))
+        best = state.get("best_valid")  # saved as null before the first evaluation
+        self.best_valid = float("inf") if best is None else best
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.log(f"resumed from {path} at step {self.step} ({self.consumed_samples:,} samples consumed)")
 
