@@ -57,3 +57,18 @@ def make_run(tmp_path: Path, corpus: Path):
         return run_tiny(tmp_path / name, corpus, *overrides, log=log)
 
     return _run
+
+
+def checkpoint_tensors(ckpt: Path) -> dict:
+    """Every logical tensor of a checkpoint directory, read from its safetensors files (no pickle)."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    assert out, f"no tensors under {ckpt}"
+    return out
+
+
+def model_tensors(ckpt: Path) -> dict:
+    return {k: v for k, v in checkpoint_tensors(ckpt).items() if k.startswith("model.")}
