@@ -110,15 +110,20 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config.to_yaml())
         os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name + "\n")
-        prune(root, keep_last)
+        prune(root, keep_last, current=final)
     _barrier(topo)
     return final
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete complete checkpoints older than the newest ``keep_last``."""
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
+def prune(root: Path, keep_last: int, current: Path | None = None) -> None:
+    """Delete checkpoints beyond the newest ``keep_last``, never ``current`` (the one ``latest`` names).
+
+    ``current`` counts as one of the kept: a fresh run in a directory that holds later steps of an older run must not
+    delete the checkpoint it has just written and left ``latest`` pointing to.
+    """
+    others = sorted(p for p in root.glob("step_*") if p.is_dir() and p != current)
+    keep = keep_last - 1 if current is not None else keep_last
+    for old in others[: max(len(others) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
