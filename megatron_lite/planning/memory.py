@@ -9,8 +9,8 @@ DeepSpeed, ZeRO 0 (fp32): parameters, their .grad and the moments, all whole: 4 
 DeepSpeed, ZeRO 1/2: each parameter group is flattened into one buffer padded to a multiple of 2*dp elements
   (``nccl_start_alignment_factor``) and split into dp equal partitions. Weights: the whole padded flat buffer in the
   training dtype. Optimizer: an fp32 copy of this rank's partition (made even when training in fp32), its two moments,
-  and one 4-byte step counter per group. Gradients: ZeRO 1 holds every gradient whole at the end of backward, ZeRO 2
-  only this rank's partition (in the training dtype).
+  and one 4-byte step counter per group. Gradients: this rank's partition, in the training dtype; DeepSpeed's
+  stage 1 shares stage 2's bucketed reduction, so at the optimizer step both hold only the partition (measured).
 DeepSpeed, ZeRO 3: each tensor is split into ceil(numel/dp)-element partitions; tensors below the persistence
   threshold (1e5 elements by default) also stay whole on every rank. Gradients: the partitions. Optimizer: fp32
   partitions, moments, and a step counter per group.
@@ -65,7 +65,7 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
         padded = [math.ceil(sum(_numel(s) for _, s in grp) / align) * align for grp in groups]
         part = sum(n // dp for n in padded)
         w = p * sum(padded)
-        g = p * total if layout.zero == 1 else p * part
+        g = p * part
         o = 12 * part + 4 * len(groups)
     else:
         parts = [sum(math.ceil(_numel(s) / dp) for _, s in grp) for grp in groups]
