@@ -133,6 +133,8 @@ class OptimizerConfig:
         _positive(self, where, "lr", "eps")
         if self.min_lr < 0 or self.weight_decay < 0:
             raise ConfigError(f"{where}.min_lr and {where}.weight_decay must be >= 0")
+        if self.min_lr > self.lr:  # the schedule would climb from lr to min_lr
+            raise ConfigError(f"{where}.min_lr={self.min_lr} must not exceed {where}.lr={self.lr}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be in [0, 1)")
@@ -298,6 +300,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     base = raw.pop("base", None)
+    try:
+        _check_keys(raw, Config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if base is None:
         return raw
     bases = base if isinstance(base, list) else [base]
@@ -383,15 +389,33 @@ def _build(cls: type, data: dict, where: str) -> Any:
     for key, value in data.items():
         dotted = f"{where}.{key}" if where else key
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+            raise ConfigError(_unknown_key(key, list(fields), where))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> str:
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return f"unknown config key '{prefix}{key}'{hint}"
+
+
+def _check_keys(data: Any, cls: type, where: str = "") -> None:
+    """Reject unknown keys before merging, so the error names the file or override that holds the key."""
+    if not isinstance(data, dict):
+        return  # a non-mapping section is reported, with its key, when the merged config is built
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(_unknown_key(str(key), names, where))
+        if dataclasses.is_dataclass(hints[key]):
+            _check_keys(value, hints[key], f"{where}.{key}" if where else str(key))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -415,6 +439,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides:
         keys, value = _parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        try:
+            _check_keys(nested, Config)
+        except ConfigError as e:
+            raise ConfigError(f"override '{text}': {e}") from None
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
