@@ -102,11 +102,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, config: str | None, overrides: list[str], out: str) -> None:
+def _child(
+    rank: int, world: int, port: int, config: str | None, overrides: list[str], out: str, quiet: bool
+) -> None:
     """One rank of a layout: train and, on rank 0, write the per-step losses to ``out``."""
     import torch
 
     torch.set_num_threads(1)  # forked after the parent ran torch ops: OpenMP with >1 thread would hang
+    if quiet:  # each rank's output goes to a file beside the losses; errors still reach the parent
+        log = os.open(os.path.join(os.path.dirname(out), f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -139,8 +145,14 @@ def run_layout(
     overrides: list[str] = (),
     timeout: float = 600.0,
     workdir: str | None = None,
+    quiet: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> list[float]:
-    """Train ``config`` (plus ``overrides``) under ``layout`` in forked ranks; return rank 0's per-step losses."""
+    """Train ``config`` (plus ``overrides``) under ``layout`` in forked ranks; return rank 0's per-step losses.
+
+    Checkpoints go to a temporary directory that is removed afterwards, unless ``checkpoint_dir`` is given (then
+    they are kept there and a run resumes from its ``latest``, as a user's run would).
+    """
     import torch.multiprocessing as mp
 
     if isinstance(layout, str):
@@ -151,11 +163,11 @@ def run_layout(
             *overrides,
             *layout.overrides,
             f"logging.run_dir={tmp}/run",
-            f"checkpoint.dir={tmp}/checkpoints",
-            "checkpoint.resume=false",
+            f"checkpoint.dir={checkpoint_dir or f'{tmp}/checkpoints'}",
+            f"checkpoint.resume={'true' if checkpoint_dir else 'false'}",
             "logging.wandb_mode=disabled",
         ]
-        args = (layout.world_size, free_port(), config, run_overrides, out)
+        args = (layout.world_size, free_port(), config, run_overrides, out, quiet)
         ctx = mp.start_processes(_child, args=args, nprocs=layout.world_size, join=False, start_method="fork")
         deadline = time.monotonic() + timeout
         try:
@@ -217,6 +229,7 @@ def compare_layouts(
     overrides: list[str] = (),
     timeout: float = 600.0,
     log: Callable[[str], None] | None = None,
+    quiet: bool = True,
 ) -> ParityReport:
     """Run each layout for ``steps`` steps (``single`` first, as the reference) and collect a ParityReport."""
     names = list(dict.fromkeys(["single", *layouts]))
@@ -226,7 +239,7 @@ def compare_layouts(
     for name in names:
         start = time.perf_counter()
         try:
-            report.losses[name] = run_layout(parsed[name], config, run_overrides, timeout)
+            report.losses[name] = run_layout(parsed[name], config, run_overrides, timeout, quiet=quiet)
         except Exception as e:  # a failing layout is a result, not the end of the comparison
             report.errors[name] = _one_line(e)
         report.seconds[name] = time.perf_counter() - start

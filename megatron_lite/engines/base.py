@@ -144,13 +144,17 @@ def param_names(model: nn.Module) -> dict[nn.Parameter, str]:
 
 def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
     """Create zero AdamW state for parameters that have none yet, so a checkpoint can be loaded into it in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    ensure_adamw_state_for(optimizer, [p for group in optimizer.param_groups for p in group["params"]])
+
+
+def ensure_adamw_state_for(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
+    """``ensure_adamw_state`` for the given tensors (e.g. flat partitions an optimizer wrapper steps on)."""
+    for p in tensors:
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

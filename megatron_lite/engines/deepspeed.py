@@ -28,6 +28,7 @@ from megatron_lite.engines.base import (
     Microbatch,
     StepMetrics,
     all_reduce_mean,
+    ensure_adamw_state_for,
     param_names,
     read_logical,
     write_logical,
@@ -127,32 +128,25 @@ class DeepSpeedEngine(Engine):
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
         return value.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
 
+    def _flat_params(self) -> list[torch.Tensor]:
+        """The tensors the client optimizer steps on: flat fp32 partitions under ZeRO, the parameters under ZeRO-0.
+
+        ZeRO-3 puts its partitions into the optimizer's parameter groups only for the duration of ``step``.
+        """
+        if self.stage == 3:
+            return list(self.engine.optimizer.fp32_partitioned_groups_flat)
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def _base_state(self) -> list[dict]:
-        """The per-tensor states of the client optimizer (flat fp32 partitions under ZeRO)."""
-        return [self.optimizer.state[p] for g in self.optimizer.param_groups for p in g["params"]]
+        return [self.optimizer.state[p] for p in self._flat_params()]
 
     def _ensure_optimizer_state(self) -> None:
-        """Create AdamW's state before the first step, so it can be written or overwritten.
+        """Create AdamW's state before the first step, so it can be written or overwritten in place.
 
-        torch AdamW creates its state lazily. One step with zero gradients and a zero learning rate creates it without
-        touching the weights (the moments stay zero and weight decay is scaled by the learning rate); the step count
-        is reset to zero afterwards.
+        torch AdamW creates it lazily in its first step: a 0-d float32 step count and zero moments shaped like the
+        tensor (here, like DeepSpeed's flat partition). Creating the same entries ahead of time changes nothing.
         """
-        if not all(s for s in self._base_state()):
-            saved_lr = [g["lr"] for g in self.optimizer.param_groups]
-            grads = {}
-            for g in self.optimizer.param_groups:
-                g["lr"] = 0.0
-                for p in g["params"]:
-                    grads[p] = p.grad
-                    p.grad = torch.zeros_like(p)
-            self.optimizer.step()
-            for g, lr in zip(self.optimizer.param_groups, saved_lr):
-                g["lr"] = lr
-                for p in g["params"]:
-                    p.grad = grads[p]
-            for state in self._base_state():
-                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+        ensure_adamw_state_for(self.optimizer, self._flat_params())
         self._link_optimizer_state()
 
     def _link_optimizer_state(self) -> None:

@@ -1,0 +1,54 @@
+"""Every layout trains like one process: per-step losses within 1e-5 in fp32 on the same global batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_lite.config import ConfigError
+from megatron_lite.parity import DEFAULT_LAYOUTS, compare_layouts, parse_layout
+
+TOLERANCE = 1e-5
+
+
+def test_all_layouts_match_single(tiny_config):
+    report = compare_layouts(tiny_config, list(DEFAULT_LAYOUTS), steps=3, timeout=300)
+    print("\n" + report.table())
+    assert not report.errors, report.errors
+    assert set(report.losses) == set(DEFAULT_LAYOUTS)
+    assert all(len(v) == 3 for v in report.losses.values())
+    assert report.failures(TOLERANCE) == [], report.table()
+
+
+@pytest.mark.parametrize(
+    "name, world, expected",
+    [
+        ("single", 1, ["parallel.engine=single"]),
+        ("ddp2", 2, ["parallel.engine=ddp"]),
+        ("zero3-offload", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.offload_params=true"]),
+        ("zero2-offload", 2, ["parallel.offload_optimizer=true"]),
+        ("hsdp2x2", 4, ["parallel.engine=fsdp", "parallel.dp_replicate=2"]),
+        ("zero1-tp2", 4, ["parallel.zero_stage=1", "parallel.tp=2"]),
+        ("tp2pp2", 4, ["parallel.engine=ddp", "parallel.tp=2", "parallel.pp=2"]),
+        ("fsdp2-pp2", 4, ["parallel.engine=fsdp", "parallel.pp=2"]),
+        ("zero1-dp4", 4, ["parallel.zero_stage=1"]),
+    ],
+)
+def test_layout_names(name, world, expected):
+    layout = parse_layout(name)
+    assert layout.world_size == world
+    assert set(expected) <= set(layout.overrides)
+    assert "parallel.offload_params=true" not in parse_layout("zero2-offload").overrides
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero4", "single-tp2", "ddp2-offload", "fsdp2-bogus"])
+def test_bad_layout_names(name):
+    with pytest.raises(ConfigError, match=f"layout '{name}'"):
+        parse_layout(name)
+
+
+def test_failing_layout_is_reported_not_raised(tiny_config):
+    # fsdp_cpu_offload is refused on the CPU: the report names the layout and the reason, and the rest still runs.
+    report = compare_layouts(tiny_config, ["fsdp2-offload"], steps=1, timeout=120)
+    assert "single" in report.losses
+    assert "fsdp2-offload" in report.errors and "fsdp_cpu_offload" in report.errors["fsdp2-offload"]
+    assert report.failures(TOLERANCE) == ["fsdp2-offload"]
