@@ -111,9 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), *train]
     print(f"[4/4] training with {a.ranks} rank(s)", flush=True)
     run(cmd, env=env)
-    print(f"quickstart finished in {time.time() - started:.0f} s; metrics: {out / 'run' / 'metrics.jsonl'}; "
-          f"plot them with: python tools/plot_metrics.py {out / 'run'}")
+    summarize(out / "run", time.time() - started)
     return 0
+
+
+def summarize(run_dir: Path, seconds: float) -> None:
+    """Print how far the validation loss fell and where the outputs are."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    valid = [r["valid_loss"] for r in records if "valid_loss" in r]
+    if len(valid) >= 2:
+        print(f"validation loss {valid[0]:.3f} -> {valid[-1]:.3f} ({100 * (valid[-1] / valid[0] - 1):+.1f}%)")
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        print(f"checkpoint: {run_dir / 'checkpoints' / latest.read_text().strip()}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'} (plot: python tools/plot_metrics.py {run_dir})")
+    print(f"quickstart finished in {seconds:.0f} s")
 
 
 if __name__ == "__main__":
