@@ -22,7 +22,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
 
 
 def make_forward_loss(label_smoothing: float = 0.0) -> ForwardLoss:
-    """A ForwardLoss for decoder-only models fed by the data loader's microbatches."""
+    """A ForwardLoss for decoder-only models fed by the data loader's microbatches (label smoothing in train mode)."""
 
     def forward_loss(model: nn.Module, mb: Microbatch) -> torch.Tensor:
         logits = model(
@@ -31,6 +31,8 @@ def make_forward_loss(label_smoothing: float = 0.0) -> ForwardLoss:
             document_ids=mb.get("document_ids"),
             padding_mask=mb.get("padding_mask"),
         )
-        return causal_lm_loss(logits, mb["labels"], label_smoothing)
+        # smoothing shapes the training target only: evaluation reports the plain cross-entropy, so that valid_ppl is a
+        # perplexity and runs with different smoothing compare
+        return causal_lm_loss(logits, mb["labels"], label_smoothing if model.training else 0.0)
 
     return forward_loss
