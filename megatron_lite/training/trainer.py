@@ -189,7 +189,10 @@ class Trainer:
         saved_at = None
         window_time = window_wait = 0.0
         window_steps = 0
-        while self.step < t.train_steps:
+        if 0 < t.early_stopping_patience <= self.evals_without_improvement:  # restarted after stopping early
+            self.log(f"early stopping: already stopped (no improvement in {t.early_stopping_patience} evaluations)")
+            result.stopped_early = True
+        while self.step < t.train_steps and not result.stopped_early:
             start = time.perf_counter()
             microbatches = next(batches)
             got_data = time.perf_counter()
