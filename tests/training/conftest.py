@@ -72,3 +72,14 @@ def checkpoint_tensors(ckpt: Path) -> dict:
 
 def model_tensors(ckpt: Path) -> dict:
     return {k: v for k, v in checkpoint_tensors(ckpt).items() if k.startswith("model.")}
+
+
+@pytest.fixture(scope="session")
+def one_document(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two copies of one 48-token document of distinct ids: a corpus a model can memorize."""
+    root = tmp_path_factory.mktemp("one_document")
+    doc = np.random.default_rng(7).permutation(VOCAB)[:48]
+    with IndexedDatasetWriter(str(root / "doc"), np.uint16) as w:
+        w.add_document(doc)
+        w.add_document(doc)
+    return root / "doc"
