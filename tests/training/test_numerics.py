@@ -93,25 +93,27 @@ def test_label_smoothing_matches_the_formula_and_evaluation_stays_plain_cross_en
     assert plain_trainer.run().losses[0] == pytest.approx(expected_plain, abs=1e-5)
 
 
-def decay_of(*overrides: str) -> dict[str, float]:
-    """Parameter name -> weight decay AdamW applies to it, for a tiny model with every kind of parameter."""
-    cfg = load_config(None, ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
-                             "model.max_seq_len=64", "data.seq_len=32", "model.position=learned", "model.bias=true",
-                             "model.tie_embeddings=false", "optimizer.weight_decay=0.1", *overrides])
+ALL_KINDS = ("model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+             "model.max_seq_len=64", "data.seq_len=32", "model.position=learned", "model.bias=true",
+             "model.tie_embeddings=false", "optimizer.weight_decay=0.1")
+
+
+def decay_of(*overrides: str) -> tuple[dict[str, float], dict[str, int]]:
+    """Parameter name -> (weight decay AdamW applies, ndim), for a tiny model with every kind of parameter."""
+    cfg = load_config(None, [*ALL_KINDS, *overrides])
     model = build_model(cfg.model, device="cpu")
-    ids = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model, cfg.optimizer)
-    out = {ids[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
-    assert sorted(out) == sorted(ids.values())  # every parameter once
-    return out
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {names[id(p)]: g["weight_decay"] for g in param_groups(model, cfg.optimizer) for p in g["params"]}
+    assert sorted(out) == sorted(names.values())  # every parameter once
+    return out, {n: p.ndim for n, p in model.named_parameters()}
 
 
-def kind(name: str, shape_ndim: int) -> str:
+def kind(name: str, ndim: int) -> str:
     if name.startswith(("embed.", "pos_embed.")):
         return "embedding"
     if name.endswith(".bias"):
         return "bias"
-    return "norm" if shape_ndim == 1 else "matrix"
+    return "norm" if ndim == 1 else "matrix"
 
 
 @pytest.mark.parametrize(
@@ -126,14 +128,10 @@ def kind(name: str, shape_ndim: int) -> str:
     ],
 )
 def test_weight_decay_groups(switches, no_decay_kinds) -> None:
-    decay = decay_of(*switches)
-    shapes = {n: p.ndim for n, p in build_model(load_config(None, [
-        "model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
-        "model.max_seq_len=64", "data.seq_len=32", "model.position=learned", "model.bias=true", "model.tie_embeddings=false"]).model,
-        device="cpu").named_parameters()}
+    decay, ndims = decay_of(*switches)
     seen = set()
     for name, wd in decay.items():
-        k = kind(name, shapes[name])
+        k = kind(name, ndims[name])
         seen.add(k)
         assert wd == (0.0 if k in no_decay_kinds else 0.1), (name, k, wd)
     assert seen == {"embedding", "bias", "norm", "matrix"}  # the model had every kind
