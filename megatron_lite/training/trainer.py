@@ -91,6 +91,11 @@ class Trainer:
             {"train": t.train_steps * self.global_batch, "valid": t.eval_samples, "test": t.eval_samples},
             log=self.log,
         )
+        if t.early_stopping_patience and self.datasets.get("valid") is None:
+            raise ConfigError(
+                f"training.early_stopping_patience={t.early_stopping_patience} needs a validation split, "
+                f"but data.split={cfg.data.split!r} gives it no documents"
+            )
         model = build_model(cfg.model, device="cpu")  # same seed on every rank: identical initial weights
         if t.compile:
             for block in model.layers:
@@ -155,6 +160,8 @@ class Trainer:
 
     def _record_eval(self, result: TrainResult) -> bool:
         """Evaluate, log, and return True when early stopping says to stop."""
+        if self.datasets.get("valid") is None:  # nothing to evaluate: log no NaN records
+            return False
         loss = self.evaluate()
         result.valid_losses.append((self.step, loss))
         ppl = float(torch.tensor(loss).exp()) if loss == loss else float("nan")
