@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from megatron_lite.config import ConfigError
 from megatron_lite.training.checkpoint import read_meta
 from megatron_lite.training.trainer import train
 
@@ -32,6 +33,18 @@ def test_early_stopping_when_validation_loss_stops_improving(tmp_path, corpus) -
 
     again = train(cfg, **QUIET)  # restarting the same command does not train past the stopping point
     assert again.stopped_early and again.steps == [] and again.final_step == 4
+
+
+def test_without_a_validation_split(tmp_path, corpus) -> None:
+    """Evaluations are skipped (no NaN records), and early stopping, which would fire on NaN, is refused up front."""
+    with pytest.raises(ConfigError, match=r"early_stopping_patience=2 needs a validation split.*'100,0,0'"):
+        train(tiny_config(tmp_path / "es", corpus, "data.split=100,0,0", "training.eval_interval=1",
+                          "training.early_stopping_patience=2"), **QUIET)
+    res = train(tiny_config(tmp_path / "run", corpus, "data.split=100,0,0", "training.eval_interval=1",
+                            "training.train_steps=3"), **QUIET)
+    assert res.steps == [1, 2, 3] and res.valid_losses == [] and not res.stopped_early
+    records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if "valid_loss" in r]
 
 
 def test_global_batch_tokens_replaces_global_batch_size(tmp_path, corpus) -> None:
