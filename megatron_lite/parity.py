@@ -102,10 +102,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def preload(layouts: list[Layout]) -> None:
+    """Import what the ranks need once, in this process: forked children inherit it instead of each paying seconds.
+
+    (Building the model on the meta device imports torch._dynamo, ~3 s; DeepSpeed takes ~2 s.)
+    """
+    import torch._dynamo  # noqa: F401
+
+    import megatron_lite.training.trainer  # noqa: F401
+
+    if any("parallel.engine=deepspeed" in layout.overrides for layout in layouts):
+        import torch
+
+        from megatron_lite.engines.deepspeed import import_deepspeed
+
+        import_deepspeed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _child(
     rank: int, world: int, port: int, config: str | None, overrides: list[str], out: str, quiet: bool
 ) -> None:
-    """One rank of a layout: train and, on rank 0, write the per-step losses to ``out``."""
+    """One rank of a layout: train and, on rank 0, write the per-step losses and gradient norms to ``out``."""
     import torch
 
     torch.set_num_threads(1)  # forked after the parent ran torch ops: OpenMP with >1 thread would hang
@@ -133,10 +150,22 @@ def _child(
         cfg = load_config(config, overrides)
         result = train(cfg, log=lambda *_: None)
         if rank == 0:
-            Path(out).write_text(json.dumps({"losses": result.losses, "steps": result.steps}))
+            metrics = Path(cfg.logging.run_dir) / "metrics.jsonl"
+            records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+            norms = {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
+            grad_norms = [norms.get(step, float("nan")) for step in result.steps]
+            Path(out).write_text(json.dumps({"losses": result.losses, "grad_norms": grad_norms}))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class LayoutRun:
+    """Rank 0's view of one run: the train loss and the gradient norm (before clipping) of each step."""
+
+    losses: list[float]
+    grad_norms: list[float]
 
 
 def run_layout(
@@ -147,8 +176,8 @@ def run_layout(
     workdir: str | None = None,
     quiet: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
-) -> list[float]:
-    """Train ``config`` (plus ``overrides``) under ``layout`` in forked ranks; return rank 0's per-step losses.
+) -> LayoutRun:
+    """Train ``config`` (plus ``overrides``) under ``layout`` in forked ranks and return rank 0's per-step metrics.
 
     Checkpoints go to a temporary directory that is removed afterwards, unless ``checkpoint_dir`` is given (then
     they are kept there and a run resumes from its ``latest``, as a user's run would).
@@ -157,8 +186,9 @@ def run_layout(
 
     if isinstance(layout, str):
         layout = parse_layout(layout)
+    preload([layout])
     with tempfile.TemporaryDirectory(prefix=f"parity-{layout.name}-", dir=workdir) as tmp:
-        out = os.path.join(tmp, "losses.json")
+        out = os.path.join(tmp, "result.json")
         run_overrides = [
             *overrides,
             *layout.overrides,
@@ -166,6 +196,7 @@ def run_layout(
             f"checkpoint.dir={checkpoint_dir or f'{tmp}/checkpoints'}",
             f"checkpoint.resume={'true' if checkpoint_dir else 'false'}",
             "logging.wandb_mode=disabled",
+            "logging.log_interval=1",
         ]
         args = (layout.world_size, free_port(), config, run_overrides, out, quiet)
         ctx = mp.start_processes(_child, args=args, nprocs=layout.world_size, join=False, start_method="fork")
@@ -178,45 +209,62 @@ def run_layout(
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        return json.loads(Path(out).read_text())["losses"]
+        data = json.loads(Path(out).read_text())
+        return LayoutRun(data["losses"], data["grad_norms"])
+
+
+def _max_abs_diff(ref: list[float] | None, got: list[float] | None) -> float:
+    if ref is None or got is None or len(ref) != len(got):
+        return float("inf")
+    return max((abs(a - b) if a == a and b == b else float("inf") for a, b in zip(ref, got)), default=0.0)
 
 
 @dataclass
 class ParityReport:
-    """Losses per layout, each layout's max |loss - single| and the errors of layouts that failed."""
+    """Per-step losses and gradient norms per layout, compared with the reference, and the layouts that failed."""
 
     steps: int
     losses: dict[str, list[float]]
     errors: dict[str, str]
     seconds: dict[str, float]
+    grad_norms: dict[str, list[float]] = field(default_factory=dict)
     reference: str = "single"
 
     def max_abs_diff(self, name: str) -> float:
-        ref, got = self.losses.get(self.reference), self.losses.get(name)
-        if ref is None or got is None or len(ref) != len(got):
-            return float("inf")
-        return max((abs(a - b) for a, b in zip(ref, got)), default=0.0)
+        """Largest |loss - reference loss| over the steps."""
+        return _max_abs_diff(self.losses.get(self.reference), self.losses.get(name))
+
+    def max_grad_norm_diff(self, name: str) -> float:
+        """Largest |grad norm - reference grad norm| over the steps (catches double clipping or scaling)."""
+        return _max_abs_diff(self.grad_norms.get(self.reference), self.grad_norms.get(name))
 
     def failures(self, tolerance: float) -> list[str]:
+        """Layouts that failed to run, or whose loss or gradient norm left the tolerance at some step."""
         bad = list(self.errors)
-        bad += [n for n in self.losses if n != self.reference and self.max_abs_diff(n) > tolerance]
+        for n in self.losses:
+            if n == self.reference:
+                continue
+            ref_norm = max((abs(x) for x in self.grad_norms.get(self.reference, [])), default=1.0)
+            if self.max_abs_diff(n) > tolerance or self.max_grad_norm_diff(n) > tolerance * max(1.0, ref_norm):
+                bad.append(n)
         return bad
 
     def table(self) -> str:
         names = list(self.losses) + [n for n in self.errors if n not in self.losses]
         width = max(14, *(len(n) + 2 for n in names))
-        lines = ["step " + "".join(f"{n:>{width}}" for n in names)]
+
+        def row(label: str, cell: Callable[[str], str]) -> str:
+            return f"{label:<5}" + "".join(f"{cell(n):>{width}}" for n in names)
+
+        lines = [row("step", lambda n: n)]
         for i in range(self.steps):
-            row = "".join(
-                f"{self.losses[n][i]:>{width}.6f}" if n in self.losses and i < len(self.losses[n]) else f"{'-':>{width}}"
-                for n in names
-            )
-            lines.append(f"{i + 1:>4} " + row)
-        lines.append(
-            "max| " + "".join(f"{self.max_abs_diff(n):>{width}.2e}" if n in self.losses else f"{'FAILED':>{width}}"
-                               for n in names)
-        )
-        lines.append("sec  " + "".join(f"{self.seconds.get(n, 0.0):>{width}.1f}" for n in names))
+            got = self.losses
+            lines.append(row(f"{i + 1:>4}", lambda n: f"{got[n][i]:.6f}" if n in got and i < len(got[n]) else "-"))
+        lines.append(row("loss|", lambda n: f"{self.max_abs_diff(n):.2e}" if n in self.losses else "FAILED"))
+        lines.append(row("norm|", lambda n: f"{self.max_grad_norm_diff(n):.2e}" if n in self.grad_norms else "-"))
+        lines.append(row("sec", lambda n: f"{self.seconds.get(n, 0.0):.1f}"))
+        lines.append("(loss| and norm|: largest difference from single over the steps, of the loss and of the gradient "
+                     "norm before clipping)")
         for n, e in self.errors.items():
             lines.append(f"{n}: {e}")
         return "\n".join(lines)
@@ -234,18 +282,22 @@ def compare_layouts(
     """Run each layout for ``steps`` steps (``single`` first, as the reference) and collect a ParityReport."""
     names = list(dict.fromkeys(["single", *layouts]))
     parsed = {n: parse_layout(n) for n in names}  # bad names fail before any run
+    preload(list(parsed.values()))
     run_overrides = [*overrides, f"training.train_steps={steps}", "training.eval_interval=0"]
     report = ParityReport(steps, {}, {}, {})
     for name in names:
         start = time.perf_counter()
         try:
-            report.losses[name] = run_layout(parsed[name], config, run_overrides, timeout, quiet=quiet)
+            run = run_layout(parsed[name], config, run_overrides, timeout, quiet=quiet)
+            report.losses[name], report.grad_norms[name] = run.losses, run.grad_norms
         except Exception as e:  # a failing layout is a result, not the end of the comparison
             report.errors[name] = _one_line(e)
         report.seconds[name] = time.perf_counter() - start
         if log:
-            status = "failed" if name in report.errors else f"max |diff| {report.max_abs_diff(name):.2e}"
-            log(f"{name:>16}: {parsed[name].world_size} rank(s), {report.seconds[name]:.1f} s, {status}")
+            status = "failed: " + report.errors[name] if name in report.errors else (
+                f"max |loss diff| {report.max_abs_diff(name):.2e}, |grad norm diff| {report.max_grad_norm_diff(name):.2e}"
+            )
+            log(f"{name:>16}: {parsed[name].world_size} rank(s), {report.seconds[name]:5.1f} s, {status}")
     return report
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,9 +45,24 @@ def import_deepspeed(device: torch.device):
     """Import DeepSpeed with its CPU accelerator selected when training on the CPU (silences the detection warning)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's ZeRO calls collectives that newer torch marks deprecated, once per step and rank: not actionable here.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
 
     return deepspeed
+
+
+def check_precision(cfg: Config, device: torch.device) -> None:
+    """DeepSpeed's CPU accelerator has no fp16 kernels; say so before DeepSpeed fails deep inside initialize."""
+    if cfg.training.precision != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise ConfigError(
+            f"training.precision=fp16 with parallel.engine=deepspeed needs a GPU (DeepSpeed's "
+            f"{get_accelerator().device_name()} accelerator has no fp16); use bf16, or fp16 with the ddp engine"
+        )
 
 
 class DeepSpeedEngine(Engine):
@@ -60,7 +76,10 @@ class DeepSpeedEngine(Engine):
         self.forward_loss = forward_loss
         self.model = model.to(topology.device)
         deepspeed = import_deepspeed(topology.device)
+        check_precision(cfg, topology.device)
         ensure_process_group(topology.device)
+        for key, value in (("RANK", topology.rank), ("WORLD_SIZE", topology.world_size), ("LOCAL_RANK", topology.local_rank)):
+            os.environ.setdefault(key, str(value))  # DeepSpeed asserts they exist, even for one plain-python process
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         self.ds_config, overrides = deepspeed_config(cfg, topology.dp)
         if overrides and topology.is_main:
@@ -71,6 +90,14 @@ class DeepSpeedEngine(Engine):
         )
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
+        self._masters = self._unfused_masters()
+
+    def _unfused_masters(self) -> dict[nn.Parameter, torch.Tensor]:
+        """ZeRO-0 in bf16/fp16 wraps torch AdamW in DeepSpeed's unfused optimizer: one fp32 copy per parameter."""
+        opt = self.engine.optimizer
+        if self.stage != 0 or not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
+            return {}
+        return {lp: hp for lo, hi in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lo, hi)}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Training
@@ -85,12 +112,17 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
         skipped_before = self.engine.skipped_steps
         total = torch.zeros((), device=self.topology.device)
-        for mb in microbatches:
+        own_norm = None
+        for i, mb in enumerate(microbatches):
             loss = self.forward_loss(self.engine, self.to_device(mb))
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            if i == len(microbatches) - 1 and self.stage == 0 and not self._masters:
+                # ZeRO-0 in fp32 clips but does not keep the norm; the averaged gradients are final here.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                own_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
         grad_norm = float(norm) if norm is not None else math.nan
         loss = all_reduce_mean(total.item() / len(microbatches), self.topology, self.topology.device)
         return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=self.engine.skipped_steps > skipped_before)
@@ -116,15 +148,20 @@ class DeepSpeedEngine(Engine):
         return list(names.items())
 
     def _managed(self, p: nn.Parameter) -> bool:
-        """Whether DeepSpeed keeps a separate fp32 master copy of ``p`` (ZeRO, or its bf16 optimizer)."""
+        """Whether ``p``'s fp32 master is partitioned by ZeRO (or DeepSpeed's bf16 optimizer): reach it via safe_*."""
         return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # the mapping is None where this rank holds none of p
+
+    def _master(self, p: nn.Parameter) -> torch.Tensor:
+        """The tensor AdamW steps for ``p`` under ZeRO-0: its fp32 copy in bf16/fp16, else ``p`` itself."""
+        return self._masters.get(p, p)
 
     def _full(self, p: nn.Parameter, key: str | None) -> torch.Tensor:
         """The full fp32 master weight (``key`` None) or AdamW moment of ``p``, identical on every rank."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        if not self._managed(p):  # ZeRO-0 in fp32: the module's own parameter is the master
-            return (p.detach() if key is None else self.optimizer.state[p][key]).float().clone()
+        if not self._managed(p):  # ZeRO-0: every rank holds the whole master
+            master = self._master(p)
+            return (master.detach() if key is None else self.optimizer.state[master][key]).float().clone()
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
         return value.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
 
@@ -209,7 +246,7 @@ class DeepSpeedEngine(Engine):
                 if self._managed(p):
                     safe_set_full_optimizer_state(p, value.to(self.topology.device), key)
                 else:
-                    self.optimizer.state[p][key].copy_(value)
+                    self.optimizer.state[self._master(p)][key].copy_(value)
             steps.add(float(state[f"optim.{first[p]}.step"]))
         if len(steps) > 1:
             raise ValueError(f"checkpoint {path} holds different AdamW step counts per parameter: {sorted(steps)}")
@@ -221,8 +258,12 @@ class DeepSpeedEngine(Engine):
 
         named = self._names()
         for p, names in named:
+            value = state[f"model.{names[0]}"]
             if self._managed(p):
-                safe_set_full_fp32_param(p, state[f"model.{names[0]}"].to(self.topology.device))
+                safe_set_full_fp32_param(p, value.to(self.topology.device))
+            elif p in self._masters:
+                with torch.no_grad():
+                    self._masters[p].copy_(value.reshape(self._masters[p].shape))
         if self.stage == 3:
             import deepspeed
 

@@ -41,7 +41,8 @@ def runs(tiny_config, tmp_path_factory):
     def get(layout: str) -> tuple[list[float], Path]:
         if layout not in cache:
             ckpt = tmp_path_factory.mktemp(f"ckpt-{layout}")
-            losses = run_layout(layout, tiny_config, [f"checkpoint.interval={SAVE_AT}"], timeout=300, checkpoint_dir=ckpt)
+            run = run_layout(layout, tiny_config, [f"checkpoint.interval={SAVE_AT}"], timeout=300, checkpoint_dir=ckpt)
+            losses = run.losses
             cache[layout] = (losses, ckpt / f"step_{SAVE_AT:08d}")
         return cache[layout]
 
@@ -51,10 +52,10 @@ def runs(tiny_config, tmp_path_factory):
 def _resume(tiny_config, layout: str, ckpt: Path, tmp_path: Path) -> list[float]:
     return run_layout(
         layout, tiny_config, [f"checkpoint.load={ckpt}"], timeout=300, checkpoint_dir=tmp_path / f"resumed-{layout}"
-    )
+    ).losses
 
 
-@pytest.mark.parametrize("layout", ["single", "ddp2", "zero1", "zero3", "fsdp2"])
+@pytest.mark.parametrize("layout", ["single", "ddp2", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "hsdp2x2"])
 def test_resume_same_layout_continues_exactly(layout, runs, tiny_config, tmp_path):
     losses, ckpt = runs(layout)
     assert len(losses) == STEPS
@@ -64,7 +65,14 @@ def test_resume_same_layout_continues_exactly(layout, runs, tiny_config, tmp_pat
 
 @pytest.mark.parametrize(
     "saved, resumed_as",
-    [("zero3", "fsdp1"), ("zero3", "single"), ("fsdp2", "zero1"), ("single", "zero2")],
+    [
+        ("zero3", "fsdp1"),
+        ("zero3", "single"),
+        ("fsdp2", "zero1"),
+        ("single", "zero2"),
+        ("zero3-offload", "hsdp2x2"),
+        ("hsdp2x2", "zero3-dp1"),
+    ],
 )
 def test_resume_across_engines_and_world_sizes(saved, resumed_as, runs, tiny_config, tmp_path):
     reference, _ = runs("single")
