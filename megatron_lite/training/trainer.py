@@ -120,6 +120,12 @@ class Trainer:
 
     def _resume(self) -> None:
         cfg = self.cfg.checkpoint
+        if not cfg.resume and any(self.ckpt_root.glob("step_*")):
+            # fail now rather than at the first save, after hours of training that could not be kept
+            raise ConfigError(
+                f"checkpoint.resume=false but {self.ckpt_root} already holds checkpoints of another run; "
+                "set checkpoint.dir (or logging.run_dir) to a new directory, or resume"
+            )
         path = find_latest(self.ckpt_root) if cfg.resume else None
         if path is None and cfg.load:
             path = Path(cfg.load)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import checkpoint_tensors, tiny_config
-from megatron_lite.config import config_from_dict
+from megatron_lite.config import ConfigError, config_from_dict
 from megatron_lite.training.checkpoint import find_latest, load_checkpoint, read_meta, save_checkpoint
 from megatron_lite.training.trainer import Trainer, train
 
@@ -118,13 +118,14 @@ def test_a_latest_pointer_to_a_missing_checkpoint_is_a_clear_error(tmp_path) -> 
         find_latest(tmp_path)
 
 
-def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path, corpus) -> None:
-    """A fresh run (resume=false) in a dir that holds later checkpoints of an older run keeps its own newest one."""
+def test_a_fresh_run_refuses_a_checkpoint_dir_of_another_run_before_training(tmp_path, corpus) -> None:
+    """resume=false in a dir that holds another run's checkpoints fails at start, and nothing on disk changes."""
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, corpus, "training.train_steps=4", "checkpoint.interval=2"), **QUIET)
-    res = train(tiny_config(run_dir, corpus, "training.train_steps=1", "checkpoint.resume=false",
-                            "checkpoint.keep_last=1"), **QUIET)
     root = run_dir / "checkpoints"
-    assert res.checkpoint == root / "step_00000001"
-    assert find_latest(root) == res.checkpoint  # `latest` names a checkpoint that exists
-    assert res.checkpoint.is_dir()
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(ConfigError, match="checkpoint.resume=false.*already holds checkpoints"):
+        train(tiny_config(run_dir, corpus, "training.train_steps=1", "checkpoint.resume=false",
+                          "checkpoint.keep_last=1"), **QUIET)
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert find_latest(root) == root / "step_00000004"
