@@ -294,9 +294,11 @@ def compare_layouts(
             report.errors[name] = _one_line(e)
         report.seconds[name] = time.perf_counter() - start
         if log:
-            status = "failed: " + report.errors[name] if name in report.errors else (
-                f"max |loss diff| {report.max_abs_diff(name):.2e}, |grad norm diff| {report.max_grad_norm_diff(name):.2e}"
-            )
+            if name in report.errors:
+                status = "failed: " + report.errors[name]
+            else:
+                status = (f"max |loss diff| {report.max_abs_diff(name):.2e}, "
+                          f"|grad norm diff| {report.max_grad_norm_diff(name):.2e}")
             log(f"{name:>16}: {parsed[name].world_size} rank(s), {report.seconds[name]:5.1f} s, {status}")
     return report
 

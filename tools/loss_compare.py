@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_lite.config import ConfigError
     from megatron_lite.parity import DEFAULT_LAYOUTS, compare_layouts, parse_layout
 
-    layouts = list(DEFAULT_LAYOUTS) if args.layouts == "all" else [n.strip() for n in args.layouts.split(",") if n.strip()]
+    names = [n.strip() for n in args.layouts.split(",") if n.strip()]
+    layouts = list(DEFAULT_LAYOUTS) if args.layouts == "all" else names
     try:
         for name in layouts:
             parse_layout(name)
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = report.failures(args.tolerance)
     wall = time.perf_counter() - start
     if failures:
-        print(f"\nFAIL: {', '.join(failures)} differ from single by more than {args.tolerance:g} or failed ({wall:.0f} s)")
+        print(f"\nFAIL: {', '.join(failures)} failed or differ from single by more than {args.tolerance:g} "
+              f"({wall:.0f} s)")
         return 1
-    print(f"\nOK: {len(report.losses)} layouts within {args.tolerance:g} of single over {args.steps} steps ({wall:.0f} s)")
+    print(f"\nOK: {len(report.losses)} layouts within {args.tolerance:g} of single over {args.steps} steps "
+          f"({wall:.0f} s)")
     return 0
 
 

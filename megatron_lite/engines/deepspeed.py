@@ -78,8 +78,10 @@ class DeepSpeedEngine(Engine):
         deepspeed = import_deepspeed(topology.device)
         check_precision(cfg, topology.device)
         ensure_process_group(topology.device)
-        for key, value in (("RANK", topology.rank), ("WORLD_SIZE", topology.world_size), ("LOCAL_RANK", topology.local_rank)):
-            os.environ.setdefault(key, str(value))  # DeepSpeed asserts they exist, even for one plain-python process
+        # DeepSpeed asserts these exist, even for one plain-python process.
+        os.environ.setdefault("RANK", str(topology.rank))
+        os.environ.setdefault("WORLD_SIZE", str(topology.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(topology.local_rank))
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         self.ds_config, overrides = deepspeed_config(cfg, topology.dp)
         if overrides and topology.is_main:

@@ -50,7 +50,9 @@ def check_fsdp_config(cfg: Config, device: torch.device) -> None:
         from torch.distributed import fsdp
 
         if not hasattr(fsdp, "CPUOffloadPolicy"):
-            raise ConfigError(f"parallel.fsdp_cpu_offload needs torch >= 2.6 (CPUOffloadPolicy); found {torch.__version__}")
+            raise ConfigError(
+                f"parallel.fsdp_cpu_offload needs torch >= 2.6 (CPUOffloadPolicy); found {torch.__version__}"
+            )
         if device.type != "cuda":
             raise ConfigError(
                 "parallel.fsdp_cpu_offload offloads parameters from GPU to CPU memory; it is not supported when "

@@ -74,7 +74,7 @@ def test_fsdp_offload_on_cpu_is_refused():
         (["parallel.engine=fsdp", "parallel.offload_optimizer=true"], "offload_optimizer is a DeepSpeed ZeRO setting"),
         (["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=true"], "zero_stage=3"),
         (["parallel.engine=deepspeed", "parallel.offload_optimizer=true"], "zero_stage >= 1"),
-        (["parallel.engine=deepspeed", "parallel.fsdp_cpu_offload=true"], "fsdp_cpu_offload needs parallel.engine=fsdp"),
+        (["parallel.engine=deepspeed", "parallel.fsdp_cpu_offload=true"], "needs parallel.engine=fsdp (got deepspeed)"),
         (["parallel.engine=ddp", "parallel.dp_replicate=2"], "HSDP"),
         (["parallel.engine=fsdp", "training.precision=fp16"], "use bf16"),
         (["parallel.engine=single"], "single runs one process"),

@@ -13,7 +13,8 @@ def _ds(*overrides: str, dp: int = 2) -> tuple[dict, dict]:
 
 def test_batches_clipping_and_stage():
     ds, applied = _ds("parallel.zero_stage=2", "training.grad_clip=0.5")
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    batches = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    assert batches == (16, 2, 4)
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 2}
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]

@@ -37,7 +37,8 @@ def test_deepspeed_launcher_two_ranks(tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks(tiny_config, tmp_path):
-    torchrun = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    found = shutil.which("torchrun")
+    torchrun = [found] if found else [sys.executable, "-m", "torch.distributed.run"]
     records = _launch([*torchrun, "--nproc_per_node", "2"], tiny_config,
                       tmp_path / "fsdp", "parallel.engine=fsdp")
     assert [r["step"] for r in records] == [1, 2]
