@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import data_cfg, write_shard
+from .conftest import data_cfg, write_shard
 
 from megatron_lite.data import DataError, GPTDataset, IndexedDataset, build_datasets, parse_blend
 from megatron_lite.data.blend import blend_indices, greedy_assignment, normalize

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import data_cfg
+from .conftest import data_cfg
 
 from megatron_lite.data import DataError, GlobalBatchLoader, build_datasets
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import checkpoint_tensors, tiny_config
+from .conftest import checkpoint_tensors, tiny_config
 from megatron_lite.config import ConfigError, config_from_dict
 from megatron_lite.training.checkpoint import find_latest, load_checkpoint, read_meta, save_checkpoint
 from megatron_lite.training.trainer import Trainer, train

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY
+from .conftest import REPO, TINY
 from megatron_lite.config import Config, ConfigError, config_from_dict, load_config
 
 

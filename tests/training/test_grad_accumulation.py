@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import model_tensors, tiny_config
+from .conftest import model_tensors, tiny_config
 from megatron_lite.training.trainer import Trainer
 
 ACC = "training.micro_batch_size=2"

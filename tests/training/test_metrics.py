@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_tiny, tiny_config
+from .conftest import run_tiny, tiny_config
 from megatron_lite.planning.flops import training_flops_per_token
 from megatron_lite.training.metrics import format_train_line, resolve_wandb_mode
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from .conftest import tiny_config
 from megatron_lite.config import OptimizerConfig, load_config
 from megatron_lite.data import GlobalBatchLoader
 from megatron_lite.models import build_model

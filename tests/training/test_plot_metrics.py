@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_tiny
+from .conftest import REPO, run_tiny
 
 sys.path.insert(0, str(REPO / "tools"))
 from plot_metrics import main, read_metrics  # noqa: E402

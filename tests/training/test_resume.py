@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import checkpoint_tensors, tiny_config
+from .conftest import checkpoint_tensors, tiny_config
 from megatron_lite.training.trainer import train
 
 

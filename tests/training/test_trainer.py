@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from .conftest import tiny_config
 from megatron_lite.config import ConfigError
 from megatron_lite.training.checkpoint import read_meta
 from megatron_lite.training.trainer import train
