@@ -17,26 +17,16 @@ parallel and reshards on load.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.engines.base import (
-    Engine,
-    ForwardLoss,
-    Microbatch,
-    StepMetrics,
-    all_reduce_mean,
-    model_state,
-    read_logical,
-    torch_optimizer_state,
-    write_logical,
-)
+from megatron_lite.engines.base import ForwardLoss
+from megatron_lite.engines.single import SingleEngine
 from megatron_lite.topology import Topology, ensure_process_group
-from megatron_lite.training.optim import build_adamw
 
 
 def check_fsdp_config(cfg: Config, device: torch.device) -> None:
@@ -82,63 +72,33 @@ def shard_model(model: nn.Module, mesh, cfg: Config) -> nn.Module:
     return model
 
 
-class FSDPEngine(Engine):
-    """FSDP2 over ``topology.data_mesh()`` (1-D, or 2-D for HSDP) with a torch AdamW on the DTensor shards."""
+class FSDPEngine(SingleEngine):
+    """FSDP2 over ``topology.data_mesh()`` (1-D, or 2-D for HSDP) with a torch AdamW on the DTensor shards.
+
+    The step itself is SingleEngine's; only wrapping, gradient-sync skipping and mixed precision differ.
+    """
 
     def __init__(self, cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> None:
         check_fsdp_config(cfg, topology.device)
-        self.cfg = cfg
-        self.topology = topology
-        self.forward_loss = forward_loss
         ensure_process_group(topology.device)
-        mesh = topology.data_mesh()
+        super().__init__(cfg, model, topology, forward_loss)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        mesh = self.topology.data_mesh()
         if mesh is None:  # one process: a one-rank mesh, so the same code and checkpoints apply
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(topology.device.type, (1,), mesh_dim_names=("dp",))
+            mesh = init_device_mesh(self.topology.device.type, (1,), mesh_dim_names=("dp",))
         self.mesh = mesh
-        self.model = shard_model(model.to(topology.device), mesh, cfg)
-        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device)
+        return shard_model(model, mesh, self.cfg)  # shards in place: self.model is the sharded module
 
-    def _set_sync(self, enabled: bool) -> None:
-        self.model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
-
-    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.topology.device)
-        n = len(microbatches)
+    @contextlib.contextmanager
+    def no_sync(self, is_last_microbatch: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(is_last_microbatch)  # type: ignore[operator]
         try:
-            for i, mb in enumerate(microbatches):
-                self._set_sync(i == n - 1)
-                loss = self.forward_loss(self.model, self.to_device(mb))
-                (loss / n).backward()
-                total += loss.detach().float()
+            yield
         finally:
-            self._set_sync(True)
-        clip = self.cfg.training.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self.optimizer.step()
-        loss = all_reduce_mean(total.item() / n, self.topology, self.topology.device)
-        return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr)
+            self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
 
-    @torch.no_grad()
-    def eval_loss(self, microbatches: list[Microbatch]) -> float:
-        self.model.eval()
-        try:
-            total = sum(self.forward_loss(self.model, self.to_device(mb)).float().item() for mb in microbatches)
-        finally:
-            self.model.train()
-        return all_reduce_mean(total / max(len(microbatches), 1), self.topology, self.topology.device)
-
-    def logical_state(self) -> dict[str, torch.Tensor]:
-        """DTensor shards under logical names (shared with the live model and optimizer, not copied)."""
-        return {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer)}
-
-    def save(self, path: Path) -> None:
-        write_logical(self.logical_state(), path)
-
-    def load(self, path: Path) -> None:
-        read_logical(self.logical_state(), path)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # MixedPrecisionPolicy casts parameters; no autocast on top
