@@ -80,19 +80,19 @@ def parse_layout(name: str) -> Layout:
         engine = "single" if world == 1 else "ddp"
     if engine == "single" and world > 1:
         raise ConfigError(f"layout '{name}': 'single' is one process, but tp x pp x dp = {world}")
-    overrides = [f"parallel.engine={engine}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
-    overrides.append(f"parallel.dp_replicate={dp_replicate}")
-    if stage is not None:
-        overrides.append(f"parallel.zero_stage={stage}")
-    if offload:
-        if engine == "deepspeed":
-            overrides.append("parallel.offload_optimizer=true")
-            if stage == 3:
-                overrides.append("parallel.offload_params=true")
-        elif engine == "fsdp":
-            overrides.append("parallel.fsdp_cpu_offload=true")
-        else:
-            raise ConfigError(f"layout '{name}': 'offload' needs zero<K> or fsdp<N>")
+    if offload and engine not in ("deepspeed", "fsdp"):
+        raise ConfigError(f"layout '{name}': 'offload' needs zero<K> or fsdp<N>")
+    # a layout sets every parallel key, so whatever the config file chose cannot leak into it
+    overrides = [
+        f"parallel.engine={engine}",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.dp_replicate={dp_replicate}",
+        f"parallel.zero_stage={stage or 0}",
+        f"parallel.offload_optimizer={str(offload and engine == 'deepspeed').lower()}",
+        f"parallel.offload_params={str(offload and stage == 3).lower()}",
+        f"parallel.fsdp_cpu_offload={str(offload and engine == 'fsdp').lower()}",
+    ]
     return Layout(name, world, overrides)
 
 
@@ -154,7 +154,13 @@ def _child(
             records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
             norms = {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
             grad_norms = [norms.get(step, float("nan")) for step in result.steps]
-            Path(out).write_text(json.dumps({"losses": result.losses, "grad_norms": grad_norms}))
+            speed = {r["step"]: (r["tokens_per_s"], r["memory_gib"]) for r in records if "tokens_per_s" in r}
+            Path(out).write_text(json.dumps({
+                "losses": result.losses,
+                "grad_norms": grad_norms,
+                "tokens_per_s": [speed.get(step, (float("nan"), 0.0))[0] for step in result.steps],
+                "memory_gib": [speed.get(step, (0.0, float("nan")))[1] for step in result.steps],
+            }))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -166,6 +172,8 @@ class LayoutRun:
 
     losses: list[float]
     grad_norms: list[float]
+    tokens_per_s: list[float] = field(default_factory=list)  # global tokens/s of each step (log interval 1)
+    memory_gib: list[float] = field(default_factory=list)  # rank 0's peak memory after each step
 
 
 def run_layout(
@@ -210,7 +218,7 @@ def run_layout(
                 if p.is_alive():
                     p.kill()
         data = json.loads(Path(out).read_text())
-        return LayoutRun(data["losses"], data["grad_norms"])
+        return LayoutRun(data["losses"], data["grad_norms"], data["tokens_per_s"], data["memory_gib"])
 
 
 def _max_abs_diff(ref: list[float] | None, got: list[float] | None) -> float:

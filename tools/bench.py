@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Measure parts of the framework on this machine. Subcommands: ``data`` (preprocessing and loader throughput).
+"""Measure parts of the framework on this machine.
+
+Subcommands: ``data`` (preprocessing and loader throughput), ``train`` (training throughput and peak memory per
+parallel layout, through the real trainer).
 
 Add a subcommand by writing ``add_<name>(subparsers)`` that registers a parser with ``func=run_<name>``.
 """
@@ -141,10 +144,52 @@ def add_data(sub) -> None:
     p.set_defaults(func=run_data)
 
 
+def run_train(a: argparse.Namespace) -> int:
+    """Train ``--steps`` steps under each layout; report the median tokens/s after warm-up and rank 0's peak memory."""
+    import statistics
+
+    from megatron_lite.config import load_config
+    from megatron_lite.parity import parse_layout, run_layout
+
+    prefix = Path(a.data)
+    if not prefix.with_suffix(".idx").is_file():
+        print(f"error: no shard at {prefix}.bin/.idx (run python tools/quickstart.py first, or pass --data)",
+              file=sys.stderr)
+        return 2
+    overrides = [f"data.prefixes={prefix}", f"training.train_steps={a.steps}", "training.eval_interval=0",
+                 "checkpoint.interval=0", *a.overrides]
+    cfg = load_config(a.config, overrides)
+    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
+    print(f"config {a.config} {' '.join(a.overrides)}; {a.steps} steps of {tokens_per_step} tokens, "
+          f"first {a.warmup} not timed")
+    print(f"{'layout':>14} {'ranks':>5} {'tokens/s':>10} {'s/step':>8} {'peak mem (rank 0)':>18}")
+    for name in a.layouts.split(","):
+        layout = parse_layout(name)
+        run = run_layout(layout, a.config, overrides, timeout=a.timeout)
+        tps = statistics.median(run.tokens_per_s[a.warmup:])
+        mem = max(run.memory_gib)
+        step_s = tokens_per_step / tps
+        print(f"{name:>14} {layout.world_size:>5} {tps:>10,.0f} {step_s:>8.3f} {mem:>14.2f} GiB")
+    return 0
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="training tokens/s and peak memory per layout (in-process ranks, gloo on CPU)")
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--data", default="runs/quickstart/data/stdlib_docstrings", help="shard prefix to train on")
+    p.add_argument("--layouts", default="single,ddp2,zero1,zero2,zero3,fsdp2")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    p.set_defaults(func=run_train)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_data(sub)
+    add_train(sub)
     a = p.parse_args(argv)
     return a.func(a)
 
