@@ -43,6 +43,7 @@ class ModelConfig:
     max_seq_len: int = 1024
     position: Literal["learned", "sinusoidal", "rotary"] = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.x long context: {rope_type: llama3, factor, low_freq_factor, ...}
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     norm_position: Literal["pre", "post"] = "pre"
@@ -71,6 +72,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{where}.{name}={value} must be in [0, 1)")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if kind != "llama3" or not needed <= set(self.rope_scaling):
+                raise ConfigError(
+                    f"{where}.rope_scaling={self.rope_scaling} must have rope_type: llama3 and the keys "
+                    f"{', '.join(sorted(needed))}"
+                )
         if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
             raise ConfigError(f"{where}.ffn_hidden_size={self.ffn_hidden_size} must be positive")
 

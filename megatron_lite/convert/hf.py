@@ -79,9 +79,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
         )
     if kind == "llama":
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"rope scaling {rope!r} cannot be expressed in ModelConfig (only unscaled rotary)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope scaling {rope!r} is not supported (only unscaled rotary and rope_type llama3)")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in keys if k not in rope]
+            if missing:
+                raise ValueError(f"rope scaling {rope!r} (llama3) lacks {', '.join(missing)}")
+            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
         heads = hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
             raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
@@ -100,6 +108,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
             max_seq_len=hf["max_position_embeddings"],
             position="rotary",
             rope_theta=float(theta),
+            rope_scaling=scaling,
             norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             norm_position="pre",
@@ -146,7 +155,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "intermediate_size": cfg.ffn_size,
         "max_position_embeddings": cfg.max_seq_len,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
         "rms_norm_eps": cfg.norm_eps,
         "hidden_act": "silu",
         "attention_bias": cfg.bias,

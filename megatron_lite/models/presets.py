@@ -1,7 +1,7 @@
 """Named model sizes. Each has a twin in ``configs/models/<name>.yaml`` (a test keeps the two equal).
 
-GPT-2 shapes follow the released checkpoints; Llama shapes follow the published configs. Only shapes are given: Llama
-3.x's long-context rope rescaling is not part of ``ModelConfig``.
+GPT-2 shapes follow the released checkpoints; Llama shapes follow the published configs, including Llama 3.2's
+long-context rope rescaling.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-355m": _gpt2(1024, 24, 16),
     "gpt2-774m": _gpt2(1280, 36, 20),
     "gpt2-1.5b": _gpt2(1600, 48, 25),
-    "llama-1b": _llama(128256, 2048, 16, 32, 8, 8192, 131072, 500000.0, tied=True),  # Llama-3.2-1B
+    "llama-1b": dataclasses.replace(  # Llama-3.2-1B
+        _llama(128256, 2048, 16, 32, 8, 8192, 131072, 500000.0, tied=True),
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
     "llama-8b": _llama(128256, 4096, 32, 32, 8, 14336, 8192, 500000.0, tied=False),  # Llama-3-8B
     "llama2-7b": _llama(32000, 4096, 32, 32, 32, 11008, 4096, 10000.0, tied=False),
     "llama2-13b": _llama(32000, 5120, 40, 40, 40, 13824, 4096, 10000.0, tied=False),

@@ -28,10 +28,12 @@ def gpt2_reference(tie: bool = True) -> "transformers.GPT2LMHeadModel":
     return model
 
 
-def llama_reference(tie: bool = False, bias: bool = False) -> "transformers.LlamaForCausalLM":
+def llama_reference(tie: bool = False, bias: bool = False, rope_scaling: dict | None = None
+                    ) -> "transformers.LlamaForCausalLM":
+    rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": 50000.0}
     config = transformers.LlamaConfig(
         vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=50000.0,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_parameters=rope,
         tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, initializer_range=0.15,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
@@ -76,6 +78,21 @@ def test_llama_logit_parity(tie: bool, bias: bool) -> None:
     assert_same_logits(ref, model, cfg)
 
 
+def test_llama3_rope_scaling_logit_parity() -> None:
+    """Llama 3.x long-context rotary (rope_type llama3) converts and gives HF's logits, past the original length."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    ref = llama_reference(rope_scaling=scaling)
+    cfg, model = ours_from(ref)
+    assert cfg.rope_scaling == scaling
+    assert_same_logits(ref, model, cfg, seq_len=48)
+    plain_cfg, plain = ours_from(llama_reference())
+    x = torch.randint(0, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert not torch.allclose(model(x), plain(x), atol=1e-3)  # the scaling really changes the result
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+
+
 @pytest.mark.parametrize("make", [gpt2_reference, llama_reference])
 def test_reverse_mapping_round_trip(make) -> None:
     ref = make()
@@ -99,8 +116,11 @@ def test_config_round_trip() -> None:
 
 def test_unsupported_configs_are_refused() -> None:
     llama = llama_reference().config.to_dict()
-    llama["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    llama["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}
     with pytest.raises(ValueError, match="rope scaling"):
+        hf.config_from_hf(llama)
+    llama["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}  # incomplete
+    with pytest.raises(ValueError, match="low_freq_factor"):
         hf.config_from_hf(llama)
     with pytest.raises(ValueError, match="model_type"):
         hf.config_from_hf({"model_type": "t5"})
