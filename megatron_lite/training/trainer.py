@@ -101,7 +101,7 @@ class Trainer:
             for block in model.layers:
                 block.compile()
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.engine: Engine = build_engine(cfg, model, topo, make_forward_loss(t.label_smoothing))
+        self.engine: Engine = build_engine(cfg, model, topo, make_forward_loss(t.label_smoothing, cfg.model.vocab_size))
         torch.manual_seed(t.seed + topo.rank)  # dropout streams differ per rank from here on
 
         self.step = 0

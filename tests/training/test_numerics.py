@@ -155,3 +155,26 @@ def test_engine_optimizer_uses_the_groups(tmp_path, corpus) -> None:
     wd = {names[id(p)]: g["weight_decay"] for g in trainer.engine.optimizer.param_groups for p in g["params"]}
     assert wd["embed.weight"] == 0.0 and wd["final_norm.weight"] == 0.0
     assert wd["layers.0.attn.q_proj.weight"] == 0.05 and wd["layers.0.mlp.down_proj.weight"] == 0.05
+
+
+def test_padded_vocabulary_columns_take_no_probability_mass() -> None:
+    """The rows that pad the vocabulary to a multiple of 128 are left out of the softmax, smoothing included."""
+    from megatron_lite.config import ModelConfig
+    from megatron_lite.models import build_model
+    from megatron_lite.training.loss import make_forward_loss
+
+    cfg = ModelConfig(vocab_size=500, hidden_size=32, num_layers=1, num_heads=2, max_seq_len=16, tie_embeddings=False)
+    assert cfg.padded_vocab_size == 512
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[500:].normal_(0.0, 3.0)  # padded columns would dominate the softmax if they were in it
+    ids = torch.randint(0, 500, (2, 9))
+    mb = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    for eps in (0.0, 0.1):
+        got = make_forward_loss(eps, cfg.vocab_size)(model, mb)
+        logits = model(mb["input_ids"])[..., :500]
+        want = F.cross_entropy(logits.reshape(-1, 500), mb["labels"].reshape(-1), label_smoothing=eps)
+        torch.testing.assert_close(got, want)
+        full = make_forward_loss(eps)(model, mb)  # without vocab_size: the padded columns take mass
+        assert full.item() > got.item() + 1.0
