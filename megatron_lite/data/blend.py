@@ -33,7 +33,7 @@ def parse_blend(prefixes: str | Sequence) -> list[tuple[float, str]]:
     """
     items = str(prefixes).split() if isinstance(prefixes, str) else [str(x) for x in prefixes]
     if not items:
-        raise DataError("data prefixes are empty (expected 'PREFIX' or 'WEIGHT PREFIX WEIGHT PREFIX ...')")
+        raise DataError("data.prefixes is empty (expected 'PREFIX' or 'WEIGHT PREFIX WEIGHT PREFIX ...', e.g. data.prefixes=path/to/shard)")
     if not any(_is_number(x) for x in items):
         return [(1.0, p) for p in items]
     if len(items) % 2 or not all(_is_number(w) for w in items[::2]):
