@@ -54,6 +54,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
     init_std: float = 0.02
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden_size), as the original Transformer does
     scaled_residual_init: bool = True  # std / sqrt(2 * num_layers) on residual output projections
     activation_checkpointing: bool = False
 
@@ -82,6 +83,7 @@ class ModelConfig:
                 )
         if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
             raise ConfigError(f"{where}.ffn_hidden_size={self.ffn_hidden_size} must be positive")
+        _positive(self, where, "norm_eps", "init_std", "rope_theta")
 
     @property
     def kv_heads(self) -> int:
@@ -122,6 +124,7 @@ class DataConfig:
         _positive(self, where, "seq_len")
         if self.prefetch < 0:
             raise ConfigError(f"{where}.prefetch={self.prefetch} must be >= 0")
+        _check_split(self.split, f"{where}.split")
 
 
 @dataclass
@@ -140,8 +143,7 @@ class OptimizerConfig:
 
     def validate(self, where: str = "optimizer") -> None:
         _positive(self, where, "lr", "eps")
-        if self.min_lr < 0 or self.weight_decay < 0:
-            raise ConfigError(f"{where}.min_lr and {where}.weight_decay must be >= 0")
+        _non_negative(self, where, "min_lr", "weight_decay")
         if self.min_lr > self.lr:  # the schedule would climb from lr to min_lr
             raise ConfigError(f"{where}.min_lr={self.min_lr} must not exceed {where}.lr={self.lr}")
         for name in ("beta1", "beta2"):
@@ -193,8 +195,7 @@ class TrainingConfig:
             raise ConfigError(f"{where}.grad_clip={self.grad_clip} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"{where}.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.eval_interval < 0 or self.early_stopping_patience < 0:
-            raise ConfigError(f"{where}.eval_interval and {where}.early_stopping_patience must be >= 0")
+        _non_negative(self, where, "eval_interval", "early_stopping_patience")
 
 
 @dataclass
@@ -206,8 +207,8 @@ class CheckpointConfig:
     load: str | None = None  # a checkpoint directory to start from (weights, optimizer, data position)
 
     def validate(self, where: str = "checkpoint") -> None:
-        if self.interval < 0 or self.keep_last < 1:
-            raise ConfigError(f"{where}.interval must be >= 0 and {where}.keep_last >= 1")
+        _non_negative(self, where, "interval")
+        _positive(self, where, "keep_last")
 
 
 @dataclass
@@ -221,6 +222,8 @@ class LoggingConfig:
 
     def validate(self, where: str = "logging") -> None:
         _positive(self, where, "log_interval")
+        if self.peak_flops is not None:
+            _positive(self, where, "peak_flops")
 
 
 @dataclass
@@ -262,6 +265,7 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        self.global_batch_size  # noqa: B018 -- raises when global_batch_tokens does not divide into samples
         return self
 
     @property
@@ -288,6 +292,24 @@ def _positive(section: Any, where: str, *names: str) -> None:
         value = getattr(section, name)
         if value <= 0:
             raise ConfigError(f"{where}.{name}={value} must be positive")
+
+
+def _non_negative(section: Any, where: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < 0:
+            raise ConfigError(f"{where}.{name}={value} must be >= 0")
+
+
+def _check_split(split: str | list, key: str) -> None:
+    """Train/valid/test weights, checked by the same parser the data pipeline uses, so the error names the key."""
+    from megatron_lite.data.errors import DataError
+    from megatron_lite.data.splits import parse_split
+
+    try:
+        parse_split(split)
+    except DataError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": 
 
 def hf_arch(cfg: ModelConfig) -> Arch:
     """Which HF architecture ``cfg`` corresponds to, or a ValueError saying what does not fit either."""
+    if cfg.scale_embeddings:
+        raise ValueError("no HF equivalent: GPT-2 and Llama do not scale token embeddings; set scale_embeddings to false")
     common = cfg.norm_position == "pre"
     if common and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.activation != "swiglu" and cfg.bias:
         if cfg.kv_heads != cfg.num_heads:

@@ -97,6 +97,8 @@ class DecoderLM(nn.Module):
 
         if self.embed is not None:
             x = self.embed(input_ids)
+            if self.cfg.scale_embeddings:  # the original Transformer: keeps embeddings on the scale of the positions
+                x = x * math.sqrt(self.cfg.hidden_size)
             if self.pos_embed is not None:
                 x = x + self.pos_embed(position_ids).to(x.dtype)
             x = self.dropout(x)

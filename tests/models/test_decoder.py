@@ -13,7 +13,9 @@ from megatron_lite.models import DecoderLM, build_model
 STYLES = {
     "gpt2": dict(position="learned", norm="layernorm", activation="gelu_tanh", bias=True),
     "llama": dict(position="rotary", norm="rmsnorm", activation="swiglu", bias=False, num_kv_heads=2),
-    "transformer": dict(position="sinusoidal", norm="layernorm", norm_position="post", activation="relu"),
+    "transformer": dict(
+        position="sinusoidal", norm="layernorm", norm_position="post", activation="relu", scale_embeddings=True
+    ),
 }
 
 
@@ -75,6 +77,18 @@ def test_document_masking_equals_separate_documents(style: str) -> None:
     packed = model(x, position_ids=pos, document_ids=doc_ids)
     alone = torch.cat([model(part) for part in x.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_embeddings_multiplies_token_embeddings_by_sqrt_hidden() -> None:
+    """The original Transformer scales token embeddings by sqrt(d_model) before adding the (unscaled) positions."""
+    plain = model_for(position="sinusoidal")
+    scaled = model_for(position="sinusoidal", scale_embeddings=True)
+    scaled.load_state_dict(plain.state_dict())
+    seen = {}
+    for name, model in (("plain", plain), ("scaled", scaled)):
+        model.layers[0].register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
+        model(ids())
+    torch.testing.assert_close(seen["scaled"] - seen["plain"], plain.embed(ids()) * (math.sqrt(32) - 1))
 
 
 def test_gqa_with_all_kv_heads_equals_mha() -> None:

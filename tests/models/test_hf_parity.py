@@ -1,5 +1,7 @@
 """Logit parity with Hugging Face GPT-2 and Llama through convert/hf.py, and the reverse mapping."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -145,3 +147,31 @@ def test_converter_imports_no_training_stack() -> None:
     heavy = ("megatron_lite.training", "megatron_lite.engines", "megatron_lite.models", "transformers", "deepspeed")
     code = f"import sys, megatron_lite.convert.hf; sys.exit(str([m for m in sys.modules if m.startswith({heavy})]))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama-8b"])
+def test_presets_give_hf_logits(preset: str) -> None:
+    """Each preset's conventions (activation, eps, rotary theta and scaling, tying) match its HF class.
+
+    GPT-2 124M runs at full size; the Llama shapes are shrunk (vocabulary, width, depth) with every other field kept,
+    so the test stays small while the preset's conventions are what is compared.
+    """
+    from megatron_lite.models.presets import get_preset
+
+    cfg = get_preset(preset)
+    if preset.startswith("llama"):
+        group = cfg.num_heads // cfg.kv_heads
+        cfg = dataclasses.replace(cfg, vocab_size=1000, hidden_size=128, num_layers=2, num_heads=2 * group,
+                                  num_kv_heads=2, ffn_hidden_size=256)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so that eps and norm placement show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    hf_config = hf.config_to_hf(cfg)
+    cls = transformers.GPT2LMHeadModel if hf.hf_arch(cfg) == "gpt2" else transformers.LlamaForCausalLM
+    config_cls = transformers.GPT2Config if cls is transformers.GPT2LMHeadModel else transformers.LlamaConfig
+    ref = cls(config_cls(**hf_config, bos_token_id=0, eos_token_id=0)).eval()
+    ref.load_state_dict(hf.to_hf(model.state_dict(), cfg))
+    assert_same_logits(ref, model, cfg, seq_len=24)

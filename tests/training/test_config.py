@@ -95,7 +95,16 @@ def test_type_errors_name_the_key(override: str, pattern: str) -> None:
         ("training.label_smoothing=1.0", r"training\.label_smoothing=1\.0 must be in \[0, 1\)"),
         ("model.attention_dropout=1", r"model\.attention_dropout=1\.0 must be in \[0, 1\)"),
         ("model.num_heads=3", r"model\.hidden_size=128 must be divisible by model\.num_heads=3"),
-        ("checkpoint.keep_last=0", r"checkpoint\.keep_last >= 1"),
+        ("checkpoint.keep_last=0", r"checkpoint\.keep_last=0 must be positive"),
+        ("checkpoint.interval=-5", r"checkpoint\.interval=-5 must be >= 0"),
+        ("optimizer.weight_decay=-0.1", r"optimizer\.weight_decay=-0\.1 must be >= 0"),
+        ("training.early_stopping_patience=-1", r"training\.early_stopping_patience=-1 must be >= 0"),
+        ("model.norm_eps=-1", r"model\.norm_eps=-1\.0 must be positive"),
+        ("model.init_std=0", r"model\.init_std=0\.0 must be positive"),
+        ("model.rope_theta=0", r"model\.rope_theta=0\.0 must be positive"),
+        ("logging.peak_flops=-5", r"logging\.peak_flops=-5\.0 must be positive"),
+        ("data.split=abc", r"data\.split: split 'abc': expected"),
+        ("data.split=0,0,0", r"data\.split: split '0,0,0': expected one to three non-negative weights"),
         ("logging.log_interval=0", r"logging\.log_interval=0 must be positive"),
         ("schedule.wsd_decay_fraction=0", r"schedule\.wsd_decay_fraction=0\.0 must be in \(0, 1\]"),
         ("data.seq_len=2048", r"data\.seq_len=2048 exceeds model\.max_seq_len=1024"),
@@ -132,8 +141,9 @@ def test_base_loop(tmp_path) -> None:
 
 def test_global_batch_tokens_must_be_whole_samples() -> None:
     assert load_config(TINY, ["training.global_batch_tokens=512"]).global_batch_size == 16
-    with pytest.raises(ConfigError, match=r"global_batch_tokens=100 is not a multiple of data\.seq_len=32"):
-        _ = load_config(TINY, ["training.global_batch_tokens=100"]).global_batch_size
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: training\.global_batch_tokens=100 is not a multiple of "
+                                          r"data\.seq_len=32"):
+        load_config(TINY, ["training.global_batch_tokens=100"])  # refused at load time, naming the file
 
 
 def test_resolved_config_round_trips() -> None:

@@ -178,3 +178,16 @@ def test_padded_vocabulary_columns_take_no_probability_mass() -> None:
         torch.testing.assert_close(got, want)
         full = make_forward_loss(eps)(model, mb)  # without vocab_size: the padded columns take mass
         assert full.item() > got.item() + 1.0
+
+
+@pytest.mark.parametrize("device, fused_setting, expect_fused", [
+    ("cuda", None, True), ("cpu", None, False), ("cuda", False, False), ("cpu", True, True),
+])
+def test_adamw_is_fused_on_gpu_by_default(device, fused_setting, expect_fused) -> None:
+    """optimizer.fused=null picks the fused kernels exactly when training on a GPU; true/false force it."""
+    from megatron_lite.training.optim import build_adamw
+
+    model = build_model(load_config(None, ["model.vocab_size=64", "model.hidden_size=16", "model.num_layers=1",
+                                           "model.num_heads=2", "model.max_seq_len=32", "data.seq_len=32"]).model)
+    opt = build_adamw(model, OptimizerConfig(fused=fused_setting), torch.device(device))  # CPU params: fused runs
+    assert bool(opt.defaults["fused"]) is expect_fused
