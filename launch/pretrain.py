@@ -1,7 +1,7 @@
 """Pretraining entry point for deepspeed, torchrun or plain python.
 
     python launch/pretrain.py --config configs/quickstart.yaml [section.key=value ...]
-    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/quickstart.yaml parallel.engine=fsdp
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/quickstart.yaml parallel.engine=fsdp parallel.zero_stage=0
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/quickstart.yaml parallel.engine=deepspeed
 """
 
@@ -10,6 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+
+def should_report(error: Exception) -> bool:
+    """Whether this rank prints ``error``: every rank fails the same way, so N ranks would print N copies.
+
+    A config error is the same everywhere (every rank reads the same config): rank 0 alone reports it. Data and
+    checkpoint-directory errors can depend on a node's own disk, so the first rank of each node reports those.
+    """
+    from megatron_lite.config import ConfigError
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        return True
+    return not isinstance(error, ConfigError) and int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
     except (ConfigError, DataError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if should_report(e):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

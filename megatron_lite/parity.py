@@ -12,7 +12,8 @@ Layout names are dash-separated parts, read left to right:
     zero<K>           DeepSpeed ZeRO stage K over 2 data-parallel ranks (change with dp<N>)
     offload           with zero<K>: offload optimizer state and parameters (stage 3) to the CPU
     dp<N>             the data-parallel size, for engines named without one
-    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2
+    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2 (the names parse; running them
+                      fails with one line until tensor / pipeline parallelism exist)
 
 e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2pp2`` (4 ranks, DDP over dp=1).
 The world size is dp x tp x pp. Each layout runs in forked child processes with its own rendezvous port.
@@ -160,6 +161,7 @@ def _child(
                 "grad_norms": grad_norms,
                 "tokens_per_s": [speed.get(step, (float("nan"), 0.0))[0] for step in result.steps],
                 "memory_gib": [speed.get(step, (0.0, float("nan")))[1] for step in result.steps],
+                "records": [r for r in records if "tokens_per_s" in r],
             }))
     finally:
         if dist.is_initialized():
@@ -173,7 +175,8 @@ class LayoutRun:
     losses: list[float]
     grad_norms: list[float]
     tokens_per_s: list[float] = field(default_factory=list)  # global tokens/s of each step (log interval 1)
-    memory_gib: list[float] = field(default_factory=list)  # rank 0's peak memory after each step
+    memory_gib: list[float] = field(default_factory=list)  # peak memory after each step, the maximum over ranks
+    records: list[dict] = field(default_factory=list)  # the train records of metrics.jsonl (rank 0 writes them)
 
 
 def run_layout(
@@ -218,7 +221,7 @@ def run_layout(
                 if p.is_alive():
                     p.kill()
         data = json.loads(Path(out).read_text())
-        return LayoutRun(data["losses"], data["grad_norms"], data["tokens_per_s"], data["memory_gib"])
+        return LayoutRun(data["losses"], data["grad_norms"], data["tokens_per_s"], data["memory_gib"], data["records"])
 
 
 def _max_abs_diff(ref: list[float] | None, got: list[float] | None) -> float:

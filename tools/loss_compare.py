@@ -6,7 +6,8 @@
 Every layout runs the same global batches, in forked processes on this machine (gloo on CPU). The exit code is 1
 when any layout's loss differs from ``single`` by more than ``--tolerance`` at any step, or a layout fails to run;
 2 for bad arguments. Layout names are described in ``megatron_lite/parity.py`` (ddp<N>, fsdp<N>, hsdp<R>x<S>,
-zero<K>[-offload], tp<N>, pp<N>, ...). In fp32 on CPU, 1e-5 is a safe tolerance; bf16 needs ~1e-2.
+zero<K>[-offload], tp<N>, pp<N>, ...); tp<N> and pp<N> are reserved names that fail to run (exit 1) until tensor and
+pipeline parallelism exist. In fp32 on CPU, 1e-5 is a safe tolerance; bf16 needs ~1e-2.
 """
 
 from __future__ import annotations

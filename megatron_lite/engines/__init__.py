@@ -57,6 +57,13 @@ def check_engine_config(cfg: Config, name: str, topology: Topology) -> None:
             "ZeRO stage 0 or 1 only; use zero_stage<=1, or parallel.engine=fsdp for sharded data parallelism with "
             "pipeline parallelism"
         )
+    # Checked after the DeepSpeed + pipeline message, which says something more useful for that combination.
+    for axis, what in (("tp", "tensor"), ("pp", "pipeline")):
+        size = getattr(par, axis)
+        if size > 1:
+            raise ConfigError(
+                f"parallel.{axis}={size}: {what} parallelism is not available yet; set parallel.{axis}=1"
+            )
     if par.fsdp_cpu_offload and name != "fsdp":
         raise ConfigError(
             f"parallel.fsdp_cpu_offload needs parallel.engine=fsdp (got {name}); "

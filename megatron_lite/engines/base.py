@@ -20,7 +20,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,16 @@ class Engine(ABC):
     @abstractmethod
     def load(self, path: Path) -> None:
         """Read logical tensors written by any engine and any layout (all ranks call this)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-safe state beside the tensors (e.g. the fp16 loss scale), identical on every rank; rank 0 writes it.
+
+        Kept in meta.json, not as tensors: it is a handful of numbers that no other layout needs to reshard.
+        """
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned; keys this engine does not use (another precision) are ignored."""
 
     def to_device(self, microbatch: Microbatch) -> Microbatch:
         dev = self.topology.device
@@ -172,6 +182,35 @@ def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The logical ``model.<fqn>`` view of a model's parameters and buffers (tensors shared, not copied)."""
     return {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def balance_owners(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Assign item ``i`` (of ``sizes[i]`` bytes) to a rank so that every rank gets about the same number of bytes.
+
+    Largest items first, each to the rank with the fewest bytes so far (ties: lowest rank). A pure function of the
+    sizes, so every rank computes the same assignment without communicating.
+    """
+    load = [0] * world_size
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += sizes[i]
+    return owners
+
+
+def budget_groups(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
+    """Consecutive item indices in groups of at most ``budget_bytes`` (an item larger than that forms its own group)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if groups and used + size <= budget_bytes:
+            groups[-1].append(i)
+            used += size
+        else:
+            groups.append([i])
+            used = size
+    return groups
 
 
 def all_reduce_mean(value: float, topology: Topology, device: torch.device) -> float:

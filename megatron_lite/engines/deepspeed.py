@@ -4,18 +4,25 @@ DeepSpeed owns loss scaling, gradient averaging, accumulation boundaries and cli
 ``deepspeed_config.py``); this engine only feeds it microbatches and sets the learning rate of the client optimizer,
 a plain ``torch.optim.AdamW``, so the update is the same arithmetic as in every other engine.
 
-Checkpoints use the logical format: ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` assemble each
-parameter's fp32 master weight and AdamW moments from whatever ZeRO partitioning is in place, and the ``safe_set_*``
-counterparts scatter them back on load. A checkpoint saved under ZeRO-3 on two ranks therefore loads under FSDP on
-one, and the other way round. DeepSpeed's native checkpoint files are not written: they cannot change world size.
+Checkpoints use the logical format. Saving walks the parameters one by one on every rank, in the same order:
+``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` assemble the parameter's fp32 master weight and AdamW
+moments from whatever ZeRO partitioning is in place (a collective), and only the rank that owns the parameter (bytes
+balanced over ranks) keeps a CPU copy; the others drop it at once. Each rank then writes its own keys through DCP, so
+a rank holds ~12 bytes x parameters / world size on the CPU, never the whole model. Loading reads the logical tensors
+in groups of at most ``load_budget_bytes`` and scatters each group with the ``safe_set_*`` counterparts. A checkpoint
+saved under ZeRO-3 on two ranks therefore loads under FSDP on one, and the other way round. DeepSpeed's native
+checkpoint files are not written: they cannot change world size. The fp16 loss scaler's counters go to meta.json
+(``extra_state``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,8 +36,9 @@ from megatron_lite.engines.base import (
     Microbatch,
     StepMetrics,
     all_reduce_mean,
+    balance_owners,
+    budget_groups,
     ensure_adamw_state_for,
-    param_names,
     read_logical,
     write_logical,
 )
@@ -69,8 +77,6 @@ class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` over the plain model with a client torch AdamW; logical checkpoints."""
 
     def __init__(self, cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> None:
-        if topology.tp > 1 or topology.pp > 1:
-            raise ConfigError("parallel.engine=deepspeed runs data parallelism only here; set parallel.tp = pp = 1")
         self.cfg = cfg
         self.topology = topology
         self.forward_loss = forward_loss
@@ -142,12 +148,20 @@ class DeepSpeedEngine(Engine):
     # Logical checkpoints
     # ------------------------------------------------------------------------------------------------------------------
 
+    # Full fp32 bytes (weights and both AdamW moments) that one load step reads and scatters at a time.
+    load_budget_bytes: int = 256 * 2**20
+
     def _names(self) -> list[tuple[nn.Parameter, list[str]]]:
-        """Each trainable parameter with all its names (a tied matrix has several)."""
+        """Each trainable parameter with all its names (a tied matrix has several; the first is its logical name)."""
         names: dict[nn.Parameter, list[str]] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             names.setdefault(p, []).append(name)
         return list(names.items())
+
+    def _buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The persistent buffers, which every rank holds whole."""
+        persistent = set(self.model.state_dict())
+        return [(name, buf) for name, buf in self.model.named_buffers() if name in persistent]
 
     def _managed(self, p: nn.Parameter) -> bool:
         """Whether ``p``'s fp32 master is partitioned by ZeRO (or DeepSpeed's bf16 optimizer): reach it via safe_*."""
@@ -157,15 +171,30 @@ class DeepSpeedEngine(Engine):
         """The tensor AdamW steps for ``p`` under ZeRO-0: its fp32 copy in bf16/fp16, else ``p`` itself."""
         return self._masters.get(p, p)
 
-    def _full(self, p: nn.Parameter, key: str | None) -> torch.Tensor:
-        """The full fp32 master weight (``key`` None) or AdamW moment of ``p``, identical on every rank."""
+    @staticmethod
+    def _shape(p: nn.Parameter) -> torch.Size:
+        return torch.Size(p.ds_shape) if hasattr(p, "ds_id") else p.shape  # ZeRO-3 leaves an empty placeholder
+
+    def _entry_bytes(self, p: nn.Parameter) -> int:
+        """Bytes of ``p``'s logical tensors in full: the fp32 weight and the AdamW moments."""
+        return 4 * self._shape(p).numel() * (1 + len(MOMENT_KEYS))
+
+    def _full(self, p: nn.Parameter, key: str | None, keep: bool) -> torch.Tensor | None:
+        """A CPU copy of the full fp32 master weight (``key`` None) or AdamW moment of ``p``; None unless ``keep``.
+
+        Under ZeRO assembling it is a collective over the data-parallel group, so every rank calls this for every
+        parameter and key; a rank that does not keep the result drops it before the next one is assembled.
+        """
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        if not self._managed(p):  # ZeRO-0: every rank holds the whole master
+        if self._managed(p):
+            value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        else:  # ZeRO-0: every rank holds the whole master and its moments; nothing to communicate
             master = self._master(p)
-            return (master.detach() if key is None else self.optimizer.state[master][key]).float().clone()
-        value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        return value.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+            value = master if key is None else self.optimizer.state[master][key]
+        if not keep:
+            return None
+        return value.detach().to("cpu", torch.float32, copy=True).reshape(self._shape(p))
 
     def _flat_params(self) -> list[torch.Tensor]:
         """The tensors the client optimizer steps on: flat fp32 partitions under ZeRO, the parameters under ZeRO-0.
@@ -213,72 +242,154 @@ class DeepSpeedEngine(Engine):
             else:
                 state["step"] = value
 
-    def logical_state(self) -> dict[str, torch.Tensor]:
-        """Full fp32 tensors under logical names (assembled on every rank; DCP writes each once)."""
+    def owned_state(self) -> dict[str, torch.Tensor]:
+        """The logical tensors this rank writes: full fp32 CPU copies of the parameters (and buffers) it owns.
+
+        Ownership splits the bytes evenly over the ranks (``balance_owners``, the same on every rank), and each key
+        is held by exactly one rank, so a rank ends with about 12 bytes x parameters / world size on the CPU, plus
+        one parameter's full tensor on the device at a time while ZeRO assembles it. Parameters are assembled one by
+        one on every rank, in the same order, because the assembly is a collective.
+        """
         self._ensure_optimizer_state()
-        out: dict[str, torch.Tensor] = {}
-        first = param_names(self.model)
         step = self._step_count()
-        for p, names in self._names():
-            weight = self._full(p, None)
-            for name in names:
+        named, buffers = self._names(), self._buffers()
+        sizes = [self._entry_bytes(p) for p, _ in named] + [b.numel() * b.element_size() for _, b in buffers]
+        owners = balance_owners(sizes, self.topology.world_size)
+        mine = [owner == self.topology.rank for owner in owners]
+        out: dict[str, torch.Tensor] = {}
+        for (p, names), keep in zip(named, mine):
+            weight = self._full(p, None, keep)
+            moments = {key: self._full(p, key, keep) for key in MOMENT_KEYS}
+            if not keep:
+                continue
+            for name in names:  # tied weights under each name; write_logical copies the shared storage
                 out[f"model.{name}"] = weight
-            for key in MOMENT_KEYS:
-                out[f"optim.{first[p]}.{key}"] = self._full(p, key)
-            out[f"optim.{first[p]}.step"] = step.clone()
-        for name, buf in self.model.named_buffers():
-            if name in self.model.state_dict():
-                out[f"model.{name}"] = buf.detach().cpu().clone()
+            for key, value in moments.items():
+                out[f"optim.{names[0]}.{key}"] = value
+            out[f"optim.{names[0]}.step"] = step.clone()
+        for (name, buf), keep in zip(buffers, mine[len(named):]):
+            if keep:
+                out[f"model.{name}"] = buf.detach().to("cpu", copy=True)
         return out
 
     def save(self, path: Path) -> None:
-        write_logical(self.logical_state(), path)
+        """Every rank writes only the keys it owns; DCP's planner merges the ranks' different key sets."""
+        write_logical(self.owned_state(), path)
 
     def load(self, path: Path) -> None:
-        state = self.logical_state()  # buffers of the right shapes, filled in place
-        read_logical(state, path)
-        self._load_weights(state)
-        first = param_names(self.model)
-        from deepspeed.utils import safe_set_full_optimizer_state
+        """Read the logical tensors in groups of at most ``load_budget_bytes`` and scatter each group into ZeRO.
 
-        steps = set()
-        for p, _ in self._names():
-            for key in MOMENT_KEYS:
-                value = state[f"optim.{first[p]}.{key}"]
-                if self._managed(p):
-                    safe_set_full_optimizer_state(p, value.to(self.topology.device), key)
-                else:
-                    self.optimizer.state[self._master(p)][key].copy_(value)
-            steps.add(float(state[f"optim.{first[p]}.step"]))
+        ``safe_set_full_*`` takes the full tensor on every rank and keeps that rank's partition, so every rank reads
+        each group whole; a group is dropped before the next is read, so no rank holds the whole model at once.
+        """
+        self._ensure_optimizer_state()
+        named = self._names()
+        steps: set[float] = set()
+        for group in budget_groups([self._entry_bytes(p) for p, _ in named], self.load_budget_bytes):
+            entries = [named[i] for i in group]
+            state: dict[str, torch.Tensor] = {}
+            for p, names in entries:
+                shape = self._shape(p)
+                state[f"model.{names[0]}"] = torch.empty(shape, dtype=torch.float32)
+                for key in MOMENT_KEYS:
+                    state[f"optim.{names[0]}.{key}"] = torch.empty(shape, dtype=torch.float32)
+                state[f"optim.{names[0]}.step"] = torch.zeros((), dtype=torch.float32)
+            read_logical(state, path)
+            for p, names in entries:
+                self._set_full(p, names[0], state)
+                steps.add(float(state[f"optim.{names[0]}.step"]))
+            self._copy_into_module(entries, state)
+        buffers = self._buffers()
+        if buffers:
+            state = {f"model.{name}": torch.empty_like(buf, device="cpu") for name, buf in buffers}
+            read_logical(state, path)
+            for name, buf in buffers:
+                buf.data.copy_(state[f"model.{name}"])
         if len(steps) > 1:
             raise ValueError(f"checkpoint {path} holds different AdamW step counts per parameter: {sorted(steps)}")
         self._set_step_count(steps.pop() if steps else 0.0)
 
-    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the fp32 masters and the module's (possibly bf16, possibly partitioned) weights."""
-        from deepspeed.utils import safe_set_full_fp32_param
+    @torch.no_grad()
+    def _set_full(self, p: nn.Parameter, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Set ``p``'s fp32 master and AdamW moments (this rank's partition of them) from full tensors."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        named = self._names()
-        for p, names in named:
-            value = state[f"model.{names[0]}"]
-            if self._managed(p):
-                safe_set_full_fp32_param(p, value.to(self.topology.device))
-            elif p in self._masters:
-                with torch.no_grad():
-                    self._masters[p].copy_(value.reshape(self._masters[p].shape))
-        if self.stage == 3:
-            import deepspeed
-
-            params = [p for p, _ in named]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                self._copy_into_module(named, state)
-        else:
-            self._copy_into_module(named, state)
-        for name, buf in self.model.named_buffers():
-            if f"model.{name}" in state:
-                buf.data.copy_(state[f"model.{name}"])
+        weight = state[f"model.{name}"]
+        if self._managed(p):
+            dev = self.topology.device
+            safe_set_full_fp32_param(p, weight.to(dev))
+            for key in MOMENT_KEYS:
+                safe_set_full_optimizer_state(p, state[f"optim.{name}.{key}"].to(dev), key)
+            return
+        master = self._master(p)
+        if p in self._masters:  # fp32 ZeRO-0 steps ``p`` itself, which _copy_into_module sets
+            master.copy_(weight.reshape(master.shape))
+        for key in MOMENT_KEYS:
+            self.optimizer.state[master][key].copy_(state[f"optim.{name}.{key}"].reshape(master.shape))
 
     @torch.no_grad()
-    def _copy_into_module(self, named: list[tuple[nn.Parameter, list[str]]], state: dict[str, torch.Tensor]) -> None:
-        for p, names in named:
-            p.data.copy_(state[f"model.{names[0]}"].to(p.device, p.dtype).reshape(p.shape))
+    def _copy_into_module(self, entries: list[tuple[nn.Parameter, list[str]]], state: dict[str, torch.Tensor]) -> None:
+        """Set the module's (possibly bf16, possibly ZeRO-3-partitioned) weights of ``entries`` from full tensors."""
+        gathered = contextlib.nullcontext()
+        if self.stage == 3:  # gather only this group; rank 0's values are scattered back on exit
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p for p, _ in entries], modifier_rank=0)
+        with gathered:
+            for p, names in entries:
+                p.data.copy_(state[f"model.{names[0]}"].to(p.device, p.dtype).reshape(p.shape))
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # fp16 loss scale
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        """DeepSpeed's dynamic fp16 loss-scaler counters (identical on every rank: overflow checks are all-reduced)."""
+        state = loss_scaler_state(self.engine.optimizer)
+        return {"loss_scale": state["cur_scale"], "deepspeed_loss_scaler": state} if state else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        own = state.get("deepspeed_loss_scaler")
+        if own is None and "loss_scale" in state:  # saved by another engine: carry the scale over
+            own = {"cur_scale": state["loss_scale"]}
+        if own:
+            load_loss_scaler_state(self.engine.optimizer, own)
+
+
+LOSS_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _dynamic_scaler(optimizer: Any) -> Any:
+    """The dynamic fp16 loss scaler of a DeepSpeed optimizer, or None (no fp16, or a static scale).
+
+    ZeRO 1-3 keep a ``loss_scaler`` object; ZeRO-0's fp16 optimizers keep the same counters in ``loss_scale_config``.
+    """
+    for attr in ("loss_scaler", "loss_scale_config"):
+        scaler = getattr(optimizer, attr, None)
+        if scaler is not None and (getattr(scaler, "dynamic", False) or getattr(scaler, "dynamic_loss_scale", False)):
+            return scaler
+    return None
+
+
+def loss_scaler_state(optimizer: Any) -> dict[str, Any]:
+    """The scale and the counters that decide when it grows or backs off, as plain numbers; {} without a scaler."""
+    scaler = _dynamic_scaler(optimizer)
+    if scaler is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key in LOSS_SCALER_KEYS:
+        if hasattr(scaler, key):
+            value = getattr(scaler, key)
+            value = value.item() if torch.is_tensor(value) else value
+            out[key] = float(value) if key == "cur_scale" else value
+    return out
+
+
+def load_loss_scaler_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """Set the counters ``loss_scaler_state`` returned on this optimizer's scaler (those it has)."""
+    scaler = _dynamic_scaler(optimizer)
+    if scaler is None:
+        return
+    for key in LOSS_SCALER_KEYS:
+        if key in state and hasattr(scaler, key):
+            setattr(scaler, key, state[key])

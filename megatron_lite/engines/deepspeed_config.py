@@ -6,7 +6,9 @@ rate the engine sets each step), so the JSON has no ``optimizer`` or ``scheduler
 the loss itself, so the engine never does either a second time.
 
 ``parallel.deepspeed_overrides`` is merged last (nested dicts merge key by key) for settings we do not model, such as
-bucket sizes. Keys that would contradict our own sections are refused with a message naming the section to use.
+bucket sizes or the fp16 loss-scale window. Settings our sections own (``OWNED_KEYS``: batch sizes, optimizer,
+schedule, clipping, which precision is enabled, ZeRO stage and offload devices), at any depth, are refused with a
+message naming the config key to use instead.
 """
 
 from __future__ import annotations
@@ -16,14 +18,23 @@ from typing import Any
 
 from megatron_lite.config import Config, ConfigError
 
-# Keys whose value must follow our config; an override could only make DeepSpeed disagree with the data loader,
-# the optimizer or the schedule.
+# Settings whose value must follow our config, as dotted paths into the DeepSpeed JSON. An override could only make
+# DeepSpeed disagree with the data loader, the optimizer, the schedule or the other engines (e.g. clip twice, or scale
+# the loss in a precision the rest of the run does not use). Everything else in the JSON may be overridden.
 OWNED_KEYS = {
     "train_batch_size": "training.global_batch_size",
     "train_micro_batch_size_per_gpu": "training.micro_batch_size",
     "gradient_accumulation_steps": "training.global_batch_size / (micro_batch_size x data-parallel size)",
     "optimizer": "the optimizer section (a client torch AdamW is passed to DeepSpeed)",
     "scheduler": "the schedule section (the engine sets the learning rate each step)",
+    "gradient_clipping": "training.grad_clip",
+    "bf16.enabled": "training.precision",
+    "fp16.enabled": "training.precision",
+    "amp": "training.precision",
+    "torch_autocast": "training.precision",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.offload_param.device": "parallel.offload_params",
+    "zero_optimization.offload_optimizer.device": "parallel.offload_optimizer",
 }
 
 NO_PRINT = 2**31 - 1  # DeepSpeed's own step logging is off: the trainer prints one line per log interval
@@ -66,12 +77,26 @@ def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[st
         # (faster for large models, but a C++ op compiled on first use); we keep one optimizer for every engine.
         ds["zero_force_ds_cpu_optimizer"] = False
     overrides = par.deepspeed_overrides or {}
-    for key in overrides:
-        if key in OWNED_KEYS:
-            raise ConfigError(
-                f"parallel.deepspeed_overrides.{key} is set from our config; use {OWNED_KEYS[key]} instead"
-            )
+    check_overrides(overrides)
     return merge(ds, overrides), copy.deepcopy(overrides)
+
+
+def check_overrides(overrides: dict[str, Any], prefix: str = "") -> None:
+    """Refuse an override of an owned setting, or of a whole section that holds one, naming our key to use instead."""
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if path in OWNED_KEYS:
+            raise ConfigError(
+                f"parallel.deepspeed_overrides.{path} is set from our config; use {OWNED_KEYS[path]} instead"
+            )
+        owned_inside = [k for k in OWNED_KEYS if k.startswith(path + ".")]
+        if isinstance(value, dict):
+            check_overrides(value, path + ".")
+        elif owned_inside:  # a non-mapping replaces the whole section, owned settings included
+            raise ConfigError(
+                f"parallel.deepspeed_overrides.{path}={value!r} would replace {owned_inside[0]}, which is set from "
+                f"our config; use {OWNED_KEYS[owned_inside[0]]} for it and give {path} as a mapping of other keys"
+            )
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

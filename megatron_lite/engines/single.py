@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,23 @@ class SingleEngine(Engine):
         finally:
             self.module.train()
         return all_reduce_mean(total / max(len(microbatches), 1), self.topology, self.topology.device)
+
+    def extra_state(self) -> dict[str, Any]:
+        """The GradScaler's scale and growth tracker (fp16): without them a resumed run restarts at 2**16 and skips
+        steps until it has backed off again. The same on every rank, since it only sees all-reduced gradients."""
+        if self.scaler is None:
+            return {}
+        state = self.scaler.state_dict()
+        return {"loss_scale": float(state["scale"]), "grad_scaler": state}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.scaler is None:
+            return
+        if "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        elif "loss_scale" in state:  # saved by another engine: carry the scale over, restart the growth count
+            carried = {**self.scaler.state_dict(), "scale": state["loss_scale"], "_growth_tracker": 0}
+            self.scaler.load_state_dict(carried)
 
     def logical_state(self) -> dict[str, torch.Tensor]:
         return {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer)}

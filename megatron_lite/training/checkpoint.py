@@ -6,7 +6,8 @@ Layout of one checkpoint (see docs/formats.md)::
       latest                      the name of the newest complete checkpoint, e.g. "step_00000100"
       step_00000100/
         *.safetensors             logical model and optimizer tensors (engines/base.py), sharded by writer rank
-        meta.json                 format version, step, global samples consumed, layout it was saved from, trainer state
+        meta.json                 format version, step, global samples consumed, layout it was saved from,
+                                  trainer state, engine state (``Engine.extra_state``: e.g. the fp16 loss scale)
         config.yaml               the resolved config
         rng/rank_00000.json       each rank's RNG states (torch, CUDA, numpy, python) as plain JSON
 
@@ -95,6 +96,7 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier(topo)
     engine.save(tmp)
+    engine_state = engine.extra_state()
     (tmp / "rng").mkdir(exist_ok=True)
     (tmp / "rng" / f"rank_{topo.rank:05d}.json").write_text(json.dumps(rng_state()))
     _barrier(topo)
@@ -105,6 +107,7 @@ def save_checkpoint(
             "consumed_samples": int(trainer_state["consumed_samples"]),
             "saved_layout": {"world_size": topo.world_size, "pp": topo.pp, "dp": topo.dp, "tp": topo.tp},
             "trainer_state": trainer_state,
+            "engine_state": engine_state,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / "config.yaml").write_text(config.to_yaml())
@@ -152,6 +155,7 @@ def load_checkpoint(path: Path, engine: Engine) -> dict[str, Any]:
     """Load tensors (any saved layout) and this rank's RNG state; return the checkpoint's meta."""
     meta = read_meta(path)
     engine.load(path)
+    engine.load_extra_state(meta.get("engine_state", {}))  # absent in checkpoints written before it existed
     rng_file = path / "rng" / f"rank_{engine.topology.rank:05d}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))

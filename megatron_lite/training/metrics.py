@@ -3,6 +3,10 @@
 MFU = achieved model FLOP/s / peak FLOP/s, where achieved FLOP/s = tokens/s x FLOPs per token from
 ``megatron_lite.planning.flops.training_flops_per_token`` (PaLM's 6N + 12·L·H·Q·T, the same formula ``tools/plan.py``
 prints) and the peak comes from ``logging.peak_flops`` or the per-device table in ``megatron_lite.planning.hardware``.
+
+With several ranks, tokens/s, the data-wait share and peak memory use the maximum over ranks of the window time, the
+time spent waiting for data and the peak memory (one all-reduce per log interval); the loss is already averaged over
+data-parallel ranks by the engine. Rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.config import Config, LoggingConfig
 
@@ -24,6 +29,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_over_ranks(values: list[float], device: torch.device, distributed: bool) -> list[float]:
+    """Each value's maximum over all ranks (window time, data wait, peak memory), in one all-reduce.
+
+    Rank 0's own numbers would hide a slower rank: the step is only as fast as the slowest one.
+    """
+    if not distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def device_peak_flops(cfg: LoggingConfig, device: torch.device, precision: str) -> float | None:

@@ -22,7 +22,13 @@ from megatron_lite.models import build_model
 from megatron_lite.topology import Topology
 from megatron_lite.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megatron_lite.training.loss import make_forward_loss
-from megatron_lite.training.metrics import MetricsLogger, device_peak_flops, format_train_line, peak_memory_bytes
+from megatron_lite.training.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    format_train_line,
+    max_over_ranks,
+    peak_memory_bytes,
+)
 from megatron_lite.training.schedules import lr_at
 
 
@@ -221,7 +227,11 @@ class Trainer:
             result.losses.append(metrics.loss)
             result.steps.append(self.step)
             if self.step % cfg.logging.log_interval == 0 or self.step == t.train_steps:
-                tps = window_steps * tokens_per_step / window_time
+                # the slowest rank sets the pace of a synchronous step: one all-reduce per log interval, not per step
+                slowest, waited, memory = max_over_ranks(
+                    [window_time, window_wait, float(peak_memory_bytes(topo.device))], topo.device, topo.is_distributed
+                )
+                tps = window_steps * tokens_per_step / slowest
                 achieved = tps * self.flops_per_token / topo.world_size
                 record = {
                     "step": self.step,
@@ -229,9 +239,10 @@ class Trainer:
                     "lr": metrics.lr,
                     "grad_norm": metrics.grad_norm,
                     "tokens_per_s": tps,
+                    "step_time_s": slowest / window_steps,
                     "mfu": achieved / self.peak_flops if self.peak_flops else None,
-                    "memory_gib": peak_memory_bytes(topo.device) / 2**30,
-                    "data_wait": window_wait / window_time,
+                    "memory_gib": memory / 2**30,
+                    "data_wait": waited / slowest,
                     "consumed_samples": self.consumed_samples,
                     "skipped": metrics.skipped,
                 }

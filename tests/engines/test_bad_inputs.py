@@ -57,9 +57,24 @@ def test_zero_with_pipeline_points_to_fsdp():
     _check(["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.pp=2"], _topology(4, pp=2))
 
 
-def test_zero_stage_pp_stage1_is_accepted():
-    cfg = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.pp=2"])
-    assert engine_name(cfg, _topology(4, pp=2)) == "deepspeed"
+@pytest.mark.parametrize("engine", ["auto", "ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize(
+    "tp, pp, expected",
+    [
+        (2, 1, "parallel.tp=2: tensor parallelism is not available yet; set parallel.tp=1"),
+        (1, 2, "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"),
+        (2, 2, "parallel.tp=2: tensor parallelism is not available yet; set parallel.tp=1"),
+    ],
+)
+def test_tensor_and_pipeline_parallelism_are_refused_until_they_exist(engine, tp, pp, expected):
+    """Without TP/PP every rank would run the whole model and match single trivially: refuse rather than pretend."""
+    overrides = [f"parallel.engine={engine}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    assert _check(overrides, _topology(2 * tp * pp, pp=pp, tp=tp)) == expected
+
+
+def test_zero1_with_pipeline_gets_the_generic_refusal():
+    message = _check(["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.pp=2"], _topology(4, pp=2))
+    assert message == "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"
 
 
 def test_fsdp_offload_on_cpu_is_refused():
@@ -106,6 +121,25 @@ def test_entry_point_prints_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: parallel.zero_stage=2 needs parallel.engine=deepspeed"), err
+
+
+def test_entry_point_prints_config_errors_on_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Under a launcher every rank fails the same way: one copy of the line, exit code 2 on every rank."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pretrain", Path(__file__).parents[2] / "launch" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"logging:\n  run_dir: {tmp_path}/run\n  wandb_mode: disabled\n")
+    printed = {}
+    for rank in ("0", "1", "3"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert pretrain.main(["--config", str(config), "parallel.zero_stage=2"]) == 2
+        printed[rank] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(printed["0"]) == 1 and printed["1"] == printed["3"] == [], printed
 
 
 def test_deepspeed_fp16_on_cpu_is_refused():

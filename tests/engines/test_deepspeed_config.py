@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from megatron_lite.config import load_config
+import pytest
+
+from megatron_lite.config import ConfigError, load_config
 from megatron_lite.engines.deepspeed_config import deepspeed_config, merge
 
 
@@ -54,3 +56,40 @@ def test_merge_is_deep_and_does_not_mutate():
     out = merge(base, {"a": {"b": 5}, "d": {"x": 1}})
     assert out == {"a": {"b": 5, "c": 2}, "d": {"x": 1}}
     assert base == {"a": {"b": 1, "c": 2}, "d": 3}
+
+
+@pytest.mark.parametrize(
+    "override, key, use",
+    [
+        ("{gradient_clipping: 0.0}", "gradient_clipping", "training.grad_clip"),
+        ("{bf16: {enabled: true}}", "bf16.enabled", "training.precision"),
+        ("{fp16: {enabled: true, loss_scale_window: 100}}", "fp16.enabled", "training.precision"),
+        ("{bf16: true}", "bf16", "training.precision"),  # a non-mapping replaces the section, 'enabled' included
+        ("{zero_optimization: {stage: 3}}", "zero_optimization.stage", "parallel.zero_stage"),
+        ("{zero_optimization: {offload_param: {device: cpu}}}", "zero_optimization.offload_param.device",
+         "parallel.offload_params"),
+        ("{zero_optimization: {offload_optimizer: {device: cpu}}}", "zero_optimization.offload_optimizer.device",
+         "parallel.offload_optimizer"),
+        ("{zero_optimization: {offload_optimizer: none}}", "zero_optimization.offload_optimizer",
+         "parallel.offload_optimizer"),
+        ("{optimizer: {type: Adam}}", "optimizer", "the optimizer section"),
+    ],
+)
+def test_overrides_cannot_reset_settings_we_own(override, key, use):
+    with pytest.raises(ConfigError) as info:
+        _ds("parallel.zero_stage=1", f"parallel.deepspeed_overrides={override}")
+    message = str(info.value)
+    assert message.startswith(f"parallel.deepspeed_overrides.{key}") and use in message, message
+    assert "\n" not in message
+
+
+def test_overrides_of_settings_we_do_not_model_are_allowed():
+    ds, _ = _ds(
+        "parallel.zero_stage=3",
+        "parallel.offload_params=true",
+        "parallel.deepspeed_overrides={fp16: {loss_scale_window: 100}, bf16: {immediate_grad_update: true}, "
+        "zero_optimization: {reduce_bucket_size: 1000, offload_param: {pin_memory: true}}}",
+    )
+    assert ds["fp16"]["loss_scale_window"] == 100 and ds["bf16"]["immediate_grad_update"] is True
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0

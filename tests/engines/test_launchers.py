@@ -20,7 +20,8 @@ def _launch(launcher: list[str], tiny_config: str, run_dir: Path, *overrides: st
            f"logging.run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "done: step 2" in proc.stdout
+    assert proc.stdout.count("done: step 2") == 1, proc.stdout[-3000:]  # rank 0 alone prints
+    assert proc.stdout.count("step      1/2 | loss") == 1, proc.stdout[-3000:]
     assert (run_dir / "checkpoints" / "step_00000002" / "meta.json").is_file()
     meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert meta["saved_layout"]["world_size"] == 2

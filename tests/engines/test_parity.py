@@ -60,3 +60,40 @@ def test_bf16_layouts_stay_close(tiny_config):
     assert not report.errors, report.errors
     assert report.max_abs_diff("ddp2") < 1e-5  # the same autocast arithmetic as one process
     assert report.failures(2e-2) == [], report.table()
+
+
+def test_zero0_and_fsdp_without_resharding_match_single(tiny_config):
+    """ZeRO stage 0 (DeepSpeed's plain data parallelism) and FSDP keeping gathered weights after forward.
+
+    ``reshard_after_forward`` only concerns FSDP; the other layouts of this comparison ignore it.
+    """
+    overrides = ["parallel.reshard_after_forward=false"]
+    report = compare_layouts(tiny_config, ["zero0", "fsdp2"], steps=2, overrides=overrides)
+    assert not report.errors, report.errors
+    assert report.failures(TOLERANCE) == [], report.table()
+
+
+def test_fsdp_wraps_each_block_as_its_own_unit(tiny_config):
+    """Each block of model.layers is an FSDP unit (one block's full weights at a time), and the root is one too."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from megatron_lite.config import load_config
+    from megatron_lite.engines.fsdp import FSDPEngine
+    from megatron_lite.models import build_model
+    from megatron_lite.topology import Topology
+    from megatron_lite.training.loss import make_forward_loss
+
+    cfg = load_config(tiny_config, ["parallel.engine=fsdp"])
+    try:
+        engine = FSDPEngine(cfg, build_model(cfg.model, device="cpu"), Topology(device=torch.device("cpu")),
+                            make_forward_loss(0.0, cfg.model.vocab_size))
+        blocks = list(engine.model.layers)
+        assert len(blocks) == cfg.model.num_layers
+        assert all(isinstance(block, FSDPModule) for block in blocks)
+        assert isinstance(engine.model, FSDPModule)
+        assert not isinstance(engine.model.embed, FSDPModule)  # the embedding belongs to the root unit
+    finally:  # the one-rank process group must not leak into ranks forked by later tests
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -55,7 +55,9 @@ def _resume(tiny_config, layout: str, ckpt: Path, tmp_path: Path) -> list[float]
     ).losses
 
 
-@pytest.mark.parametrize("layout", ["single", "ddp2", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "hsdp2x2"])
+@pytest.mark.parametrize(
+    "layout", ["single", "ddp2", "zero0", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "hsdp2x2"]
+)
 def test_resume_same_layout_continues_exactly(layout, runs, tiny_config, tmp_path):
     losses, ckpt = runs(layout)
     assert len(losses) == STEPS
@@ -82,7 +84,7 @@ def test_resume_across_engines_and_world_sizes(saved, resumed_as, runs, tiny_con
     assert len(resumed) == STEPS - SAVE_AT and max(diffs) < TOLERANCE, (resumed, reference)
 
 
-@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "fsdp2"])
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "fsdp2"])
 def test_checkpoints_are_layout_free(layout, runs):
     """Same logical names and full shapes as one process, same values within 1e-5, AdamW step included."""
     reference = _tensors(runs("single")[1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from .conftest import checkpoint_tensors, tiny_config
-from megatron_lite.training.trainer import train
+from megatron_lite.training.trainer import Trainer, train
 
 
 class Crash(RuntimeError):
@@ -70,3 +70,19 @@ def test_checkpoint_load_starts_a_new_run_from_a_given_checkpoint(tmp_path, corp
     dst = train(cfg, log=lines.append)
     assert dst.steps == [3, 4]
     assert any(line.startswith("resumed from") and str(src.checkpoint) in line for line in lines)
+
+
+def test_fp16_loss_scale_survives_resume(tmp_path, corpus) -> None:
+    """The GradScaler's scale and growth tracker come back: a fresh scaler would restart at 2**16 and re-skip steps."""
+    args = ("training.precision=fp16", "checkpoint.interval=2")
+    trainer = Trainer(tiny_config(tmp_path / "run", corpus, "training.train_steps=2", *args), log=lambda _: None)
+    # start far too high so that the scale backs off to a value no fresh scaler has
+    trainer.engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    trainer.run()
+    saved = trainer.engine.scaler.state_dict()
+    assert saved["scale"] not in (2.0**16, 2.0**40)
+
+    resumed = Trainer(tiny_config(tmp_path / "run", corpus, "training.train_steps=3", *args), log=lambda _: None)
+    assert resumed.step == 2
+    assert resumed.engine.scaler.state_dict() == saved
+    assert resumed.run().steps == [3]
