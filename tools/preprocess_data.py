@@ -7,20 +7,29 @@ import argparse
 import sys
 
 from megatron_lite.data.errors import run_cli
+from megatron_lite.data.hf_datasets import quiet_datasets_logs
 from megatron_lite.data.preprocess import preprocess
 
 EPILOG = """\
-input formats (by extension):
-  .jsonl .ndjson .json   one JSON object per line (or one JSON array); the document is the value of --json-key
-  .parquet               the column named by --json-key
-  .csv .arrow            read through HF datasets, column --json-key
+input formats (by extension; docs/formats.md, "Input formats", has the details):
+  .jsonl .ndjson .json   one JSON object per line (or one JSON array); the document is the value of --json-key;
+                         errors name the line, --skip-bad-records counts and skips bad records instead
+  .parquet .csv .arrow   the column named by --json-key (csv: with a header row; arrow: IPC, as HF datasets writes)
   anything else          UTF-8 text; by default each block of lines separated by blank lines is one document
                          (--text-document block); --text-document file makes each whole file one document
-  --dataset NAME         any dataset HF datasets can load (streamed), with --split and --json-key
-  .gz on a text or JSON-lines file is decompressed on the fly
+  --dataset NAME         a dataset HF datasets can load (a Hub name, a local directory of data files, or a directory
+                         written by save_to_disk), with --split and --json-key
+  .gz on a text, JSON-lines or CSV file is decompressed on the fly
 
+tokenizer: a tokenizers JSON file, or a directory holding tokenizer.json (train_tokenizer.py or save_pretrained
+output; the eos/pad names in tokenizer_config.json are used). Slow-only tokenizers (vocab.json + merges.txt, *.model)
+are refused.
+The .bin dtype is uint16 when the largest token id + 1 is under 65,500, else int32.
+
+The progress bar counts bytes of the input files (records for --dataset); a streamed dataset of unknown size shows
+no ETA.
 The output is written under a temporary name and renamed at the end; it is byte-identical for any --workers.
-Existing output is never replaced without --overwrite.
+Existing output is never replaced without --overwrite, and is kept if the run fails.
 """
 
 
@@ -28,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("input")
     src.add_argument("--input", nargs="+", metavar="FILE", help="corpus files or directories, read in this order")
-    src.add_argument("--dataset", metavar="NAME", help="an HF datasets name or local dataset directory, instead of --input")
+    src.add_argument("--dataset", metavar="NAME", help="an HF datasets name, a local directory of data files, or a save_to_disk directory, "
+                          "instead of --input")
     src.add_argument("--split", default="train", help="split of --dataset (default: train)")
     src.add_argument("--json-key", default="text", help="record key / column holding the text (default: text)")
     src.add_argument("--text-document", choices=["block", "file"], default="block",
@@ -54,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.dataset:
+        quiet_datasets_logs()
     preprocess(a.input, a.tokenizer, a.output_prefix, workers=a.workers, append_eod=a.append_eod,
                overwrite=a.overwrite, skip_bad_records=a.skip_bad_records, json_key=a.json_key,
                text_mode=a.text_document, dataset=a.dataset, split=a.split, progress=not a.no_progress)

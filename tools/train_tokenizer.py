@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from megatron_lite.data.errors import DataError, run_cli
+from megatron_lite.data.hf_datasets import quiet_datasets_logs
 from megatron_lite.data.sources import SourceStats, iter_documents
 from megatron_lite.data.tokenizer import EOD_TOKEN, PAD_TOKEN, SENTINEL_FORMAT
 
@@ -35,7 +36,7 @@ def train(docs, vocab_size: int, sentinels: int = 0, min_frequency: int = 2):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="FILE", help="corpus files (formats as for preprocess_data.py)")
-    p.add_argument("--dataset", metavar="NAME", help="an HF datasets name instead of --input")
+    p.add_argument("--dataset", metavar="NAME", help="an HF datasets name or local dataset directory instead of --input")
     p.add_argument("--split", default="train")
     p.add_argument("--json-key", default="text")
     p.add_argument("--text-document", choices=["block", "file"], default="block")
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.input and not a.dataset:
         p.error("one of --input or --dataset is required")
+    if a.dataset:
+        quiet_datasets_logs()
     specials = 2 + a.sentinels
     if a.vocab_size < 256 + specials:
         raise DataError(f"--vocab-size {a.vocab_size} is too small (a byte-level BPE needs at least {256 + specials} "

@@ -1,8 +1,10 @@
 """On-disk cache of index arrays, built per node and published atomically.
 
 Each entry is a directory ``NAME-KEY/`` holding ``.npy`` files and ``meta.json``. A builder writes a private temporary
-directory and renames it into place; if another process on the node won the race, its entry is used and ours dropped.
-No shared filesystem is assumed: every node builds (or finds) its own copy, and the result is the same everywhere.
+directory and renames it into place with one ``os.replace``; if another builder won the race, its entry is used and ours
+dropped, so concurrent builders (processes on one node, or nodes sharing the directory) never leave a partial entry.
+No shared filesystem is assumed: each node builds or reads its own cache under the configured directory, and the
+result is the same everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ CACHE_ENV = "MEGATRON_LITE_CACHE"
 
 
 def default_cache_dir() -> Path:
-    """``$MEGATRON_LITE_CACHE`` if set, else ``~/.cache/megatron_lite/index`` (node-local)."""
+    """``$MEGATRON_LITE_CACHE`` if set, else ``~/.cache/megatron_lite/index`` (``data.cache_dir`` overrides both)."""
     env = os.environ.get(CACHE_ENV)
     return Path(env) if env else Path.home() / ".cache" / "megatron_lite" / "index"
 

@@ -8,6 +8,12 @@ class DataError(ValueError):
     """
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first message line (library messages can run to pages), or its type name when it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def run_cli(main, argv=None) -> int:
     """Run a tool's ``main``; a :class:`DataError` becomes ``error: ...`` on stderr and exit status 2."""
     import sys

@@ -21,6 +21,7 @@ See ``docs/formats.md`` for worked examples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -67,10 +68,13 @@ class DType:
 
     @staticmethod
     def for_vocab(vocab_size: int) -> np.dtype:
-        """uint16 while every id fits with room to spare (vocab < 65,500), else int32."""
+        """uint16 while every id fits with room to spare (largest id + 1 under 65,500), else int32.
+
+        ``vocab_size`` is the id range, largest id + 1 (not the number of entries, which ids with gaps exceed).
+        """
         if vocab_size < 65_500:
             return np.dtype(np.uint16)
-        if vocab_size <= np.iinfo(np.int32).max:
+        if vocab_size - 1 <= np.iinfo(np.int32).max:
             return np.dtype(np.int32)
         raise DataError(f"vocabulary size {vocab_size} is too large for int32 token ids")
 
@@ -96,7 +100,8 @@ class IndexedDatasetWriter:
     """Append documents, then :meth:`finalize` writes the index and renames both files into place.
 
     Output goes to temporary names beside the target; until ``finalize`` succeeds the target prefix is untouched, and a
-    failure (or leaving the ``with`` block by an exception) removes the temporaries. Memory grows by 12 bytes per document.
+    failure (or leaving the ``with`` block by an exception) removes the temporaries. Memory grows by 16 bytes per
+    document (an int64 length and an int64 document start) until ``finalize``.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type = np.uint16, overwrite: bool = False,
@@ -113,6 +118,7 @@ class IndexedDatasetWriter:
         tag = f".tmp-{os.getpid()}"
         self._tmp_bin = Path(f"{self.prefix}.bin{tag}")
         self._tmp_idx = Path(f"{self.prefix}.idx{tag}")
+        self._old = f"{self.prefix}.old-{os.getpid()}"  # where replaced output waits until the new pair is in place
         self._bin = open(self._tmp_bin, "wb")
         self._lengths = array("q")  # per sequence
         self._doc_starts = array("q", [0])  # sequence index where each document starts
@@ -161,8 +167,7 @@ class IndexedDatasetWriter:
         del other
 
     def finalize(self) -> None:
-        """Write the index, then move ``.bin`` and ``.idx`` into place (the ``.idx`` last, so readers never see a pair
-        whose index points past its data)."""
+        """Write the index, then move ``.bin`` and ``.idx`` into place with :func:`publish_pair`."""
         self._bin.close()
         lengths = np.frombuffer(self._lengths, dtype=np.int64)
         if lengths.size and lengths.max() > np.iinfo(np.int32).max:
@@ -183,8 +188,13 @@ class IndexedDatasetWriter:
             except DataError:
                 self.abort()
                 raise
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
+        try:
+            publish_pair(self._tmp_bin, self._tmp_idx, self.prefix, self._old)
+        except OSError as e:
+            self.abort()
+            kept = self._old if idx_path(self._old).exists() or bin_path(self._old).exists() else self.prefix
+            raise DataError(f"{self.prefix}: could not move the new .bin/.idx into place ({e}); no new output was "
+                            f"written, the previous output (if any) is at {kept}.bin/.idx") from None
         self._closed = True
 
     def abort(self) -> None:
@@ -204,6 +214,38 @@ class IndexedDatasetWriter:
                 self.finalize()
             else:
                 self.abort()
+
+
+def publish_pair(new_bin: Path, new_idx: Path, prefix: str, old_prefix: str) -> None:
+    """Rename a complete new pair onto ``prefix`` so that no reader sees a mismatched pair and no crash loses both.
+
+    The old ``.idx`` moves aside first (to ``old_prefix.idx``), then the old ``.bin`` (to ``old_prefix.bin``): from
+    then until the new ``.idx`` lands there is no ``PREFIX.idx``, so readers get "file not found", never an old index
+    over new data. The new ``.bin`` goes in before the new ``.idx`` for the same reason. The old files are deleted
+    only once the new pair is complete; if the process dies in between they are still there, under ``old_prefix``
+    (the ``.bin`` possibly not yet moved from ``prefix``). On an error here the old pair is put back before re-raising.
+    """
+    targets = [(idx_path(prefix), idx_path(old_prefix)), (bin_path(prefix), bin_path(old_prefix))]
+    moved: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, aside in targets:
+            if path.exists():
+                os.replace(path, aside)
+                moved.append((path, aside))
+        for new, final in ((new_bin, bin_path(prefix)), (new_idx, idx_path(prefix))):
+            os.replace(new, final)
+            placed.append(final)
+    except OSError:
+        if len(placed) < 2:  # the new pair is not complete: undo, so the old output is where it was
+            for final in placed:
+                final.unlink(missing_ok=True)
+            for path, aside in reversed(moved):
+                os.replace(aside, path)
+        raise
+    for _, aside in moved:  # best effort: the new pair is complete, a leftover old copy harms nothing
+        with contextlib.suppress(OSError):
+            aside.unlink()
 
 
 class IndexedDataset:
@@ -249,6 +291,10 @@ class IndexedDataset:
         if int(self.document_indices[0]) != 0 or int(self.document_indices[-1]) != n_seq:
             raise DataError(f"{ip}: document index runs {int(self.document_indices[0])}..{int(self.document_indices[-1])}"
                             f" (expected 0..{n_seq})")
+        if bin_size % self.dtype.itemsize:
+            raise DataError(f"{bp}: size {bin_size} bytes is not a multiple of {self.dtype.itemsize}, the size of "
+                            f"{self.dtype.name} given in {ip} (expected whole token ids; truncated, or a dtype "
+                            f"mismatch)")
         self._bin = np.memmap(bp, mode="r", dtype=self.dtype) if bin_size else np.zeros(0, self.dtype)
         self._itemsize = self.dtype.itemsize
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import DataError
 from .indexed import DType, IndexedDatasetWriter, check_can_write
-from .sources import SourceStats, expand_inputs, iter_documents
+from .progress import PreprocessProgress
+from .sources import SourceStats, iter_documents
 from .tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # about 1 MB of text per task: big enough to amortize IPC, small enough to bound memory
@@ -67,30 +68,37 @@ def _encode_chunk(texts: list[str], tok: Tokenizer | None = None, append_eod: bo
         for x in ids:
             x.append(tok.eod_id)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    except OverflowError:  # numpy refuses an id outside the dtype; find it and say which
+        info = np.iinfo(dtype)
+        bad = next(i for x in ids for i in x if not info.min <= i <= info.max)
+        raise DataError(f"{tok.file}: token id {bad} does not fit the output dtype {dtype.name} (expected ids "
+                        f"{info.min}..{info.max}; the dtype was chosen from the vocabulary's largest id)") from None
     return flat, lengths
 
 
-def _chunks(docs: Iterable[str]) -> Iterator[tuple[list[str], int]]:
+def token_dtype(tok: Tokenizer) -> np.dtype:
+    """The ``.bin`` dtype for every id the tokenizer has: chosen from the largest id + 1, not the number of entries,
+    since ids may have gaps and added tokens may sit far above the base vocabulary."""
+    if tok.max_id > np.iinfo(np.int32).max:
+        raise DataError(f"{tok.file}: token id {tok.max_id} ({tok.max_token!r}) does not fit int32, the widest token "
+                        f"dtype (expected ids up to {np.iinfo(np.int32).max:,})")
+    return DType.for_vocab(tok.max_id + 1)
+
+
+def _chunks(docs: Iterable[str], stats: SourceStats) -> Iterator[tuple[list[str], int]]:
+    """Documents in chunks, each with how far the reading had got when it was cut (for the progress bar)."""
     buf: list[str] = []
     chars = 0
     for d in docs:
         buf.append(d)
         chars += len(d)
         if chars >= CHUNK_CHARS or len(buf) >= CHUNK_DOCS:
-            yield buf, chars
+            yield buf, stats.done
             buf, chars = [], 0
     if buf:
-        yield buf, chars
-
-
-def _progress(total_chars: int | None, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total_chars, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
+        yield buf, stats.done
 
 
 def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, workers: int = 1,
@@ -100,50 +108,45 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
     """Write ``output_prefix.bin/.idx`` from the inputs; see ``tools/preprocess_data.py --help``."""
     check_can_write(output_prefix, overwrite)
     tok = load_tokenizer(tokenizer)
-    dtype = DType.for_vocab(tok.vocab_size)
-    total = None if dataset else sum(p.stat().st_size for p in expand_inputs(inputs or []))
+    dtype = token_dtype(tok)
     stats = SourceStats()
     docs = iter_documents(inputs, json_key=json_key, text_mode=text_mode, skip_bad_records=skip_bad_records,
                           stats=stats, dataset=dataset, split=split)
-    bar = _progress(total, progress)
+    bar = PreprocessProgress(stats.total, stats.unit, enabled=progress)
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
 
-    def emit(w: IndexedDatasetWriter, flat: np.ndarray, lengths: np.ndarray, chars: int) -> None:
+    def emit(w: IndexedDatasetWriter, flat: np.ndarray, lengths: np.ndarray, done: int) -> None:
         nonlocal n_docs, n_tokens
         w.add_packed(flat, lengths)
         n_docs += lengths.size
         n_tokens += flat.size
-        if bar is not None:
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{n_docs / dt:,.0f} docs/s, {n_tokens / dt:,.0f} tok/s", refresh=False)
-            bar.update(chars)
+        bar.update(done, n_docs, n_tokens)
 
+    ok = False
     try:
-        with IndexedDatasetWriter(output_prefix, dtype, overwrite=overwrite, vocab_size=tok.vocab_size) as w:
+        with IndexedDatasetWriter(output_prefix, dtype, overwrite=overwrite, vocab_size=tok.max_id + 1) as w:
             if workers <= 1:
-                for texts, chars in _chunks(docs):
-                    emit(w, *_encode_chunk(texts, tok, append_eod, dtype), chars)
+                for texts, done in _chunks(docs, stats):
+                    emit(w, *_encode_chunk(texts, tok, append_eod, dtype), done)
             else:
                 ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
                 with ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str)) as pool:
                     pending: deque = deque()
-                    for texts, chars in _chunks(docs):
-                        pending.append((pool.apply_async(_encode_chunk, (texts,)), chars))
+                    for texts, done in _chunks(docs, stats):
+                        pending.append((pool.apply_async(_encode_chunk, (texts,)), done))
                         while len(pending) > 2 * workers:
-                            res, c = pending.popleft()
-                            emit(w, *res.get(), c)
+                            res, d = pending.popleft()
+                            emit(w, *res.get(), d)
                     while pending:
-                        res, c = pending.popleft()
-                        emit(w, *res.get(), c)
+                        res, d = pending.popleft()
+                        emit(w, *res.get(), d)
             if n_docs == 0:
                 where = f"dataset '{dataset}'" if dataset else ", ".join(map(str, inputs or []))
                 raise DataError(f"{where}: no documents found (expected non-empty text under key '{json_key}')")
+        ok = True
     finally:
-        if bar is not None:
-            if total:
-                bar.n = total
-            bar.close()
+        bar.close(keep=ok)
     summary = PreprocessSummary(n_docs, n_tokens, stats.skipped, time.perf_counter() - t0)
     log(summary.line(output_prefix))
     return summary

@@ -1,40 +1,37 @@
-"""Stream raw documents out of corpus files, one string at a time, with errors that name the file and line.
+"""Stream raw documents out of corpus files or an HF dataset, one string at a time, with errors that name the file.
 
-Formats, chosen by file extension:
+Formats, chosen by file extension (see ``docs/formats.md``, "Input formats"):
 
-* ``.jsonl`` / ``.ndjson`` / ``.json`` (JSON lines; a ``.json`` file starting with ``[`` is read as one array): the
-  value under ``json_key`` of each record is one document.
-* ``.parquet``: the column ``json_key`` is read in record batches; each row is one document.
-* ``.csv`` / ``.arrow``: read through HF ``datasets`` in streaming mode, column ``json_key``.
-* anything else is plain UTF-8 text. ``text_mode="block"`` (the default) makes each block of lines separated by one or
+* ``.jsonl`` / ``.ndjson`` / ``.json``: JSON lines (a file starting with ``[`` is one JSON array); the value under
+  ``json_key`` of each record is one document. Errors name the line.
+* ``.parquet``, ``.csv`` (with a header row), ``.arrow`` (Arrow IPC, as HF ``datasets`` writes): column ``json_key``.
+* anything else is UTF-8 text. ``text_mode="block"`` (the default) makes each block of lines separated by one or
   more blank lines a document; ``text_mode="file"`` makes the whole file one document.
-* ``dataset=NAME`` (with ``split``) streams any dataset HF ``datasets`` can load instead of files.
+* ``dataset=NAME`` (with ``split``) reads a dataset through HF ``datasets`` instead of files.
 
-A ``.gz`` suffix on a text or JSON-lines file is decompressed on the fly. Nothing is read whole except a ``.json`` array.
+A ``.gz`` suffix on a text, JSON-lines or CSV file is decompressed on the fly. A file that cannot be read as its name
+says becomes one :class:`DataError` line naming the file and what was expected, never a traceback.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import os
-from dataclasses import dataclass
+import sys
+import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .errors import DataError
+from .errors import DataError, first_line
+from .fileio import is_gzip_name
+from .hf_datasets import dataset_documents, open_dataset
+from .readers import arrow_docs, csv_docs, json_docs, parquet_docs, text_docs
+from .records import RecordPolicy, SourceStats
+
+__all__ = ["SourceStats", "expand_inputs", "iter_documents"]
 
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
-DATASETS_SUFFIXES = {".csv": "csv", ".arrow": "arrow"}
-
-
-@dataclass
-class SourceStats:
-    """Counts a caller can report: documents yielded and bad records skipped."""
-
-    documents: int = 0
-    skipped: int = 0
+COLUMNAR = {".parquet": (parquet_docs, "a parquet file"), ".csv": (csv_docs, "a CSV file with a header row"),
+            ".arrow": (arrow_docs, "an Arrow IPC stream or file")}
+NOT_GZIPPED = {".parquet", ".arrow"}  # compressed inside already; a .gz around them is refused up front
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -56,163 +53,90 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for p in files:
         if p.stat().st_size == 0:
             raise DataError(f"{p}: input file is empty (expected at least one document)")
+        if is_gzip_name(p) and _suffix(p) in NOT_GZIPPED:
+            raise DataError(f"{p}: a gzip-compressed {_suffix(p)} file is not read (expected it uncompressed; the "
+                            f"format compresses internally)")
     return files
 
 
 def _suffix(p: Path) -> str:
+    """The format suffix, looking through a trailing ``.gz``."""
     s = p.suffixes
-    if s and s[-1] == ".gz" and len(s) > 1:
+    if s and s[-1].lower() == ".gz" and len(s) > 1:
         return s[-2].lower()
     return p.suffix.lower()
 
 
-def _open_text(p: Path) -> io.TextIOBase:
-    if p.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", errors="replace")
-    return open(p, encoding="utf-8", errors="replace")
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a reader raises when a file's content is not what its name says. pyarrow's exception base is added only
+    once pyarrow is loaded, since nothing else can raise it (and a JSON-lines run should not pay for the import)."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zlib.error)
+    pa = sys.modules.get("pyarrow")
+    return (errors + (pa.ArrowException,)) if pa is not None else errors
 
 
-class _Records:
-    """Shared bad-record policy: raise with file and position, or count and skip."""
-
-    def __init__(self, key: str, skip_bad: bool, stats: SourceStats) -> None:
-        self.key, self.skip_bad, self.stats = key, skip_bad, stats
-
-    def value(self, record, where: str) -> str | None:
-        if isinstance(record, dict) and isinstance(record.get(self.key), str):
-            return record[self.key]
-        if self.skip_bad:
-            self.stats.skipped += 1
-            return None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: record is a JSON {type(record).__name__}, expected an object with key "
-                            f"'{self.key}' (pass --skip-bad-records to skip such records)")
-        if self.key not in record:
-            keys = ", ".join(list(record)[:8]) or "none"
-            raise DataError(f"{where}: record has no key '{self.key}' (its keys: {keys}; choose one with --json-key, "
-                            f"or pass --skip-bad-records)")
-        raise DataError(f"{where}: key '{self.key}' holds {type(record[self.key]).__name__} "
-                        f"{str(record[self.key])[:40]!r}, expected a string (pass --skip-bad-records to skip)")
-
-
-def _json_docs(p: Path, rec: _Records) -> Iterator[str]:
-    with _open_text(p) as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        if head == "[":  # one JSON array
-            try:
-                records = json.loads(head + f.read())
-            except ValueError as e:
-                raise DataError(f"{p}: invalid JSON array ({e})") from None
-            for i, r in enumerate(records):
-                v = rec.value(r, f"{p}: record {i}")
-                if v is not None:
-                    yield v
-            return
-        f.seek(0)
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                if rec.skip_bad:
-                    rec.stats.skipped += 1
-                    continue
-                raise DataError(f"{p}:{lineno}: invalid JSON ({e}); expected one object per line "
-                                f"(pass --skip-bad-records to skip)") from None
-            v = rec.value(r, f"{p}:{lineno}")
-            if v is not None:
-                yield v
-
-
-def _parquet_docs(p: Path, rec: _Records) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
+def _guarded(p: Path, expected: str, docs: Iterator[str]) -> Iterator[str]:
+    """``docs``, with any read failure turned into one line naming the file and the format expected."""
     try:
-        pf = pq.ParquetFile(p)
+        yield from docs
+    except DataError:
+        raise
     except Exception as e:
-        raise DataError(f"{p}: unreadable parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    if rec.key not in names:
-        raise DataError(f"{p}: parquet file has no column '{rec.key}' (its columns: {', '.join(names[:8])}; "
-                        f"choose one with --json-key)")
-    row = 0
-    for batch in pf.iter_batches(columns=[rec.key], batch_size=4096):
-        for v in batch.column(0).to_pylist():
-            if isinstance(v, str):
-                yield v
-            elif rec.skip_bad:
-                rec.stats.skipped += 1
-            else:
-                raise DataError(f"{p}: row {row}: column '{rec.key}' holds {type(v).__name__}, expected a string "
-                                f"(pass --skip-bad-records to skip)")
-            row += 1
+        if not isinstance(e, _read_errors()):
+            raise
+        raise DataError(f"{p}: unreadable ({first_line(e)}); expected {expected}") from None
 
 
-def _text_docs(p: Path, mode: str) -> Iterator[str]:
-    with _open_text(p) as f:
-        if mode == "file":
-            text = f.read()
-            if text.strip():
-                yield text
-            return
-        block: list[str] = []
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block).rstrip("\n")
-                block = []
-        if block:
-            yield "".join(block).rstrip("\n")
+def _file_reader(p: Path, rec: RecordPolicy, text_mode: str) -> tuple[Callable, str]:
+    """The reader for ``p`` (called with ``at``) and a description of what the file must be."""
+    suf, gz = _suffix(p), ("gzip-compressed " if is_gzip_name(p) else "")
+    if suf in JSON_SUFFIXES:
+        return (lambda at: json_docs(p, rec, at)), f"{gz}JSON lines (one object per line) or a JSON array"
+    if suf in COLUMNAR:
+        read, what = COLUMNAR[suf]
+        return (lambda at: read(p, rec, at)), f"{gz}{what} with a string column '{rec.key}'"
+    return (lambda at: text_docs(p, text_mode, at)), f"{gz}UTF-8 text"
 
 
-def _hf_docs(records, where: str, rec: _Records) -> Iterator[str]:
-    for i, r in enumerate(records):
-        v = rec.value(r, f"{where}: record {i}")
-        if v is not None:
-            yield v
+def _file_documents(files: list[Path], rec: RecordPolicy, text_mode: str, stats: SourceStats) -> Iterator[str]:
+    for p in files:
+        base, size = stats.done, p.stat().st_size
+
+        def at(n: int, base: int = base) -> None:
+            stats.done = base + n
+
+        read, expected = _file_reader(p, rec, text_mode)
+        yield from _guarded(p, expected, read(at))
+        stats.done = base + size
+
+
+def _counted(docs: Iterator[str], stats: SourceStats) -> Iterator[str]:
+    for doc in docs:
+        stats.documents += 1
+        yield doc
 
 
 def iter_documents(inputs: list[str] | None, json_key: str = "text", text_mode: str = "block",
                    skip_bad_records: bool = False, stats: SourceStats | None = None,
                    dataset: str | None = None, split: str = "train") -> Iterator[str]:
-    """Yield every document of the inputs in order (files in the order given, records in file order)."""
+    """Every document of the inputs in order (files in the order given, records in file order).
+
+    Inputs are checked, and a dataset loaded, before this returns; ``stats.total`` and ``stats.unit`` are set then, so
+    a progress bar can be sized before the first document is read.
+    """
     stats = stats if stats is not None else SourceStats()
-    rec = _Records(json_key, skip_bad_records, stats)
+    rec = RecordPolicy(json_key, skip_bad_records, stats)
     if text_mode not in ("block", "file"):
         raise DataError(f"text mode '{text_mode}' is not known (expected 'block' or 'file')")
     if dataset:
-        import datasets
+        where = f"dataset '{dataset}' (split '{split}')"
+        ds, rows = open_dataset(dataset, split, where)
+        stats.unit, stats.total = "doc", rows
 
-        try:
-            ds = datasets.load_dataset(dataset, split=split, streaming=True)
-        except Exception as e:
-            raise DataError(f"dataset '{dataset}' (split '{split}') could not be loaded: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        sources = [_hf_docs(ds, f"dataset '{dataset}'", rec)]
-    else:
-        sources = []
-        for p in expand_inputs(inputs or []):
-            suf = _suffix(p)
-            if suf in JSON_SUFFIXES:
-                sources.append(_json_docs(p, rec))
-            elif suf == ".parquet":
-                sources.append(_parquet_docs(p, rec))
-            elif suf in DATASETS_SUFFIXES:
-                sources.append(_datasets_file_docs(p, DATASETS_SUFFIXES[suf], rec))
-            else:
-                sources.append(_text_docs(p, text_mode))
-    for src in sources:
-        for doc in src:
-            stats.documents += 1
-            yield doc
+        def at(n: int) -> None:
+            stats.done = n
 
-
-def _datasets_file_docs(p: Path, builder: str, rec: _Records) -> Iterator[str]:
-    import datasets
-
-    ds = datasets.load_dataset(builder, data_files=[os.fspath(p)], split="train", streaming=True)
-    yield from _hf_docs(ds, str(p), rec)
+        return _counted(dataset_documents(ds, where, rec, at), stats)
+    files = expand_inputs(inputs or [])
+    stats.unit, stats.total = "B", sum(p.stat().st_size for p in files)
+    return _counted(_file_documents(files, rec, text_mode, stats), stats)

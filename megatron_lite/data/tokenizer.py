@@ -1,7 +1,12 @@
 """Load a trained tokenizer (a ``tokenizer.json`` or an HF tokenizer directory) and find its special ids.
 
-The rest of the pipeline needs only ``encode``, ``vocab_size``, ``eod_id`` and ``pad_id``; this wrapper gives exactly
+The rest of the pipeline needs only ``encode``, ``max_id``, ``eod_id`` and ``pad_id``; this wrapper gives exactly
 that over the HF ``tokenizers`` library, so preprocessing workers can rebuild it from a path cheaply.
+
+Accepted: a ``tokenizers`` JSON file, or a directory holding ``tokenizer.json`` (what ``train_tokenizer.py`` and
+``PreTrainedTokenizerFast.save_pretrained`` write); the eos and pad names are taken from ``tokenizer_config.json`` or
+``special_tokens_map.json`` beside it when present. Rejected: directories with only a slow tokenizer (``vocab.json`` +
+``merges.txt``, a SentencePiece ``tokenizer.model``), since loading those needs ``transformers`` and a conversion.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ import json
 import os
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SENTINEL_FORMAT = "<extra_id_{}>"
+
+_SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt")
 
 # Names other tokenizers use for the same roles, tried in order after ours.
 _EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
@@ -32,9 +39,14 @@ class Tokenizer:
         try:
             self._tok = _HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise DataError(f"{file}: unreadable tokenizer ({_first_line(e)}); expected a tokenizers JSON file") from None
+            raise DataError(f"{file}: unreadable tokenizer ({first_line(e)}); expected a tokenizers JSON file") from None
         self.file = str(file)
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)  # entries, not the id range
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise DataError(f"{file}: tokenizer has an empty vocabulary (expected a trained tokenizer)")
+        # The largest id sizes the .bin dtype and the embedding: ids may have gaps, added tokens may sit high.
+        self.max_token, self.max_id = max(vocab.items(), key=lambda kv: kv[1])
         self.eod_id: int = self._special(config.get("eos_token"), _EOD_CANDIDATES, "end-of-document")
         pad = self._lookup(config.get("pad_token"), _PAD_CANDIDATES)
         self.pad_id: int = self.eod_id if pad is None else pad
@@ -72,28 +84,31 @@ class Tokenizer:
         return self._tok
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
-
-
 def _resolve(path: Path) -> tuple[Path, dict]:
-    """Find the JSON file, plus the HF ``tokenizer_config.json`` (for eos/pad names) when it sits beside it."""
+    """Find the JSON file, plus the eos/pad names from the HF ``special_tokens_map.json`` and ``tokenizer_config.json``
+    beside it (older ``transformers`` versions write the names in the first, newer ones in the second)."""
     if not path.exists():
         raise DataError(f"{path}: tokenizer not found (expected a tokenizer.json file or a directory holding one)")
     if path.is_dir():
         file = path / "tokenizer.json"
         if not file.is_file():
-            raise DataError(f"{path}: directory has no tokenizer.json (expected an HF fast-tokenizer directory)")
+            slow = [n for n in _SLOW_FILES if (path / n).is_file()]
+            found = f"only a slow tokenizer ({', '.join(slow)}), " if slow else ""
+            raise DataError(f"{path}: directory has {found}no tokenizer.json (expected an HF fast-tokenizer directory; "
+                            f"convert with AutoTokenizer.from_pretrained(dir).save_pretrained(new_dir))")
     else:
         file = path
     config: dict = {}
-    cfg_file = file.parent / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{cfg_file}: unreadable tokenizer config ({_first_line(e)})") from None
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins where both name a token
+        cfg_file = file.parent / name
+        if cfg_file.is_file():
+            try:
+                loaded = json.loads(cfg_file.read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(f"{cfg_file}: unreadable tokenizer config ({first_line(e)}); expected JSON") from None
+            if not isinstance(loaded, dict):
+                raise DataError(f"{cfg_file}: tokenizer config is a JSON {type(loaded).__name__}, expected an object")
+            config.update({k: v for k, v in loaded.items() if v is not None})
     return file, config
 
 

@@ -129,3 +129,41 @@ def test_dataset_smaller_than_one_sample(tmp_path):
     cfg = data_cfg(prefix, tmp_path, split="1", seq_len=64)
     with pytest.raises(DataError, match=r"tiny.*fewer than one sample of seq_len \+ 1 = 65"):
         build_datasets(cfg, {"train": 10})
+
+
+def test_concurrent_cache_builders_agree_and_leave_no_partial_entry(shard, tmp_path):
+    """Two builders of one entry, forced to overlap: one rename wins, both get identical arrays, no partial entry."""
+    import threading
+
+    from megatron_lite.data.cache import cached_arrays
+    from megatron_lite.data.gpt_dataset import build_indices
+
+    prefix, _ = shard
+    r = IndexedDataset(prefix)
+    both_building = threading.Barrier(2, timeout=30)
+
+    def build():
+        both_building.wait()  # neither publishes before both have missed the cache
+        return build_indices(r.sequence_lengths, r.document_indices, (0, 200), 8, 3, 500)
+
+    results, errors = [None, None], []
+
+    def run(i):
+        try:
+            results[i] = cached_arrays(tmp_path / "cache", "gpt-race", {"k": 1}, build)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    a, b = results
+    assert set(a) == set(b) == {"doc_index", "sample_index", "shuffle_index", "epochs"}
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    entries = os.listdir(tmp_path / "cache")
+    assert len(entries) == 1 and entries[0].startswith("gpt-race-")  # no temporary directory left behind
+    again = cached_arrays(tmp_path / "cache", "gpt-race", {"k": 1}, lambda: pytest.fail("should be cached"))
+    assert all(np.array_equal(again[k], a[k]) for k in a)

@@ -1,4 +1,7 @@
+import os
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +49,9 @@ def test_dtype_codes_and_choice():
         1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
     assert DType.for_vocab(32000) == np.uint16 and DType.for_vocab(65499) == np.uint16
     assert DType.for_vocab(65500) == np.int32 and DType.for_vocab(128256) == np.int32
+    assert DType.for_vocab(2**31) == np.int32  # ids up to 2**31 - 1 fit int32
+    with pytest.raises(DataError, match="too large"):
+        DType.for_vocab(2**31 + 1)
 
 
 def test_several_sequences_per_document(tmp_path):
@@ -94,6 +100,7 @@ def test_bad_magic_version_truncation_and_short_bin(tmp_path, shard):
         "header": (good_idx[:20], good_bin, "truncated"),
         "short": (good_idx, good_bin[:-2], "data file is"),
         "code": (good_idx[:17] + bytes([9]) + good_idx[18:], good_bin, "dtype code 9"),
+        "ragged": (good_idx, good_bin + b"\x00", r"size \d+ bytes is not a multiple of 4, the size of int32"),
     }
     for name, (idx, binary, msg) in cases.items():
         p = tmp_path / name
@@ -118,3 +125,63 @@ def test_writer_never_leaves_partial_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DataError, match="too large for dtype uint16"):
         IndexedDatasetWriter(tmp_path / "z", np.uint16, vocab_size=70000)
+
+
+def _pair(prefix, docs):
+    with IndexedDatasetWriter(prefix, np.uint16, overwrite=True) as w:
+        for d in docs:
+            w.add_document(d)
+
+
+def _contents(prefix):
+    """The documents of the pair at ``prefix``, or None where no complete pair can be opened."""
+    try:
+        r = IndexedDataset(prefix)
+    except DataError:
+        return None
+    return [r.document(d).tolist() for d in range(r.num_documents)]
+
+
+OLD_DOCS = [[1, 2, 3], [4, 5]]
+NEW_DOCS = [[7, 8, 9, 10], [11, 12, 13]]  # larger .bin: the old index over it would still open, and read garbage
+
+
+@pytest.mark.parametrize("recovers", [True, False], ids=["error", "crash"])
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_overwrite_never_exposes_a_mismatched_pair(tmp_path, monkeypatch, fail_at, recovers):
+    """Fail the n-th rename of an overwrite. 'error': later renames work (an OSError the writer can undo); 'crash':
+    every later rename fails too, as if the process had died there. Readers must never see the old index beside new
+    data, and the old output must survive (in place or set aside whole) unless the new pair is complete."""
+    prefix = str(tmp_path / "out")
+    _pair(prefix, OLD_DOCS)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == fail_at or (not recovers and len(calls) > fail_at):
+            raise OSError("simulated failure")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(DataError, match="could not move the new .bin/.idx into place"):
+            _pair(prefix, NEW_DOCS)
+    now = _contents(prefix)
+    assert now in (OLD_DOCS, NEW_DOCS, None), f"mismatched pair visible: {now}"
+    if recovers:  # the writer put the old pair back and cleaned up after itself
+        assert now == OLD_DOCS and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "out.idx"]
+    elif now is None:  # mid-swap: the old files must all still exist, set aside or (the .bin) not yet moved
+        aside = tmp_path / f"out.old-{os.getpid()}"
+        old_bin = Path(f"{aside}.bin") if Path(f"{aside}.bin").exists() else tmp_path / "out.bin"
+        (tmp_path / "check").mkdir()
+        shutil.copy(f"{aside}.idx", tmp_path / "check" / "x.idx")
+        shutil.copy(old_bin, tmp_path / "check" / "x.bin")
+        assert _contents(tmp_path / "check" / "x") == OLD_DOCS
+
+
+def test_overwrite_replaces_both_files(tmp_path):
+    prefix = tmp_path / "out"
+    _pair(prefix, OLD_DOCS)
+    _pair(prefix, NEW_DOCS)
+    assert _contents(prefix) == NEW_DOCS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "out.idx"]

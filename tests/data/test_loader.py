@@ -66,3 +66,14 @@ def test_indivisible_global_batch(train):
     with pytest.raises(DataError, match="global batch size 10 is not divisible by data-parallel size 4 times micro "
                                         "batch size 2"):
         GlobalBatchLoader(train, 10, 2, 0, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_pinned_memory(train, prefetch):
+    """Pinned in the prefetch thread too, so host-to-device copies can run asynchronously."""
+    loader = GlobalBatchLoader(train, 8, 2, dp_rank=0, dp_size=2, prefetch=prefetch, pin_memory=True)
+    step = next(iter(loader))
+    assert step and all(v.is_pinned() for m in step for v in m.values())
+    ref = next(iter(GlobalBatchLoader(train, 8, 2, dp_rank=0, dp_size=2, prefetch=prefetch)))
+    assert all(torch.equal(m[k], r[k]) for m, r in zip(step, ref) for k in m)

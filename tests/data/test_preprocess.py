@@ -116,3 +116,190 @@ def test_cli_bad_input_exits_2(tmp_path, tokenizer_dir):
     r = tool("preprocess_data.py", "--input", tmp_path / "nothing.jsonl", "--tokenizer", tokenizer_dir,
              "--output-prefix", tmp_path / "o")
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'nothing.jsonl'}: input file not found\n"
+
+
+def run_main(*args) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from preprocess_data import main
+
+    return main([str(a) for a in args] + ["--no-progress"])
+
+
+def wordlevel_tokenizer(path, vocab: dict) -> Path:
+    """A tokenizers JSON written by hand: whitespace-separated words looked up in ``vocab`` (ids chosen freely)."""
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_cli_dtype_from_largest_id_not_entry_count(tmp_path):
+    """Four entries, but one id above uint16's range: the dtype must come from the largest id."""
+    tok = wordlevel_tokenizer(tmp_path / "tokenizer.json", {"[UNK]": 0, "<|endoftext|>": 1, "hello": 2, "world": 70000})
+    (tmp_path / "c.jsonl").write_text('{"text": "hello world"}\n{"text": "world"}\n')
+    r = tool("preprocess_data.py", "--input", tmp_path / "c.jsonl", "--tokenizer", tok, "--output-prefix",
+             tmp_path / "o", "--append-eod", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ds = IndexedDataset(tmp_path / "o")
+    assert ds.dtype == np.int32 and [ds[i].tolist() for i in range(2)] == [[2, 70000, 1], [70000, 1]]
+
+
+def test_cli_id_beyond_int32_is_one_line(tmp_path):
+    tok = wordlevel_tokenizer(tmp_path / "tokenizer.json", {"[UNK]": 0, "<|endoftext|>": 1, "world": 3_000_000_000})
+    (tmp_path / "c.jsonl").write_text('{"text": "world"}\n')
+    r = tool("preprocess_data.py", "--input", tmp_path / "c.jsonl", "--tokenizer", tok, "--output-prefix",
+             tmp_path / "o", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{tok}: token id 3000000000 ('world') does not fit int32" in r.stderr
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_encoded_id_outside_dtype_names_tokenizer_id_and_dtype():
+    from megatron_lite.data.preprocess import _encode_chunk
+
+    class Emits70000:
+        file, eod_id = "/models/tok.json", 0
+
+        def encode_batch(self, texts):
+            return [[1, 2], [70000]]
+
+    with pytest.raises(DataError, match=r"^/models/tok.json: token id 70000 does not fit the output dtype uint16 "
+                                        r"\(expected ids 0..65535"):
+        _encode_chunk(["a", "b"], Emits70000(), False, np.dtype(np.uint16))
+
+
+def test_cli_bad_files_are_one_line(tmp_path, tokenizer_dir):
+    (tmp_path / "fake.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    (tmp_path / "rows.csv").write_text("text,id\na,1\nb,2,3\n")
+    for name, expected in (("fake.jsonl.gz", "not gzip data"), ("rows.csv", "expected a CSV file")):
+        r = tool("preprocess_data.py", "--input", tmp_path / name, "--tokenizer", tokenizer_dir, "--output-prefix",
+                 tmp_path / "o", "--no-progress")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: {tmp_path / name}: ") and expected in r.stderr
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_cli_overwrite_keeps_old_output_on_failure_and_replaces_both_on_success(tmp_path, corpus, tokenizer_dir):
+    out = tmp_path / "out"
+    assert run_main("--input", corpus, "--tokenizer", tokenizer_dir, "--output-prefix", out) == 0
+    old = (out.with_suffix(".bin").read_bytes(), out.with_suffix(".idx").read_bytes())
+    lines = corpus.read_text().splitlines()
+    lines[150] = json.dumps({"body": "no text key"})
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    r = tool("preprocess_data.py", "--input", tmp_path / "bad.jsonl", "--tokenizer", tokenizer_dir, "--output-prefix",
+             out, "--overwrite", "--no-progress")
+    assert r.returncode == 2 and "bad.jsonl:151: record has no key 'text'" in r.stderr
+    assert (out.with_suffix(".bin").read_bytes(), out.with_suffix(".idx").read_bytes()) == old
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx"]
+    (tmp_path / "small.jsonl").write_text("\n".join(lines[:100]) + "\n")
+    assert run_main("--input", tmp_path / "small.jsonl", "--tokenizer", tokenizer_dir, "--output-prefix", out,
+                    "--overwrite") == 0
+    assert run_main("--input", tmp_path / "small.jsonl", "--tokenizer", tokenizer_dir, "--output-prefix",
+                    tmp_path / "fresh") == 0
+    for suffix in (".bin", ".idx"):
+        assert out.with_suffix(suffix).read_bytes() == (tmp_path / "fresh").with_suffix(suffix).read_bytes()
+    assert IndexedDataset(out).num_documents == 100
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx"]
+
+
+def test_cli_dataset_directory_matches_file_input(tmp_path, corpus, tokenizer_dir):
+    """--dataset with a local directory of data files, which HF datasets loads offline."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text(corpus.read_text())
+    r = tool("preprocess_data.py", "--dataset", tmp_path / "ds", "--split", "train", "--tokenizer", tokenizer_dir,
+             "--output-prefix", tmp_path / "via_ds", "--append-eod", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "300 documents" in r.stdout
+    assert run_main("--input", corpus, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "via_file",
+                    "--append-eod") == 0
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"via_ds{suffix}").read_bytes() == (tmp_path / f"via_file{suffix}").read_bytes()
+
+
+def test_dataset_saved_to_disk(tmp_path, corpus, tokenizer_dir):
+    datasets = pytest.importorskip("datasets")
+
+    datasets.disable_progress_bars()
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts}),
+                          "validation": datasets.Dataset.from_dict({"text": texts[:7]})}).save_to_disk(tmp_path / "hf")
+    assert run_main("--dataset", tmp_path / "hf", "--split", "validation", "--tokenizer", tokenizer_dir,
+                    "--output-prefix", tmp_path / "v") == 0
+    tok = load_tokenizer(tokenizer_dir)
+    ds = IndexedDataset(tmp_path / "v")
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) for t in texts[:7]]
+
+
+def test_hf_tokenizer_directory_from_save_pretrained(tmp_path):
+    """An eos name none of our defaults knows: only tokenizer_config.json can say which token ends a document."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    base = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "<doc_end>": 3, "<blank>": 4},
+                                      unk_token="[UNK]"))
+    base.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=base, eos_token="<doc_end>", pad_token="<blank>")
+    hf.save_pretrained(tmp_path / "hf")
+    tok = load_tokenizer(tmp_path / "hf")
+    assert (tok.eod_id, tok.pad_id) == (3, 4)
+    (tmp_path / "c.jsonl").write_text('{"text": "hello world"}\n{"text": "world"}\n')
+    assert run_main("--input", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "hf", "--output-prefix",
+                    tmp_path / "o", "--append-eod") == 0
+    ds = IndexedDataset(tmp_path / "o")
+    assert ds.dtype == np.uint16 and [ds[i].tolist() for i in range(2)] == [[1, 2, 3], [2, 3]]
+
+
+def test_slow_tokenizer_directory_is_refused(tmp_path):
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "vocab.json").write_text("{}")
+    (tmp_path / "slow" / "merges.txt").write_text("")
+    with pytest.raises(DataError, match=r"slow: directory has only a slow tokenizer \(vocab.json, merges.txt\), no "
+                                        r"tokenizer.json \(expected an HF fast-tokenizer directory"):
+        load_tokenizer(tmp_path / "slow")
+
+
+def test_progress_bar_moves_in_the_unit_of_its_total(tmp_path, tokenizer_dir, monkeypatch):
+    """The bar's total is the input size in bytes, so it must advance by bytes read and end exactly there."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import megatron_lite.data.preprocess as pp
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, unit, enabled=True):
+            bars.append({"total": total, "unit": unit, "done": []})
+
+        def update(self, done, documents, tokens):
+            bars[-1]["done"].append(done)
+
+        def close(self, keep=True):
+            bars[-1]["kept"] = keep
+
+    monkeypatch.setattr(pp, "PreprocessProgress", Recorder)
+    monkeypatch.setattr(pp, "CHUNK_DOCS", 16)
+    texts = [f"naïve café ☕ {i} " * (i % 7 + 1) for i in range(200)]
+    raw = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(raw))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "c.parquet", row_group_size=50)
+    files = [tmp_path / n for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+    preprocess([str(p) for p in files], str(tokenizer_dir), str(tmp_path / "o"), progress=True, log=lambda s: None)
+    bar = bars[-1]
+    assert bar["unit"] == "B" and bar["total"] == sum(p.stat().st_size for p in files)
+    assert bar["done"] == sorted(bar["done"]) and bar["done"][-1] == bar["total"] and len(set(bar["done"])) > 3
+    assert bar["kept"]
+
+
+def test_progress_without_a_known_total(tmp_path):
+    from megatron_lite.data.progress import PreprocessProgress
+
+    bar = PreprocessProgress(None, "doc")
+    bar.update(5, 5, 100)
+    bar.update(3, 5, 100)  # never backwards
+    assert bar.position == 5 and "ETA" not in str(bar._bar) and "<" not in str(bar._bar)
+    bar.close()
