@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 from typing import Any, NoReturn
@@ -22,13 +23,29 @@ from typing import Any, NoReturn
 from megatron_lite.config import ConfigError, ModelConfig, load_config
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
-from megatron_lite.planning.hardware import device_memory, peak_flops
+from megatron_lite.planning.hardware import device_memory, known_devices, peak_flops
 from megatron_lite.planning.layout import Layout
 from megatron_lite.planning.memory import estimate
 from megatron_lite.planning.presets import get_preset
 from megatron_lite.planning.report import model_report
-from megatron_lite.planning.scaling import plan_compute, training_time
-from megatron_lite.planning.search import Network, search
+from megatron_lite.planning.scaling import (
+    APPROACH_FITS,
+    APPROACH_SOURCES,
+    APPROACHES,
+    BESIROGLU,
+    HOFFMANN,
+    PAPERS,
+    plan_compute,
+    training_time,
+)
+from megatron_lite.planning.search import (
+    DEFAULT_BATCH_TOKENS,
+    Constraints,
+    default_global_batch,
+    search,
+    smallest_footprint,
+)
+from megatron_lite.planning.steptime import LAYER_OVERHEAD_S, Network, tokens_per_sample
 
 GiB = 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": GiB, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -62,6 +79,46 @@ def parse_count(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
 
 
+def _number(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {expected}, got '{text}'") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An MFU: in (0, 1]."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction of peak), got {value:g}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -70,6 +127,9 @@ def _load_model(args: argparse.Namespace) -> tuple[ModelConfig | EncDecSpec, dic
     if args.preset and args.config:
         raise PlanError("give --preset or --config, not both")
     if args.preset:
+        if args.override:
+            raise PlanError(f"--override edits a --config file and cannot change --preset {args.preset}; "
+                            "put the shape in a config's model: section instead")
         spec = get_preset(args.preset)
         return spec, {"seq_len": spec.max_seq_len}, args.preset
     if args.config:
@@ -90,7 +150,9 @@ def _layout(args: argparse.Namespace, defaults: dict[str, Any]) -> Layout:
             return value
         return defaults.get(name) if defaults.get(name) is not None else fallback
 
-    engine = "fsdp" if args.fsdp else pick("engine", "deepspeed")
+    if args.fsdp and args.zero is not None:
+        raise PlanError(f"give --zero {args.zero} (DeepSpeed) or --fsdp, not both")
+    engine = "fsdp" if args.fsdp else ("deepspeed" if args.zero is not None else pick("engine", "deepspeed"))
     return Layout(
         gpus=args.gpus, gpus_per_node=args.gpus_per_node, tp=pick("tp", 1), pp=pick("pp", 1), engine=engine,
         zero=0 if engine == "fsdp" else pick("zero", 0), offload=args.offload, micro_batch=pick("micro_batch", 1),
@@ -101,22 +163,25 @@ def _layout(args: argparse.Namespace, defaults: dict[str, Any]) -> Layout:
     )
 
 
-def _gpu_memory(args: argparse.Namespace) -> int | None:
+def _gpu_memory(args: argparse.Namespace) -> int:
+    """``--gpu-memory``, else the memory of ``--gpu``; an unknown GPU is refused rather than silently not checked."""
     if args.gpu_memory is not None:
         if args.gpu_memory <= 0:
-            raise PlanError("--gpu-memory must be positive")
+            raise PlanError(f"--gpu-memory must be positive, got {args.gpu_memory}")
         return args.gpu_memory
-    return device_memory(args.gpu) if args.gpu else None
+    memory = device_memory(args.gpu)
+    if memory is None:
+        raise PlanError(f"unknown --gpu '{args.gpu}'; known: {', '.join(known_devices())} (or give --gpu-memory)")
+    return memory
 
 
 def _peak(args: argparse.Namespace, dtype: str = "bf16") -> float:
     if args.peak_flops is not None:
-        if args.peak_flops <= 0:
-            raise PlanError("--peak-flops must be positive")
         return args.peak_flops
     peak = peak_flops(args.gpu, dtype)
     if peak is None:
-        raise PlanError(f"no peak FLOP/s known for --gpu '{args.gpu}' in {dtype}; pass --peak-flops")
+        raise PlanError(f"no {dtype} peak FLOP/s known for --gpu '{args.gpu}' (known: {', '.join(known_devices())}); "
+                        "pass --peak-flops")
     return peak
 
 
@@ -131,6 +196,16 @@ def _human(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _duration(seconds: float) -> str:
+    """Three significant digits in s, ms or us (whole seconds from 1000 s), so a 0.2 ms step does not print 0.000."""
+    if seconds >= 1000:
+        return f"{seconds:,.0f} s"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale or unit == "us":
+            return f"{format(seconds / scale, '#.3g').rstrip('.')} {unit}"  # '#': 7.80, not 7.8
+    raise AssertionError("unreachable")
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -139,9 +214,9 @@ def _table(rows: list[tuple[str, str]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def cmd_model(args: argparse.Namespace) -> tuple[dict, str]:
+def cmd_model(args: argparse.Namespace) -> tuple[dict, str, str | None]:
     spec, defaults, name = _load_model(args)
-    seq = args.seq_len or defaults["seq_len"]
+    seq = args.seq_len if args.seq_len is not None else defaults["seq_len"]
     r = model_report(spec, seq, name)
     rows = [("model", f"{name} ({r['family']})"),
             ("params total", f"{r['params_total']:,} ({_human(r['params_total'])})"),
@@ -154,14 +229,23 @@ def cmd_model(args: argparse.Namespace) -> tuple[dict, str]:
              ("N for FLOPs", f"{r['params_flops']:,}"),
              (f"FLOPs/token @ seq {seq}", f"{r['flops_per_token']:.4g} (causal {r['flops_per_token_causal']:.4g})"),
              ("convention", r["flops_convention"])]
-    return r, _table(rows)
+    problem = None
+    if r["counts_agree"] is False:
+        problem = (f"the closed-form count (total {r['params_total']:,}, embedding {r['params_embedding']:,}) "
+                   f"disagrees with the meta-device model (total {r['params_meta']:,}, embedding "
+                   f"{r['params_meta_embedding']:,}); planning/params.py no longer matches the model code")
+    return r, _table(rows), problem
 
 
-def cmd_compute(args: argparse.Namespace) -> tuple[dict, str]:
+def cmd_compute(args: argparse.Namespace) -> tuple[dict, str, str | None]:
+    if args.price_per_gpu_hour is not None and args.gpus is None:
+        raise PlanError("--price-per-gpu-hour needs --gpus N (the cost is the GPU-hours of N GPUs times the price)")
     r = plan_compute(args.flops, args.params, args.tokens, args.approach)
+    fit = APPROACH_FITS[args.approach]
     rows = [("compute C = 6PD", f"{r['flops']:.4g} FLOPs"), ("params P", f"{r['params']:.4g} ({_human(r['params'])})"),
-            ("tokens D", f"{r['tokens']:.4g} ({_human(r['tokens'])})"), ("tokens/param", f"{r['tokens_per_param']:.1f}"),
-            ("predicted loss", f"{r['loss']:.3f} (Hoffmann et al. L(N, D))"),
+            ("tokens D", f"{r['tokens']:.4g} ({_human(r['tokens'])})"),
+            ("tokens/param", f"{r['tokens_per_param']:.1f}"),
+            ("predicted loss", f"{r['loss']:.3f} (L(N, D) with the [{fit.paper}] constants below)"),
             ("headline", f"{r['approach']} optimum" if r["compute_optimal"] else "as given (not optimized)")]
     if args.gpus is not None:
         r.update(training_time(r["flops"], args.gpus, _peak(args), args.mfu, args.price_per_gpu_hour))
@@ -172,10 +256,18 @@ def cmd_compute(args: argparse.Namespace) -> tuple[dict, str]:
     text = _table(rows) + "\n\napproach        params        tokens       flops      loss\n"
     for k, v in r["approaches"].items():
         text += f"{k:<14}{v['params']:>10.3g}{v['tokens']:>14.3g}{v['flops']:>12.3g}{v['loss']:>10.3f}\n"
-    return r, text.rstrip()
+    text += "\nconstants: P_opt = K * C^a, D_opt = C / (6 P_opt); L(N, D) = E + A/N^alpha + B/D^beta\n"
+    text += "".join(f"  [{key}] {paper}\n" for key, paper in PAPERS.items())
+    for k, (K, a) in APPROACHES.items():
+        paper, where = APPROACH_SOURCES[k]
+        text += f"{k:<14}K={K:<9.4g} a={a:<7.4g} [{paper}] {where}\n"
+    for fit in (HOFFMANN, BESIROGLU):
+        text += (f"{'L(N, D)':<14}E={fit.E:g} A={fit.A:g} B={fit.B:g} alpha={fit.alpha:g} beta={fit.beta:g} "
+                 f"[{fit.paper}] {fit.where}\n")
+    return r, text.rstrip(), None
 
 
-def cmd_memory(args: argparse.Namespace) -> tuple[dict, str]:
+def cmd_memory(args: argparse.Namespace) -> tuple[dict, str, str | None]:
     spec, defaults, name = _load_model(args)
     layout = _layout(args, defaults)
     r = estimate(spec, layout, _gpu_memory(args))
@@ -186,31 +278,49 @@ def cmd_memory(args: argparse.Namespace) -> tuple[dict, str]:
             ("per GPU", f"{_gib(r['per_gpu_bytes'])} (pipeline stage {r['most_loaded_stage']}, the most loaded)")]
     if r["cpu_bytes"]:
         rows.append(("host (offloaded)", _gib(r["cpu_bytes"])))
-    if r["gpu_memory"] is not None:
-        rows.append(("fits", f"{'yes' if r['fits'] else 'NO'} in {_gib(r['gpu_memory'])}"))
-    return r, _table(rows)
+    rows.append(("fits", f"{'yes' if r['fits'] else 'NO'} in {_gib(r['gpu_memory'])}"))
+    return r, _table(rows), None
 
 
-def cmd_search(args: argparse.Namespace) -> tuple[dict | list, str]:
+def cmd_search(args: argparse.Namespace) -> tuple[list, str, str | None]:
     spec, defaults, name = _load_model(args)
+    if args.offload:
+        raise PlanError("search neither enumerates nor times offloading; drop --offload and check an offloaded "
+                        "layout with: plan.py memory --offload ...")
     memory = _gpu_memory(args)
-    if memory is None:
-        raise PlanError("give --gpu-memory (e.g. 80GiB) or a known --gpu")
     base = _layout(args, defaults)
+    fixed = Constraints(tp=args.tp, pp=args.pp, engine="fsdp" if args.fsdp else None, zero=args.zero,
+                        micro_batch=args.micro_batch, recompute=args.recompute)
+    if args.global_batch is not None:
+        source = "--global-batch"
+    elif defaults.get("global_batch") is not None:
+        source = "the config's training batch"
+    else:
+        base.global_batch = default_global_batch(spec, base, fixed.micro_batch)
+        source = f"default: about {DEFAULT_BATCH_TOKENS:,} tokens, rounded to a multiple of the {args.gpus} GPUs"
     net = Network(args.intra_node_bandwidth, args.inter_node_bandwidth)
-    rows = search(spec, base, memory, _peak(args, base.dtype), args.mfu, net, args.top)
+    rows = search(spec, base, memory, _peak(args, base.dtype), args.mfu, net, args.top, fixed,
+                  args.layer_overhead_us * 1e-6)
+    for row in rows:
+        row["global_batch_source"] = source
+    per_sample = tokens_per_sample(spec, base)
+    head = (f"{name} on {args.gpus} GPUs with {_gib(memory)} each: global batch {base.global_batch:,} x {per_sample:,} "
+            f"= {base.global_batch * per_sample:,} tokens per step ({source})")
+    if fixed.flags():
+        head += f"\nconstraints: {fixed.flags()}"
     if not rows:
-        return rows, f"no layout of {name} fits {_gib(memory)} per GPU on {args.gpus} GPUs"
-    head = f"{'tp':>3}{'pp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}  {'recompute':<10}{'GiB/GPU':>9}{'step s':>9}" \
-           f"{'tok/s':>11}{'MFU':>7}"
-    lines = [head]
+        need = smallest_footprint(spec, base, fixed)
+        return rows, f"{head}\nno layout fits: the smallest needs {_gib(need)} per GPU", None
+    lines = [head, "ranked by the estimated time of that step (docs/plan.md, search)",
+             f"{'tp':>3}{'pp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<10}{'GiB/GPU':>9}"
+             f"{'step':>10}{'tok/s':>12}{'MFU':>7}"]
     for x in rows:
         lay = x["layout"]
         eng = "fsdp" if lay["engine"] == "fsdp" else f"zero{lay['zero']}"
-        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}  "
-                     f"{lay['recompute']:<10}{x['per_gpu_bytes'] / GiB:>9.1f}{x['step_time_s']:>9.3f}"
-                     f"{x['tokens_per_s']:>11,.0f}{x['mfu']:>7.1%}")
-    return rows, "\n".join(lines)
+        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}"
+                     f"{lay['num_microbatches']:>6}  {lay['recompute']:<10}{x['per_gpu_bytes'] / GiB:>9.1f}"
+                     f"{_duration(x['step_time_s']):>10}{x['tokens_per_s']:>12,.0f}{x['mfu']:>7.1%}")
+    return rows, "\n".join(lines), None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,26 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", help="named architecture, e.g. gpt2-124m, llama3-8b, t5-base")
         p.add_argument("--config", help="a training YAML config (its model, data and parallel sections)")
         p.add_argument("--override", action="append", help="dotted config override, e.g. model.num_layers=48")
-        p.add_argument("--seq-len", type=int, help="sequence length (default: the config's data.seq_len)")
+        p.add_argument("--seq-len", type=positive_int, help="sequence length (default: the config's data.seq_len)")
         p.add_argument("--json", action="store_true", help="print one JSON object (docs/plan.md lists the keys)")
 
     def layout_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--gpus", type=int, default=1)
-        p.add_argument("--gpus-per-node", type=int, default=8)
-        p.add_argument("--tp", type=int)
-        p.add_argument("--pp", type=int)
+        p.add_argument("--gpus", type=positive_int, default=1)
+        p.add_argument("--gpus-per-node", type=positive_int, default=8)
+        p.add_argument("--tp", type=positive_int)
+        p.add_argument("--pp", type=positive_int)
         p.add_argument("--zero", type=int, choices=range(4))
         p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully sharded) instead of DeepSpeed ZeRO")
         p.add_argument("--offload", choices=("optimizer", "params"))
-        p.add_argument("--micro-batch", type=int)
-        p.add_argument("--global-batch", type=int, help="samples per optimizer step (default: the config's)")
+        p.add_argument("--micro-batch", type=positive_int)
+        p.add_argument("--global-batch", type=positive_int, help="samples per optimizer step (default: the config's)")
         p.add_argument("--recompute", choices=("none", "selective", "full"))
         p.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b")
-        p.add_argument("--virtual-stages", type=int, default=2, help="model chunks per rank (interleaved)")
+        p.add_argument("--virtual-stages", type=positive_int, default=2, help="model chunks per rank (interleaved)")
         p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
         p.add_argument("--sequence-parallel", action="store_true")
         p.add_argument("--no-flash", action="store_true", help="attention that stores the s x s scores")
-        p.add_argument("--overhead-gib", type=float, default=1.0, help="fixed per-GPU overhead (CUDA context etc.)")
+        p.add_argument("--overhead-gib", type=non_negative_float, default=1.0,
+                       help="fixed per-GPU overhead (CUDA context etc.)")
         p.add_argument("--gpu", default="h100", help="device name for peak FLOP/s and memory (default h100)")
         p.add_argument("--gpu-memory", type=parse_bytes, help="per-GPU memory, e.g. 80GiB")
 
@@ -256,11 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=parse_count)
     p.add_argument("--tokens", type=parse_count)
     p.add_argument("--approach", default="approach1", choices=("approach1", "approach2", "approach3", "replication"))
-    p.add_argument("--gpus", type=int)
+    p.add_argument("--gpus", type=positive_int)
     p.add_argument("--gpu", default="h100")
-    p.add_argument("--mfu", type=float, default=0.4)
-    p.add_argument("--peak-flops", type=float, help="per-GPU peak FLOP/s (default: looked up from --gpu)")
-    p.add_argument("--price-per-gpu-hour", type=float)
+    p.add_argument("--mfu", type=fraction, default=0.4)
+    p.add_argument("--peak-flops", type=positive_float, help="per-GPU peak FLOP/s (default: looked up from --gpu)")
+    p.add_argument("--price-per-gpu-hour", type=non_negative_float, help="needs --gpus")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compute)
 
@@ -269,14 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     layout_args(p)
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("search", help="layouts that fit, ranked by estimated step time")
+    p = sub.add_parser("search", help="layouts that fit, ranked by the estimated time of a step of the same batch",
+                       description="Enumerates layouts that fit and ranks them by the estimated time of one step of "
+                                   "the same global batch. --tp, --pp, --zero/--fsdp, --micro-batch and --recompute, "
+                                   "when given, fix that choice instead of enumerating it.")
     model_args(p)
     layout_args(p)
-    p.add_argument("--mfu", type=float, default=0.5, help="attainable fraction of peak for the compute term")
-    p.add_argument("--peak-flops", type=float)
-    p.add_argument("--intra-node-bandwidth", type=float, default=300e9, help="bytes/s per GPU (NVLink)")
-    p.add_argument("--inter-node-bandwidth", type=float, default=25e9, help="bytes/s per GPU (network)")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--mfu", type=fraction, default=0.5, help="attainable fraction of peak for the compute term")
+    p.add_argument("--peak-flops", type=positive_float)
+    p.add_argument("--intra-node-bandwidth", type=positive_float, default=300e9, help="bytes/s per GPU (NVLink)")
+    p.add_argument("--inter-node-bandwidth", type=positive_float, default=25e9, help="bytes/s per GPU (network)")
+    p.add_argument("--layer-overhead-us", type=non_negative_float, default=LAYER_OVERHEAD_S * 1e6,
+                   help="fixed cost per layer and microbatch, forward + backward (kernel launches)")
+    p.add_argument("--top", type=positive_int, default=10)
     p.set_defaults(func=cmd_search)
     return parser
 
@@ -284,11 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result, text = args.func(args)
+        result, text, problem = args.func(args)
     except (PlanError, ConfigError, ValueError) as e:
         print(f"plan.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=_json_default) if args.json else text)
+    if problem:  # the answer is printed, but it cannot be trusted: fail the command
+        print(f"plan.py: error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,11 +39,29 @@ def encdec_training_flops(spec: EncDecSpec, enc_len: int, dec_len: int, causal: 
     cross_kv = spec.num_decoder_layers * 2 * d * inner
     dec_n = spec.decoder_params() - cross_kv + spec.vocab_size * d
     linear = 6.0 * (enc_n * enc_len + dec_n * dec_len + cross_kv * enc_len)
+    return linear + encdec_attention_flops(spec, enc_len, dec_len, causal)
+
+
+def encdec_attention_flops(spec: EncDecSpec, enc_len: int, dec_len: int, causal: bool = False) -> float:
+    """The attention part of ``encdec_training_flops``: encoder self-, decoder self- (halved when causal) and
+    cross-attention, 12 L H Q T per query token each."""
     h, q = spec.num_heads, spec.d_kv
     attn = enc_len * attention_flops_per_token(spec.num_encoder_layers, h, q, enc_len, False)
     attn += dec_len * attention_flops_per_token(spec.num_decoder_layers, h, q, dec_len, causal)
     attn += dec_len * attention_flops_per_token(spec.num_decoder_layers, h, q, enc_len, False)  # cross-attention
-    return linear + attn
+    return attn
+
+
+def sequence_flops(model_cfg: ModelConfig | EncDecSpec, seq_len: int, target_len: int | None = None,
+                   causal: bool = False) -> tuple[float, float]:
+    """(training FLOPs, of which attention) of one sequence: ``seq_len`` tokens, or for an encoder-decoder
+    ``seq_len`` input and ``target_len`` (default ``seq_len``) target tokens."""
+    if isinstance(model_cfg, EncDecSpec):
+        dec = target_len or seq_len
+        return (encdec_training_flops(model_cfg, seq_len, dec, causal),
+                encdec_attention_flops(model_cfg, seq_len, dec, causal))
+    attn = attention_flops_per_token(model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim, seq_len, causal)
+    return training_flops_per_token(model_cfg, seq_len, causal) * seq_len, attn * seq_len
 
 
 def training_flops_per_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int, causal: bool = False) -> float:

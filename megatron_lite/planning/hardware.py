@@ -57,6 +57,11 @@ def register_device(key: str, peak: dict[str, float], memory_bytes: int, source:
     DEVICES[key] = Device(dict(peak), int(memory_bytes), source)
 
 
+def known_devices() -> list[str]:
+    """The table's keys, for messages that list what ``--gpu`` accepts."""
+    return sorted(DEVICES, key=str.lower)
+
+
 def find_device(device_name: str) -> tuple[str, Device] | None:
     """The table entry whose key is the longest case-insensitive substring of ``device_name``."""
     name = device_name.lower()

@@ -65,11 +65,21 @@ class Layout:
         eng = "fsdp" if self.engine == "fsdp" else f"zero{self.zero}"
         return f"tp{self.tp} pp{self.pp} dp{self.dp} {eng} mb{self.micro_batch} {self.recompute}"
 
-    def validate(self, spec: ModelConfig | EncDecSpec) -> None:
-        """Raise ``PlanError`` with one line for a layout that cannot run this model."""
+    def check_sizes(self) -> None:
+        """The model-independent checks: every count is a positive integer and the overhead is not negative."""
         for name in ("gpus", "gpus_per_node", "tp", "pp", "micro_batch", "seq_len", "virtual_stages"):
             if getattr(self, name) <= 0:
                 raise PlanError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("target_len", "global_batch"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise PlanError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.overhead_bytes < 0:
+            raise PlanError(f"--overhead-gib must be >= 0, got {self.overhead_bytes / 2**30:g}")
+
+    def validate(self, spec: ModelConfig | EncDecSpec) -> None:
+        """Raise ``PlanError`` with one line for a layout that cannot run this model."""
+        self.check_sizes()
         if self.gpus % (self.tp * self.pp):
             raise PlanError(f"--gpus {self.gpus} is not divisible by tp*pp = {self.tp}*{self.pp}")
         heads = spec.num_heads

@@ -17,12 +17,19 @@ DeepSpeed, ZeRO 3: each tensor is split into ceil(numel/dp)-element partitions; 
 FSDP2 (``fully_shard``): each tensor is split along dim 0 into dp chunks of ceil(d0/dp) rows (rank 0, the most loaded,
   holds a full chunk); parameters stay fp32 in the shard (the mixed-precision policy casts the gathered copy),
   gradients are fp32 shards, and torch AdamW keeps two moments and a 4-byte step counter per tensor.
+Gradient accumulation (m = global_batch / (dp * micro_batch) > 1) changes what two engines hold while the microbatches
+  of a step run, and the estimate takes that peak (measured on 2 CPU ranks, see docs/plan.md): DeepSpeed ZeRO 1
+  reduces only at the accumulation boundary, so every rank accumulates the whole gradients in ``.grad`` (p bytes per
+  parameter) until the last backward; FSDP2 here skips the reduce-scatter on all but the last microbatch
+  (``set_requires_gradient_sync``), and FSDP2 then accumulates *unsharded* gradients in the reduce dtype (fp32: 4
+  bytes per parameter of the rank's TP/PP slice). ZeRO 2/3 reduce every microbatch and keep only the partition.
 Offload moves the optimizer states (and, with ``params``, the sharded weights) to host memory; they are reported under
 ``cpu`` and leave the GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from megatron_lite.config import ModelConfig
@@ -54,9 +61,10 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
     dp = layout.dp
     groups = param_groups(shapes)
     total = sum(_numel(s) for _, s in shapes)
+    accumulating = layout.num_microbatches > 1
     if layout.engine == "fsdp":
         local = sum(math.ceil(s[0] / dp) * _numel(s[1:]) for _, s in shapes)
-        w, g, o = 4 * local, 4 * local, 8 * local + 4 * len(shapes)
+        w, g, o = 4 * local, 4 * (total if accumulating else local), 8 * local + 4 * len(shapes)
     elif layout.zero == 0:
         w, g = p * total, p * total
         o = 8 * total + 4 * len(shapes) + (4 * total if p != 4 else 0)
@@ -65,7 +73,7 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
         padded = [math.ceil(sum(_numel(s) for _, s in grp) / align) * align for grp in groups]
         part = sum(n // dp for n in padded)
         w = p * sum(padded)
-        g = p * part
+        g = p * (total if layout.zero == 1 and accumulating else part)
         o = 12 * part + 4 * len(groups)
     else:
         parts = [sum(math.ceil(_numel(s) / dp) for _, s in grp) for grp in groups]
@@ -185,12 +193,15 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
     n_enc = spec.num_encoder_layers if isinstance(spec, EncDecSpec) else 0
     layer_ids = range(first, first + counts[stage])
     kinds = [i >= n_enc for i in layer_ids]  # True: decoder layer
-    full = {k: layer_activation_bytes(spec, layout, k) for k in set(kinds)}
     if layout.recompute == "full":
         kept = sum(_layer_input_bytes(spec, layout, k) for k in kinds)
-        working = max(full.values())  # the one layer being recomputed during backward
+        # The layer being recomputed during backward reruns its forward unchanged and holds all of its activations
+        # (the s*s scores too when attention is not flash), once: one layer at a time.
+        rerun = dataclasses.replace(layout, recompute="none")
+        working = max(layer_activation_bytes(spec, rerun, k) for k in set(kinds))
     else:
-        kept = sum(full[k] for k in kinds)
+        per_layer = {k: layer_activation_bytes(spec, layout, k) for k in set(kinds)}
+        kept = sum(per_layer[k] for k in kinds)
         working = 0.0
     total = kept * inflight_microbatches(layout, stage) + working
     p = DTYPE_BYTES[layout.dtype]
@@ -233,7 +244,8 @@ def estimate(spec: ModelSpec, layout: Layout, gpu_memory: int | None = None) -> 
     out = {
         "layout": {"gpus": layout.gpus, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "engine": layout.engine,
                    "zero": layout.zero, "offload": layout.offload, "micro_batch": layout.micro_batch,
-                   "seq_len": layout.seq_len, "num_microbatches": layout.num_microbatches,
+                   "seq_len": layout.seq_len, "global_batch": layout.global_batch,
+                   "num_microbatches": layout.num_microbatches,
                    "recompute": layout.recompute, "schedule": layout.schedule, "dtype": layout.dtype,
                    "sequence_parallel": layout.sequence_parallel, "flash_attention": layout.flash_attention},
         "per_gpu_bytes": worst["per_gpu_bytes"],

@@ -35,6 +35,19 @@ def meta_counts(spec: ModelSpec) -> dict[str, int] | None:
     return {"total": total, "embedding": embedding}
 
 
+DECODER_CONVENTION = "PaLM: 6N + 12*L*H*Q*T (causal: 6N + 6*L*H*Q*T); N = params_flops"
+# Input and target of T tokens each: 6N*T for the linear layers (encoder weights on inputs, decoder weights on
+# targets, cross-attention K/V on the encoder outputs) plus 12*H*Q*T^2 per encoder self-, decoder self- and
+# cross-attention layer, divided by the 2T processed tokens.
+ENCDEC_CONVENTION = ("encoder-decoder, per processed token (T input + T target tokens): 3N + 6*H*Q*T*(L_enc + 2*L_dec) "
+                     "(causal decoder: 3N + 6*H*Q*T*(L_enc + 1.5*L_dec)); N = params_flops")
+
+
+def flops_convention(spec: ModelSpec) -> str:
+    """The formula behind ``flops_per_token``, for the family: PaLM's per-token rule, or its encoder-decoder form."""
+    return ENCDEC_CONVENTION if isinstance(spec, EncDecSpec) else DECODER_CONVENTION
+
+
 def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = True) -> dict:
     """Everything ``plan.py model`` prints, as a JSON-ready dict."""
     counts = count_params(spec)
@@ -50,7 +63,7 @@ def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = Tru
         "seq_len": seq_len,
         "flops_per_token": training_flops_per_token(spec, seq_len, causal=False),
         "flops_per_token_causal": training_flops_per_token(spec, seq_len, causal=True),
-        "flops_convention": "PaLM: 6N + 12*L*H*Q*T (causal: 6N + 6*L*H*Q*T); N = params_flops",
+        "flops_convention": flops_convention(spec),
     }
     if isinstance(spec, ModelConfig):
         out.update(vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size,
@@ -62,6 +75,7 @@ def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = Tru
     if meta:
         found = meta_counts(spec)
         out["params_meta"] = None if found is None else found["total"]
+        out["params_meta_embedding"] = None if found is None else found["embedding"]
         out["counts_agree"] = None if found is None else (found["total"] == counts.total
                                                            and found["embedding"] == counts.embedding)
     return out

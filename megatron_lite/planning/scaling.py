@@ -15,7 +15,8 @@ D_opt = C / (6 P_opt):
 - replication: the same minimum with the refit of Besiroglu et al. 2024 ("Chinchilla Scaling: A replication attempt",
   arXiv:2404.10102): E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658.
 
-The predicted loss is L(N, D) with the paper's constants (nats per token on MassiveText; other data differ).
+The predicted loss is L(N, D) with the constants of the selected approach's fit: Hoffmann et al.'s for approach1-3,
+Besiroglu et al.'s for replication (nats per token on MassiveText; other data and tokenizers differ).
 """
 
 from __future__ import annotations
@@ -29,15 +30,27 @@ SECONDS_PER_DAY = 86400.0
 GOPHER_FLOPS = 5.76e23
 
 
+PAPERS = {
+    "hoffmann": "Hoffmann et al. 2022, Training Compute-Optimal Large Language Models (arXiv:2203.15556)",
+    "besiroglu": "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (arXiv:2404.10102)",
+}
+
+
 @dataclass(frozen=True)
 class LossFit:
-    """L(N, D) = E + A / N^alpha + B / D^beta."""
+    """L(N, D) = E + A / N^alpha + B / D^beta, with the paper (a ``PAPERS`` key) and the place in it."""
 
     E: float
     A: float
     B: float
     alpha: float
     beta: float
+    paper: str = ""
+    where: str = ""
+
+    @property
+    def source(self) -> str:
+        return f"{PAPERS[self.paper]}, {self.where}" if self.paper else self.where
 
     def loss(self, params: float, tokens: float) -> float:
         return self.E + self.A / params**self.alpha + self.B / tokens**self.beta
@@ -50,8 +63,15 @@ class LossFit:
         return g / 6.0**a, a
 
 
-HOFFMANN = LossFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
-BESIROGLU = LossFit(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
+    def constants(self) -> dict[str, float | str]:
+        return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta, "paper": self.paper,
+                "source": self.source}
+
+
+HOFFMANN = LossFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, paper="hoffmann",
+                   where="Section 3.3 (Approach 3, parametric fit)")
+BESIROGLU = LossFit(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, paper="besiroglu",
+                    where="their refit of Approach 3")
 
 # name -> (K, a) of P_opt = K * C^a
 APPROACHES: dict[str, tuple[float, float]] = {
@@ -61,6 +81,23 @@ APPROACHES: dict[str, tuple[float, float]] = {
     "replication": BESIROGLU.power_law(),
 }
 APPROACH_FITS = {"approach1": HOFFMANN, "approach2": HOFFMANN, "approach3": HOFFMANN, "replication": BESIROGLU}
+APPROACH_SOURCES = {  # name -> (paper, where the power law comes from)
+    "approach1": ("hoffmann", "least-squares fit to the (P, C) rows of Table 3 (Approach 1), the 67B row left out"),
+    "approach2": ("hoffmann", "exponent of Table 2 (Approach 2), K from 63B at 5.76e23 FLOPs (Section 3.2)"),
+    "approach3": ("hoffmann", "minimum of its L(N, D) (Section 3.3) under C = 6ND"),
+    "replication": ("besiroglu", "minimum of its refit L(N, D) under C = 6ND"),
+}
+
+
+def constants() -> dict:
+    """Every constant ``plan_compute`` uses, with its source: the papers, the power laws and the loss fits."""
+    return {
+        "papers": dict(PAPERS),
+        "approaches": {name: {"K": k, "a": a, "paper": APPROACH_SOURCES[name][0],
+                              "source": f"{PAPERS[APPROACH_SOURCES[name][0]]}, {APPROACH_SOURCES[name][1]}"}
+                       for name, (k, a) in APPROACHES.items()},
+        "loss_fits": {"hoffmann": HOFFMANN.constants(), "besiroglu": BESIROGLU.constants()},
+    }
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -101,9 +138,12 @@ def plan_compute(flops: float | None = None, params: float | None = None, tokens
         raise PlanError("give one of --flops, --params or --tokens (or --params with --tokens)")
     if sum(given) > 1 and not (params is not None and tokens is not None and flops is None):
         raise PlanError("give one of --flops, --params or --tokens; only --params and --tokens combine")
+    if approach not in APPROACHES:
+        raise PlanError(f"unknown approach '{approach}'; choose from {', '.join(APPROACHES)}")
+    fit = APPROACH_FITS[approach]
     if params is not None and tokens is not None:
         headline = {"flops": 6.0 * params * tokens, "params": float(params), "tokens": float(tokens),
-                    "loss": HOFFMANN.loss(params, tokens)}
+                    "loss": fit.loss(params, tokens)}
         optima = {name: optimum(name, flops=headline["flops"]) for name in APPROACHES}
         optimal = False
     else:
@@ -112,7 +152,9 @@ def plan_compute(flops: float | None = None, params: float | None = None, tokens
         optimal = True
     out = dict(headline)
     out.update(approach=approach if optimal else None, compute_optimal=optimal,
-               tokens_per_param=headline["tokens"] / headline["params"], approaches=optima)
+               tokens_per_param=headline["tokens"] / headline["params"], approaches=optima,
+               loss_fit="besiroglu" if fit is BESIROGLU else "hoffmann", loss_source=fit.source,
+               constants=constants())
     return out
 
 

@@ -1,19 +1,9 @@
-"""Enumerate the layouts that fit in GPU memory and rank them by an estimated step time.
+"""Enumerate the layouts that fit in GPU memory and rank them by the estimated time of one step of a fixed global batch.
 
-Step-time model (no overlap of communication with compute, so it is an upper bound that penalizes chatty layouts):
-
-    step = compute * (1 + bubble) + tp_comm + pp_comm + dp_comm
-
-- compute: training FLOPs of the global batch (causal attention, as flash kernels do), plus one extra forward of the
-  layers with full recomputation, or of the attention scores with selective recomputation, divided by
-  gpus * peak FLOP/s * ``mfu`` (the fraction of peak that large matmuls attain).
-- bubble: (pp - 1) / m for GPipe and 1F1B, (pp - 1) / (m v) for the interleaved schedule (Narayanan et al. 2021).
-- tp_comm: 4 all-reduces (2 forward, 2 backward; 6 with full recomputation) of s*b*h activations per layer and
-  microbatch, ring cost 2 (t - 1)/t * bytes / bandwidth; within a node when tp <= gpus_per_node.
-- pp_comm: one s*b*h send forward and one backward per microbatch at each stage boundary.
-- dp_comm: gradient all-reduce (ZeRO 0-2: reduce-scatter + all-gather, the same volume) 2 (d - 1)/d * params * bytes;
-  ZeRO-3 / FSDP also all-gather the weights for forward and backward of every microbatch: (2 m + 1)(d - 1)/d * ...
-  Over the inter-node links once the job spans nodes.
+Every candidate processes the same global batch (``--global-batch``, else the config's training batch, else
+``DEFAULT_BATCH_TOKENS`` tokens rounded to a multiple of the GPU count), so the fastest step is also the highest
+throughput. The step model is ``steptime.step_time``. Choices the user fixed (``Constraints``: --tp, --pp, --zero or
+--fsdp, --micro-batch, --recompute) restrict the enumeration instead of being overridden by it.
 """
 
 from __future__ import annotations
@@ -23,119 +13,158 @@ import dataclasses
 from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
-from megatron_lite.planning.flops import attention_flops_per_token, training_flops_per_token
-from megatron_lite.planning.layout import DTYPE_BYTES, Layout, stage_layers
+from megatron_lite.planning.layout import RECOMPUTE, Layout
 from megatron_lite.planning.memory import estimate
-from megatron_lite.planning.params import count_params
+from megatron_lite.planning.steptime import (
+    LAYER_OVERHEAD_S,
+    Network,
+    check_rates,
+    stage_params,
+    step_time,
+    tokens_per_sample,
+)
 
 ModelSpec = ModelConfig | EncDecSpec
 
-
-@dataclasses.dataclass
-class Network:
-    """Per-GPU bus bandwidths in bytes/s for ring collectives."""
-
-    intra_node: float = 300e9  # NVLink (H100 SXM: ~450 GB/s per direction, ~300-370 measured bus bandwidth)
-    inter_node: float = 25e9  # one 200 Gb/s NIC per GPU
+DEFAULT_BATCH_TOKENS = 2**20  # ~1M tokens per step when neither --global-batch nor a config gives a batch
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
-def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float, net: Network,
-              total_params: int | None = None) -> dict[str, float]:
-    """Seconds per optimizer step, by component (see the module docstring)."""
-    s = layout.seq_len
-    gb = layout.global_batch or layout.dp * layout.micro_batch
-    m = layout.num_microbatches
-    tokens = gb * (s + (layout.target_len or s) if isinstance(spec, EncDecSpec) else s)
-    flops = training_flops_per_token(spec, s, causal=True) * tokens
-    if layout.recompute == "full":
-        flops *= 4 / 3
-    elif layout.recompute == "selective":
-        d = spec.d_kv if isinstance(spec, EncDecSpec) else spec.head_dim
-        flops += attention_flops_per_token(spec.num_layers, spec.num_heads, d, s, True) / 3 * tokens
-    compute = flops / (layout.gpus * peak * mfu)
-    v = layout.virtual_stages if layout.schedule == "interleaved" else 1
-    bubble = (layout.pp - 1) / (m * v)
-    p = DTYPE_BYTES[layout.dtype]
-    act = s * layout.micro_batch * spec.hidden_size * p
-    t = layout.tp
-    layers = max(stage_layers(spec.num_layers, layout.pp))
-    tp_bw = net.intra_node if t <= layout.gpus_per_node else net.inter_node
-    n_ar = 6 if layout.recompute == "full" else 4
-    tp_comm = 0.0 if t == 1 else layers * m * n_ar * 2 * (t - 1) / t * act / tp_bw
-    pp_bw = net.intra_node if t * layout.pp <= layout.gpus_per_node else net.inter_node
-    pp_comm = 0.0 if layout.pp == 1 else 2 * m * act / pp_bw
-    d = layout.dp
-    dp_bw = net.intra_node if layout.gpus <= layout.gpus_per_node else net.inter_node
-    total_params = count_params(spec).total if total_params is None else total_params
-    params = total_params // (layout.tp * layout.pp)  # gradients one data-parallel group reduces
-    rounds = (2 * m + 1) if layout.sharded else 2
-    dp_comm = 0.0 if d == 1 else rounds * (d - 1) / d * params * p / dp_bw
-    total = compute * (1 + bubble) + tp_comm + pp_comm + dp_comm
-    return {"step_time_s": total, "compute_s": compute, "bubble_s": compute * bubble, "tp_comm_s": tp_comm,
-            "pp_comm_s": pp_comm, "dp_comm_s": dp_comm, "tokens_per_s": tokens / total,
-            "mfu": training_flops_per_token(spec, s, causal=False) * tokens / total / (layout.gpus * peak)}
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+    """Choices the user fixed; None leaves that dimension to the enumeration."""
+
+    tp: int | None = None
+    pp: int | None = None
+    engine: str | None = None  # "deepspeed" or "fsdp"
+    zero: int | None = None  # with engine "deepspeed"
+    micro_batch: int | None = None
+    recompute: str | None = None
+
+    def flags(self) -> str:
+        """The constraints as the command-line flags that set them, for messages."""
+        out = [f"--{k.replace('_', '-')} {v}" for k, v in dataclasses.asdict(self).items()
+               if v is not None and k != "engine"]
+        return " ".join((["--fsdp"] if self.engine == "fsdp" else []) + out)
+
+
+def default_global_batch(spec: ModelSpec, base: Layout, micro_batch: int | None = None) -> int:
+    """Sequences per step for ~``DEFAULT_BATCH_TOKENS`` tokens, rounded to a multiple of gpus (x a fixed micro-batch),
+    so that every data-parallel size (a divisor of the GPU count) divides it; at least one such multiple."""
+    unit = base.gpus * (micro_batch or 1)
+    samples = DEFAULT_BATCH_TOKENS / tokens_per_sample(spec, base)
+    return max(1, round(samples / unit)) * unit
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(spec: ModelSpec, base: Layout) -> list[Layout]:
-    """Every (tp, pp, engine/ZeRO, micro-batch, recompute) that is valid for the model and the GPU count."""
-    out = []
+def _engines(pp: int, dp: int, fixed: Constraints) -> list[tuple[str, int]]:
+    """(engine, ZeRO stage) choices: DeepSpeed ZeRO 0-3 (0/1 only with pipeline parallelism) or FSDP2."""
+    if fixed.engine == "fsdp":
+        return [("fsdp", 0)]
+    if fixed.zero is not None:
+        return [("deepspeed", fixed.zero)]
+    if dp == 1:  # nothing to shard over
+        return [("deepspeed", 0)]
+    return [("deepspeed", z) for z in (0, 1, 2, 3) if pp == 1 or z <= 1] + [("fsdp", 0)]
+
+
+def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None = None) -> list[Layout]:
+    """Every valid (tp, pp, engine/ZeRO, micro-batch, recompute) for the model, the GPU count and ``fixed``.
+
+    Raises ``PlanError`` naming the first reason when no layout is valid at all (e.g. a fixed --tp that does not
+    divide the heads).
+    """
+    fixed = fixed or Constraints()
+    base.check_sizes()
     heads = spec.num_heads
     kv = spec.kv_heads if isinstance(spec, ModelConfig) else heads
-    gb = base.global_batch
-    for tp in _divisors(base.gpus):
-        if tp > base.gpus_per_node or heads % tp or kv % tp:
-            continue
-        for pp in _divisors(base.gpus // tp):
-            if pp > spec.num_layers:
-                continue
-            dp = base.gpus // (tp * pp)
-            per_rank = gb // dp if gb is not None and gb % dp == 0 else None
-            if gb is not None and per_rank is None:
-                continue
-            mbs = [b for b in (1, 2, 4, 8, 16, 32) if per_rank is None or per_rank % b == 0]
-            engines = [("deepspeed", z) for z in (0, 1, 2, 3) if pp == 1 or z <= 1] + [("fsdp", 0)]
-            if dp == 1:  # nothing to shard over
-                engines = [("deepspeed", 0)]
-            for engine, zero in engines:
+    out: list[Layout] = []
+    first_error: str | None = None
+    tps = [fixed.tp] if fixed.tp else [t for t in _divisors(base.gpus)
+                                       if t <= base.gpus_per_node and not heads % t and not kv % t]
+    for tp in tps:
+        pps = [fixed.pp] if fixed.pp else [p for p in _divisors(max(base.gpus // tp, 1)) if p <= spec.num_layers]
+        for pp in pps:
+            dp = max(base.gpus // (tp * pp), 1)
+            mbs = [fixed.micro_batch] if fixed.micro_batch else MICRO_BATCHES  # validate() keeps those dividing gb/dp
+            for engine, zero in _engines(pp, dp, fixed):
                 for mb in mbs:
-                    for rc in ("none", "selective", "full"):
+                    for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
                         lay = dataclasses.replace(base, tp=tp, pp=pp, engine=engine, zero=zero, micro_batch=mb,
                                                   recompute=rc, offload=None)
                         if pp == 1 and lay.schedule == "interleaved":
                             lay.schedule = "1f1b"
                         try:
                             lay.validate(spec)
-                        except PlanError:
+                        except PlanError as e:
+                            first_error = first_error or str(e)
                             continue
                         out.append(lay)
+    if not out:
+        where = f" with {fixed.flags()}" if fixed.flags() else ""
+        raise PlanError(f"no valid layout on {base.gpus} GPUs{where}: {first_error or 'nothing to enumerate'}")
     return out
 
 
 def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: float = 0.5,
-           net: Network | None = None, top: int = 10) -> list[dict]:
-    """The ``top`` fitting layouts, fastest first."""
+           net: Network | None = None, top: int = 10, fixed: Constraints | None = None,
+           layer_overhead_s: float = LAYER_OVERHEAD_S) -> list[dict]:
+    """The ``top`` fitting layouts, fastest step of the same global batch first (ties: less memory first).
+
+    ``base`` carries what is not enumerated (GPU count, sequence length, dtype, schedule, global batch); a missing
+    global batch gets ``default_global_batch``.
+    """
     if gpu_memory <= 0:
         raise PlanError(f"--gpu-memory must be positive, got {gpu_memory}")
+    if top < 1:
+        raise PlanError(f"--top must be a positive integer, got {top}")
     net = net or Network()
+    net.check()
+    check_rates(peak, mfu, layer_overhead_s)
+    fixed = fixed or Constraints()
+    base.check_sizes()
+    if base.global_batch is None:
+        base = dataclasses.replace(base, global_batch=default_global_batch(spec, base, fixed.micro_batch))
     results = []
-    total = count_params(spec).total
-    for lay in candidate_layouts(spec, base):
+    params: dict[tuple[int, int], int] = {}
+    for lay in candidate_layouts(spec, base, fixed):
         mem = estimate(spec, lay, gpu_memory)
         if not mem["fits"]:
             continue
+        key = (lay.tp, lay.pp)
+        if key not in params:
+            params[key] = stage_params(spec, lay)
         row = {"layout": mem["layout"], "per_gpu_bytes": mem["per_gpu_bytes"], "breakdown": mem["breakdown"]}
-        row.update(step_time(spec, lay, peak, mfu, net, total))
+        row.update(step_time(spec, lay, peak, mfu, net, params[key], layer_overhead_s))
         results.append(row)
     results.sort(key=lambda r: (r["step_time_s"], r["per_gpu_bytes"]))
-    return results[:top]
+    return _drop_ties(results)[:top]
+
+
+def _drop_ties(rows: list[dict]) -> list[dict]:
+    """Leave out a row whose split (tp, pp, micro-batch, recompute) and step time equal an earlier, smaller row's:
+    e.g. ZeRO 0 beside ZeRO 1, which moves the same bytes and only needs more memory."""
+    kept, seen = [], set()
+    for r in rows:
+        lay = r["layout"]
+        key = (lay["tp"], lay["pp"], lay["micro_batch"], lay["recompute"], r["step_time_s"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+def smallest_footprint(spec: ModelSpec, base: Layout, fixed: Constraints | None = None) -> int:
+    """The least per-GPU memory any candidate needs, to say how far off a search that found nothing was."""
+    return min(estimate(spec, lay)["per_gpu_bytes"] for lay in candidate_layouts(spec, base, fixed))
 
 
 def candidate_count(spec: ModelSpec, base: Layout) -> int:
     return len(candidate_layouts(spec, base))
 
 
-__all__ = ["Network", "search", "step_time", "candidate_layouts", "candidate_count"]
+__all__ = ["Constraints", "DEFAULT_BATCH_TOKENS", "Network", "candidate_count", "candidate_layouts",
+           "default_global_batch", "search", "smallest_footprint", "step_time"]

@@ -1,5 +1,7 @@
 """The model-state part of the memory estimate equals, byte for byte, what our engines hold on 2 CPU ranks.
 
+Both precisions are measured: fp32, and bf16 (the default for estimates; DeepSpeed's CPU accelerator runs bf16).
+
 Each rank builds a small decoder through ``megatron_lite.engines.build_engine`` (DeepSpeed ZeRO 0-3 with a torch AdamW,
 and FSDP2), trains one step so that the optimizer state exists, and on the second step measures at the moment the
 optimizer step begins, when weights, gradients and optimizer states are all resident:
@@ -8,13 +10,16 @@ optimizer step begins, when weights, gradients and optimizer states are all resi
   parameter partitions plus the whole copies of persistent (small) tensors; FSDP2: the local shards of the DTensors;
 - gradients: ZeRO 0 and FSDP2: ``.grad`` of each parameter (local shard); ZeRO 1/2: the reduced gradients of this
   rank's partition; ZeRO 3: the flat gradient-partition buffer;
-- optimizer: the fp32 master partitions (ZeRO 1-3) and every tensor in the torch AdamW state (moments and steps).
+- optimizer: the fp32 masters (ZeRO 0 in bf16: the unfused optimizer's ``fp32_groups``; ZeRO 1-3: the fp32
+  partitions) and every tensor in the torch AdamW state (moments and steps).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -26,7 +31,8 @@ from megatron_lite.planning.params import decoder_shapes
 
 MODEL = dict(vocab_size=101, pad_vocab_multiple=1, hidden_size=24, num_layers=2, num_heads=2, ffn_hidden_size=37,
              max_seq_len=16, bias=True, tie_embeddings=True)
-CASES = [("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp", 0)]
+ENGINES = [("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3), ("fsdp", 0)]
+CASES = [(engine, zero, dtype) for dtype in ("fp32", "bf16") for engine, zero in ENGINES]
 
 
 def _nbytes(tensors) -> int:
@@ -44,8 +50,10 @@ def _measure_deepspeed(eng) -> dict[str, int]:
     params = list(eng.model.parameters())
     inner = getattr(opt, "optimizer", opt)
     state = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    if eng.stage == 0:
-        return {"weights": _nbytes(params), "gradients": _nbytes(p.grad for p in params), "optimizer": _nbytes(state)}
+    if eng.stage == 0:  # bf16/fp16: DeepSpeed's unfused optimizer keeps an fp32 master per parameter (fp32_groups)
+        masters = [t for group in getattr(opt, "fp32_groups", []) for t in group]
+        return {"weights": _nbytes(params), "gradients": _nbytes(p.grad for p in params),
+                "optimizer": _nbytes(masters) + _nbytes(state)}
     if eng.stage in (1, 2):
         grads = [g for group in opt.averaged_gradients.values() for g in group]  # views of this rank's partition
         return {"weights": _nbytes(opt.bit16_groups_flat), "gradients": _nbytes(grads),
@@ -62,7 +70,32 @@ def _measure_fsdp(eng) -> dict[str, int]:
     return {"weights": _nbytes(params), "gradients": _nbytes(p.grad for p in params), "optimizer": _nbytes(state)}
 
 
-def _rank(rank: int, port: int, engine: str, zero: int, queue) -> None:
+def _measure_accumulated(eng, engine: str) -> dict[str, int]:
+    """Gradient bytes held between the microbatches of a step (after a backward, before the next forward).
+
+    ZeRO 1 accumulates in each parameter's ``.grad``; FSDP2 keeps the unsharded gradients of every FSDP unit until
+    the last microbatch reduce-scatters them. They live in FSDP's private per-unit state, read here through
+    ``_get_fsdp_state`` (torch 2.6+; the test skips if that changes).
+    """
+    if engine == "deepspeed":
+        return {"gradients": _nbytes(p.grad for p in eng.model.parameters())}
+    grads = []
+    for module in eng.model.modules():
+        group = getattr(module, "_get_fsdp_state", lambda: None)()
+        group = getattr(group, "_fsdp_param_group", None)
+        if group is None:
+            continue
+        for fp in group.fsdp_params:
+            acc = getattr(fp, "unsharded_accumulated_grad", None)
+            grads.append(acc if acc is not None else fp._unsharded_param.grad)
+    if not grads:
+        pytest.skip("FSDP2's per-unit state moved; cannot read the accumulated gradients")
+    return {"gradients": _nbytes(grads)}
+
+
+def _rank(rank: int, port: int, engine: str, zero: int, dtype: str, microbatches: int, queue) -> None:
+    """Train two steps of ``microbatches`` microbatches (2 sequences each); measure during the second step: at the
+    start of the optimizer step (one microbatch), or before the last microbatch's forward (accumulation)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -72,13 +105,22 @@ def _rank(rank: int, port: int, engine: str, zero: int, queue) -> None:
     from megatron_lite.training.loss import make_forward_loss
 
     cfg = config_from_dict({"model": MODEL, "data": {"seq_len": 16},
-                            "training": {"precision": "fp32", "global_batch_size": 4, "micro_batch_size": 2,
-                                         "device": "cpu"},
+                            "training": {"precision": dtype, "global_batch_size": 4 * microbatches,
+                                         "micro_batch_size": 2, "device": "cpu"},
                             "parallel": {"engine": engine, "zero_stage": zero}})
     topo = Topology.from_env(cfg.parallel, "cpu")
     torch.manual_seed(0)
-    eng = build_engine(cfg, build_model(cfg.model, "cpu"), topo, make_forward_loss())
+    forward_loss = make_forward_loss()
     measured: dict[str, int] = {}
+    calls = [0]
+
+    def counted_forward_loss(model, mb):
+        calls[0] += 1
+        if microbatches > 1 and calls[0] == 2 * microbatches and not measured:  # the last one of step 2
+            measured.update(_measure_accumulated(eng, engine))
+        return forward_loss(model, mb)
+
+    eng = build_engine(cfg, build_model(cfg.model, "cpu"), topo, counted_forward_loss)
     target = eng.engine.optimizer if engine == "deepspeed" else eng.optimizer
     original = target.step
 
@@ -88,10 +130,10 @@ def _rank(rank: int, port: int, engine: str, zero: int, queue) -> None:
         return original(*args, **kwargs)
 
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(rank))
-    mb = {"input_ids": ids, "labels": ids}
-    eng.train_step([mb], lr=1e-3)
+    mbs = [{"input_ids": ids, "labels": ids}] * microbatches
+    eng.train_step(mbs, lr=1e-3)
     target.step = step
-    eng.train_step([mb], lr=1e-3)
+    eng.train_step(mbs, lr=1e-3)
     queue.put((rank, measured))
     torch.distributed.destroy_process_group()
 
@@ -102,18 +144,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine,zero", CASES)
-def test_model_states_match_engine(engine: str, zero: int) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def _imported_before_fork() -> None:
+    """Import what every rank imports (DeepSpeed's ZeRO modules pull in torch._dynamo and inductor) once, in the
+    parent, so that the forked ranks inherit it: this takes most of each case's time otherwise."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for name in ("megatron_lite.engines", "megatron_lite.engines.deepspeed", "megatron_lite.engines.fsdp",
+                 "megatron_lite.models.decoder", "megatron_lite.training.loss", "torch.distributed.fsdp",
+                 "torch._dynamo", "torch._inductor.compile_fx", "deepspeed", "deepspeed.runtime.engine",
+                 "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
+                 "deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.fp16.unfused_optimizer"):
+        with warnings.catch_warnings():  # third-party deprecation notices at import time are not this test's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                importlib.import_module(name)
+            except ImportError:  # only a speed-up; the ranks import (or skip) a missing module as before
+                pass
+
+
+def _run(engine: str, zero: int, dtype: str, microbatches: int) -> dict[str, int]:
+    """Rank 0's measurement (the most loaded: FSDP gives it the larger dim-0 chunks)."""
     if engine == "deepspeed":
         pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("fork")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_rank, args=(_free_port(), engine, zero, queue), nprocs=2, start_method="fork")
-    measured = dict(queue.get() for _ in range(2))
+    queue = mp.get_context("fork").SimpleQueue()
+    mp.start_processes(_rank, args=(_free_port(), engine, zero, dtype, microbatches, queue), nprocs=2,
+                       start_method="fork")
+    return dict(queue.get() for _ in range(2))[0]
+
+
+def _expected(engine: str, zero: int, dtype: str, microbatches: int) -> dict[str, int]:
     shapes = decoder_shapes(config_from_dict({"model": MODEL, "data": {"seq_len": 16}}).model)
-    expected = model_state_bytes(shapes, Layout(gpus=2, engine=engine, zero=zero, dtype="fp32"))
+    layout = Layout(gpus=2, engine=engine, zero=zero, dtype=dtype, micro_batch=2, global_batch=4 * microbatches)
+    expected = model_state_bytes(shapes, layout)
     expected.pop("cpu")
-    assert measured[0] == expected  # rank 0 is the most loaded (FSDP gives it the larger dim-0 chunks)
+    return expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,zero,dtype", CASES)
+def test_model_states_match_engine(engine: str, zero: int, dtype: str) -> None:
+    assert _run(engine, zero, dtype, 1) == _expected(engine, zero, dtype, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,zero", [("deepspeed", 1), ("fsdp", 0)])
+def test_accumulated_gradients_match_engine(engine: str, zero: int) -> None:
+    """With 2 microbatches per step ZeRO 1 holds whole gradients and FSDP2 unsharded fp32 ones until the last."""
+    measured = _run(engine, zero, "bf16", 2)
+    expected = _expected(engine, zero, "bf16", 2)
+    assert measured["gradients"] == expected["gradients"]
+    assert expected["gradients"] > _expected(engine, zero, "bf16", 1)["gradients"]  # more than the partition

@@ -9,6 +9,7 @@ from megatron_lite.planning.flops import encdec_training_flops, training_flops_p
 from megatron_lite.planning.hardware import device_memory, peak_flops, register_device
 from megatron_lite.planning.params import count_params
 from megatron_lite.planning.presets import REFERENCE_PRESETS
+from megatron_lite.planning.report import model_report
 
 
 def test_palm_formula_by_hand() -> None:
@@ -36,6 +37,19 @@ def test_encdec_flops_is_per_processed_token() -> None:
     per_seq = encdec_training_flops(spec, 512, 512)
     assert training_flops_per_token(spec, 512) == pytest.approx(per_seq / 1024)
     assert encdec_training_flops(spec, 512, 512, causal=True) < per_seq
+
+
+def test_encdec_convention_line_gives_the_number() -> None:
+    """The printed encoder-decoder convention, 3N + 6 H Q T (L_enc + 2 L_dec) per processed token (causal: 1.5 L_dec),
+    reproduces ``flops_per_token``."""
+    spec = REFERENCE_PRESETS["t5-base"]
+    r = model_report(spec, 512, meta=False)
+    assert "encoder-decoder, per processed token" in r["flops_convention"]
+    assert "3N + 6*H*Q*T*(L_enc + 2*L_dec)" in r["flops_convention"]
+    n, hq, t = r["params_flops"], spec.num_heads * spec.d_kv, 512
+    assert r["flops_per_token"] == pytest.approx(3 * n + 6 * hq * t * (12 + 2 * 12))
+    assert r["flops_per_token_causal"] == pytest.approx(3 * n + 6 * hq * t * (12 + 1.5 * 12))
+    assert model_report(REFERENCE_PRESETS["gpt2-124m"], 1024, meta=False)["flops_convention"].startswith("PaLM: 6N")
 
 
 def test_peak_flops_lookup() -> None:

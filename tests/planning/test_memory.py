@@ -43,6 +43,46 @@ def test_full_recompute_keeps_layer_inputs() -> None:
     assert full < none / 5
 
 
+def _gpt3_layer(p: int, flash: bool) -> int:
+    """One GPT-3 style layer's activations at p bytes per value: Korthikanti's s*b*h*(34 + 5*a*s/h) at p = 2, i.e.
+    16p + 2 bytes per s*b*h (the 2: two 1-byte dropout masks) and (2p + 1) per score, or a float32 LSE with flash."""
+    return S * B * H * (16 * p + 2) + (4 * A * S * B if flash else (2 * p + 1) * A * S * S * B)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("dtype,p", [("bf16", 2), ("fp32", 4)])
+def test_full_recompute_activations_exactly(flash: bool, dtype: str, p: int) -> None:
+    """Full recomputation: each layer keeps its input, s*b*h values (2 s*b*h bytes in bf16), plus one layer recomputed
+    at a time with its whole working set (the s*s scores too without flash); the last stage adds the final-norm and
+    head inputs and the logits in the training dtype and in fp32."""
+    L, V = GPT3_LIKE.num_layers, GPT3_LIKE.padded_vocab_size
+    assert _gpt3_layer(2, False) == S * B * H * (34 + 5 * A * S / H)
+    lay = Layout(seq_len=S, micro_batch=B, recompute="full", flash_attention=flash, dtype=dtype)
+    head = 2 * S * B * H * p + S * B * V * (p + 4)
+    assert estimate(GPT3_LIKE, lay)["breakdown"]["activations"] == L * p * S * B * H + _gpt3_layer(p, flash) + head
+    # 1F1B on 2 stages, 4 microbatches: stage 0 keeps its 12 layer inputs for min(pp - 0, m) = 2 microbatches
+    piped = dataclasses.replace(lay, gpus=2, pp=2, global_batch=4 * B)
+    stage0 = estimate(GPT3_LIKE, piped)["stages"][0]["breakdown"]["activations"]
+    assert stage0 == 2 * (L // 2) * p * S * B * H + _gpt3_layer(p, flash)
+
+
+def test_accumulation_keeps_whole_gradients_for_zero1_and_fsdp() -> None:
+    """With m > 1, ZeRO 1 accumulates the whole low-precision gradients and FSDP2 unsharded fp32 ones; ZeRO 2/3
+    reduce every microbatch and keep the partition (the engine test measures the first two on 2 CPU ranks)."""
+    spec = REFERENCE_PRESETS["gpt2-124m"]
+    shapes = stage_shapes(spec, 1, 1, 0)
+    psi = count_params(spec).total
+    one = dict(gpus=8, micro_batch=1, global_batch=8)  # m = 1
+    acc = dict(gpus=8, micro_batch=1, global_batch=32)  # m = 4
+    assert model_state_bytes(shapes, Layout(zero=1, **acc))["gradients"] == 2 * psi
+    assert model_state_bytes(shapes, Layout(engine="fsdp", **acc))["gradients"] == 4 * psi
+    for kw in (dict(zero=1), dict(engine="fsdp")):
+        assert model_state_bytes(shapes, Layout(**kw, **one))["gradients"] < psi
+    for zero in (2, 3):
+        accumulating = model_state_bytes(shapes, Layout(zero=zero, **acc))
+        assert accumulating == model_state_bytes(shapes, Layout(zero=zero, **one))
+
+
 def test_inflight_microbatches() -> None:
     lay = Layout(gpus=8, pp=4, global_batch=32, micro_batch=1, schedule="1f1b")  # dp=2, m=16
     assert [inflight_microbatches(lay, s) for s in range(4)] == [4, 3, 2, 1]

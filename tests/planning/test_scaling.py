@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_lite.planning.errors import PlanError
-from megatron_lite.planning.scaling import HOFFMANN, optimum, plan_compute, training_time
+from megatron_lite.planning.scaling import BESIROGLU, HOFFMANN, constants, optimum, plan_compute, training_time
 
 # (parameters, FLOPs, tokens), Table 3
 TABLE3 = [
@@ -51,6 +51,24 @@ def test_parametric_loss_and_its_minimum() -> None:
 def test_params_and_tokens_together() -> None:
     r = plan_compute(params=1e9, tokens=1e11)
     assert r["flops"] == 6e20 and not r["compute_optimal"]
+
+
+def test_loss_uses_the_fit_of_the_approach() -> None:
+    run = plan_compute(params=1e9, tokens=2e10, approach="replication")
+    assert run["loss"] == pytest.approx(BESIROGLU.loss(1e9, 2e10)) and run["loss_fit"] == "besiroglu"
+    assert plan_compute(params=1e9, tokens=2e10)["loss"] == pytest.approx(HOFFMANN.loss(1e9, 2e10))
+    opt = plan_compute(flops=1e22, approach="replication")
+    assert opt["loss"] == pytest.approx(BESIROGLU.loss(opt["params"], opt["tokens"]))
+    assert "arXiv:2404.10102" in opt["loss_source"]
+
+
+def test_constants_name_their_sources() -> None:
+    c = constants()
+    assert c["approaches"]["approach1"]["K"] == 0.09935 and "Table 3" in c["approaches"]["approach1"]["source"]
+    assert c["approaches"]["approach2"]["a"] == 0.49 and "Table 2" in c["approaches"]["approach2"]["source"]
+    assert c["loss_fits"]["hoffmann"]["E"] == 1.69 and "arXiv:2203.15556" in c["loss_fits"]["hoffmann"]["source"]
+    assert c["loss_fits"]["besiroglu"]["B"] == 2085.43 and "arXiv:2404.10102" in c["loss_fits"]["besiroglu"]["source"]
+    assert plan_compute(flops=1e20)["constants"] == c
 
 
 def test_training_time() -> None:

@@ -1,0 +1,153 @@
+"""Estimated time of one optimizer step of a layout on a fixed global batch, so that layouts doing equal work compare.
+
+Every layout processes the same ``global_batch`` sequences per step, in m = global_batch / (dp * micro_batch)
+microbatches per data-parallel rank. Each pipeline stage runs the m microbatches one after another; one microbatch on
+one stage costs
+
+    t_mb = compute_mb + fixed_mb + tp_mb + pp_mb
+
+- compute_mb: the microbatch's share of the training FLOPs (causal attention, as flash kernels compute; plus one
+  extra forward of the layers with full recomputation, or of the attention scores with selective recomputation),
+  divided by peak FLOP/s * ``mfu`` (the fraction of peak that large matmuls attain);
+- fixed_mb: ``layer_overhead_s`` per layer of the stage (x 4/3 with full recomputation, which reruns the forward): the
+  fixed cost of every kernel launch and wave tail, which does not shrink with the microbatch. This is what makes
+  larger micro-batches faster per token;
+- tp_mb: 4 all-reduces (2 forward, 2 backward; 6 with full recomputation) of s*b*h activations per layer, ring cost
+  2 (t - 1)/t * bytes / bandwidth;
+- pp_mb: one s*b*h send forward and one backward at the stage boundary.
+
+The step is the m microbatches, the pipeline bubble of (pp - 1) / v more microbatch slots (v = virtual stages of the
+interleaved schedule, else 1; Narayanan et al. 2021), and the data-parallel traffic of the engine, none of it
+overlapped (an upper bound that penalizes chatty layouts):
+
+    step = m * t_mb + (pp - 1) / v * t_mb + dp_comm
+
+dp_comm (Ψ = parameters of the rank's TP/PP slice, p = bytes of the training dtype, ring factor (d - 1)/d):
+- DeepSpeed ZeRO 0: one gradient all-reduce at the accumulation boundary: 2 Ψ p;
+- ZeRO 1: one reduce-scatter at the boundary and one all-gather of the updated weights: 2 Ψ p;
+- ZeRO 2: a reduce-scatter every microbatch (DeepSpeed reduces between boundaries too) and the all-gather: (m + 1) Ψ p;
+- ZeRO 3: all-gathers for forward and backward and a reduce-scatter, every microbatch: 3 m Ψ p;
+- FSDP2 (as the engine runs it): all-gathers for forward and backward every microbatch, and one reduce-scatter in
+  fp32 on the last microbatch only: (2 m p + 4) Ψ.
+Over the inter-node links once the job spans nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from megatron_lite.config import ModelConfig
+from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.errors import PlanError
+from megatron_lite.planning.flops import sequence_flops
+from megatron_lite.planning.layout import DTYPE_BYTES, Layout, stage_layers, stage_shapes
+
+ModelSpec = ModelConfig | EncDecSpec
+
+# Fixed cost per transformer layer and microbatch, forward and backward together: about 50 kernels at ~2 µs each of
+# launch gap and wave tail. A rough constant, to be fitted against the GPU benchmarks like the activation model.
+LAYER_OVERHEAD_S = 100e-6
+
+
+@dataclasses.dataclass
+class Network:
+    """Per-GPU bus bandwidths in bytes/s for ring collectives."""
+
+    intra_node: float = 300e9  # NVLink (H100 SXM: ~450 GB/s per direction, ~300-370 measured bus bandwidth)
+    inter_node: float = 25e9  # one 200 Gb/s NIC per GPU
+
+    def check(self) -> None:
+        for name, value in (("intra-node-bandwidth", self.intra_node), ("inter-node-bandwidth", self.inter_node)):
+            if not (value > 0 and math.isfinite(value)):
+                raise PlanError(f"--{name} must be a positive number of bytes/s, got {value:g}")
+
+
+def check_rates(peak: float, mfu: float, layer_overhead_s: float) -> None:
+    """One-line errors for the step model's own inputs."""
+    if not (peak > 0 and math.isfinite(peak)):
+        raise PlanError(f"--peak-flops must be a positive number, got {peak:g}")
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], got {mfu:g}")
+    if not (layer_overhead_s >= 0 and math.isfinite(layer_overhead_s)):
+        raise PlanError(f"--layer-overhead-us must be >= 0, got {layer_overhead_s * 1e6:g}")
+
+
+def tokens_per_sample(spec: ModelSpec, layout: Layout) -> int:
+    """Tokens one sequence contributes: its length, or input plus target for an encoder-decoder."""
+    if isinstance(spec, EncDecSpec):
+        return layout.seq_len + (layout.target_len or layout.seq_len)
+    return layout.seq_len
+
+
+def _training_flops(spec: ModelSpec, layout: Layout) -> float:
+    """FLOPs of one sequence on the GPUs: causal model FLOPs plus what recomputation repeats."""
+    target = layout.target_len or layout.seq_len
+    flops, attn = sequence_flops(spec, layout.seq_len, target, causal=True)
+    if layout.recompute == "full":  # one more forward of the layers (a third of their training FLOPs), not the head
+        if isinstance(spec, EncDecSpec):
+            head = 6.0 * spec.vocab_size * spec.d_model * target
+        else:
+            head = 6.0 * spec.padded_vocab_size * spec.hidden_size * layout.seq_len
+        flops += (flops - head) / 3
+    elif layout.recompute == "selective":  # one more forward of the attention scores
+        flops += attn / 3
+    return flops
+
+
+def _dp_bytes(layout: Layout, params: int, m: int) -> float:
+    """Bytes one data-parallel rank moves per step through ring collectives (see the module docstring)."""
+    d, p = layout.dp, DTYPE_BYTES[layout.dtype]
+    if d == 1:
+        return 0.0
+    ring = (d - 1) / d * params
+    if layout.engine == "fsdp":
+        return ring * (2 * m * p + 4)
+    rounds = {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[layout.zero]
+    return ring * rounds * p
+
+
+def stage_params(spec: ModelSpec, layout: Layout) -> int:
+    """Parameters of the most loaded (TP rank, pipeline stage): what one data-parallel group reduces."""
+    return max(sum(math.prod(s) for _, s in stage_shapes(spec, layout.tp, layout.pp, st)) for st in range(layout.pp))
+
+
+def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float = 0.5, net: Network | None = None,
+              params: int | None = None, layer_overhead_s: float = LAYER_OVERHEAD_S) -> dict[str, float]:
+    """Seconds per optimizer step of ``layout.global_batch`` sequences, by component (see the module docstring).
+
+    ``params``: the rank's parameter count for the data-parallel traffic (default: computed from the stage shapes).
+    """
+    if layout.global_batch is None:
+        raise PlanError("the step-time model needs a global batch (--global-batch) so that layouts do the same work")
+    net = net or Network()
+    net.check()
+    check_rates(peak, mfu, layer_overhead_s)
+    s, b, t, pp = layout.seq_len, layout.micro_batch, layout.tp, layout.pp
+    m = layout.num_microbatches
+    tokens = layout.global_batch * tokens_per_sample(spec, layout)
+    compute = layout.global_batch * _training_flops(spec, layout) / (layout.gpus * peak * mfu)
+    layers = max(stage_layers(spec.num_layers, pp))
+    passes = 4 / 3 if layout.recompute == "full" else 1.0
+    fixed = m * layers * layer_overhead_s * passes
+    act = s * b * spec.hidden_size * DTYPE_BYTES[layout.dtype]
+    tp_bw = net.intra_node if t <= layout.gpus_per_node else net.inter_node
+    n_ar = 6 if layout.recompute == "full" else 4
+    tp_comm = 0.0 if t == 1 else m * layers * n_ar * 2 * (t - 1) / t * act / tp_bw
+    pp_bw = net.intra_node if t * pp <= layout.gpus_per_node else net.inter_node
+    pp_comm = 0.0 if pp == 1 else m * 2 * act / pp_bw
+    v = layout.virtual_stages if layout.schedule == "interleaved" else 1
+    per_microbatch = (compute + fixed + tp_comm + pp_comm) / m
+    bubble = (pp - 1) / v * per_microbatch
+    dp_bw = net.intra_node if layout.gpus <= layout.gpus_per_node else net.inter_node
+    params = stage_params(spec, layout) if params is None else params
+    dp_comm = _dp_bytes(layout, params, m) / dp_bw
+    total = compute + fixed + tp_comm + pp_comm + bubble + dp_comm
+    model_flops = layout.global_batch * sequence_flops(spec, s, layout.target_len, causal=False)[0]
+    mfu_achieved = model_flops / total / (layout.gpus * peak)
+    return {"step_time_s": total, "compute_s": compute, "fixed_s": fixed, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
+            "bubble_s": bubble, "dp_comm_s": dp_comm, "global_batch": layout.global_batch, "microbatches": m,
+            "tokens_per_step": tokens, "tokens_per_s": tokens / total, "mfu": mfu_achieved}
+
+
+__all__ = ["LAYER_OVERHEAD_S", "Network", "check_rates", "stage_params", "step_time", "tokens_per_sample"]
