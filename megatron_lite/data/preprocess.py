@@ -48,11 +48,11 @@ class PreprocessSummary:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, append_eod: bool, dtype: str) -> None:
+def _init_worker(tokenizer_path: str, append_eod: bool, dtype: str, encoder: str) -> None:
     # One process per core already; keep each tokenizer single-threaded so processes do not fight over cores.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tok"] = load_tokenizer(tokenizer_path)
+    _WORKER["tok"] = load_tokenizer(tokenizer_path, encoder)
     _WORKER["eod"] = append_eod
     _WORKER["dtype"] = np.dtype(dtype)
 
@@ -101,13 +101,38 @@ def _chunks(docs: Iterable[str], stats: SourceStats) -> Iterator[tuple[list[str]
         yield buf, stats.done
 
 
+CHECK_DOCS = 256  # documents at the start of the corpus on which another encoder must agree with tokenizers
+
+
+def check_encoder(tok: Tokenizer, texts: list[str]) -> None:
+    """Stop unless ``tok``'s encoder gives exactly the ids of ``tokenizers`` on ``texts`` (a no-op for tokenizers).
+
+    Run on the corpus's first documents, in the main process, so the outcome does not depend on ``workers``.
+    """
+    if tok.encoder == "tokenizers":
+        return
+    for i, (got, want) in enumerate(zip(tok.encode_batch(texts), tok.reference_encode_batch(texts))):
+        if got != want:
+            raise DataError(f"{tok.file}: --encoder {tok.encoder} and tokenizers give different ids for document "
+                            f"{i + 1} ({texts[i][:40]!r}...); use --encoder tokenizers for this tokenizer")
+
+
+def _checked(chunks: Iterator[tuple[list[str], int]], tok: Tokenizer) -> Iterator[tuple[list[str], int]]:
+    """``chunks``, after checking the encoder on the first chunk's first documents."""
+    for i, (texts, done) in enumerate(chunks):
+        if i == 0:
+            check_encoder(tok, texts[:CHECK_DOCS])
+        yield texts, done
+
+
 def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, workers: int = 1,
                append_eod: bool = False, overwrite: bool = False, skip_bad_records: bool = False,
                json_key: str = "text", text_mode: str = "block", dataset: str | None = None, split: str = "train",
-               progress: bool = True, log: Callable[[str], None] = print) -> PreprocessSummary:
+               progress: bool = True, log: Callable[[str], None] = print,
+               encoder: str = "tokenizers") -> PreprocessSummary:
     """Write ``output_prefix.bin/.idx`` from the inputs; see ``tools/preprocess_data.py --help``."""
     check_can_write(output_prefix, overwrite)
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, encoder)
     dtype = token_dtype(tok)
     stats = SourceStats()
     docs = iter_documents(inputs, json_key=json_key, text_mode=text_mode, skip_bad_records=skip_bad_records,
@@ -127,13 +152,13 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
     try:
         with IndexedDatasetWriter(output_prefix, dtype, overwrite=overwrite, vocab_size=tok.max_id + 1) as w:
             if workers <= 1:
-                for texts, done in _chunks(docs, stats):
+                for texts, done in _checked(_chunks(docs, stats), tok):
                     emit(w, *_encode_chunk(texts, tok, append_eod, dtype), done)
             else:
                 ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-                with ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str)) as pool:
+                with ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str, encoder)) as pool:
                     pending: deque = deque()
-                    for texts, done in _chunks(docs, stats):
+                    for texts, done in _checked(_chunks(docs, stats), tok):
                         pending.append((pool.apply_async(_encode_chunk, (texts,)), done))
                         while len(pending) > 2 * workers:
                             res, d = pending.popleft()

@@ -16,11 +16,13 @@ import os
 from pathlib import Path
 
 from .errors import DataError, first_line
+from .fast_bpe import tiktoken_encoding
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SENTINEL_FORMAT = "<extra_id_{}>"
 
+ENCODERS = ("tokenizers", "tiktoken")
 _SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt")
 
 # Names other tokenizers use for the same roles, tried in order after ours.
@@ -31,7 +33,7 @@ _PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>")
 class Tokenizer:
     """A byte-level BPE (or any ``tokenizers`` model) with the ids the data pipeline needs."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, encoder: str = "tokenizers") -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
         self.path = str(path)
@@ -53,6 +55,10 @@ class Tokenizer:
         self.sentinel_ids: list[int] = []
         while (i := self._tok.token_to_id(SENTINEL_FORMAT.format(len(self.sentinel_ids)))) is not None:
             self.sentinel_ids.append(i)
+        if encoder not in ENCODERS:
+            raise DataError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
+        self.encoder = encoder
+        self._fast = tiktoken_encoding(self._tok.to_str(), self.file) if encoder == "tiktoken" else None
 
     def _lookup(self, configured, candidates) -> int | None:
         if isinstance(configured, dict):
@@ -73,7 +79,17 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        """Ids of each text, with the chosen encoder (added tokens written literally in the text become their ids)."""
+        if self._fast is not None:
+            threads = 1 if os.environ.get("RAYON_NUM_THREADS") == "1" else (os.cpu_count() or 1)
+            return _encode_slices(self._fast, texts, threads)
+        return self.reference_encode_batch(texts)
+
+    def reference_encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids from ``tokenizers`` itself. ``encode_batch_fast`` gives the same ids as ``encode_batch`` without
+        computing character offsets, which preprocessing never uses (~20% faster)."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -82,6 +98,24 @@ class Tokenizer:
     def backend(self):
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tok
+
+
+def _encode_slices(encoding, texts: list[str], threads: int) -> list[list[int]]:
+    """tiktoken over contiguous slices of ``texts``, one per thread (it releases the GIL while encoding).
+
+    tiktoken's own ``encode_batch`` submits one task per text, which costs more than encoding a short document.
+    """
+    def run(part: list[str]) -> list[list[int]]:
+        return [encoding.encode(t, allowed_special="all") for t in part]
+
+    if threads <= 1 or len(texts) < 2 * threads:
+        return run(texts)
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = -(-len(texts) // threads)
+    with ThreadPoolExecutor(threads) as pool:
+        parts = pool.map(run, [texts[i:i + step] for i in range(0, len(texts), step)])
+    return [ids for part in parts for ids in part]
 
 
 def _resolve(path: Path) -> tuple[Path, dict]:
@@ -112,6 +146,9 @@ def _resolve(path: Path) -> tuple[Path, dict]:
     return file, config
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load ``path`` (a tokenizer.json, or a directory with one); :class:`DataError` if it cannot be used."""
-    return Tokenizer(path)
+def load_tokenizer(path: str | os.PathLike, encoder: str = "tokenizers") -> Tokenizer:
+    """Load ``path`` (a tokenizer.json, or a directory with one); :class:`DataError` if it cannot be used.
+
+    ``encoder`` is what applies it: ``tokenizers`` (the reference) or ``tiktoken`` (faster, see ``fast_bpe``).
+    """
+    return Tokenizer(path, encoder)
