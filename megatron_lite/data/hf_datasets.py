@@ -75,9 +75,5 @@ def dataset_documents(ds, where: str, rec: RecordPolicy, at: Callable[[int], Non
             raise DataError(f"{where}: row {row}: no column '{rec.key}' (its columns: {', '.join(batch)}); expected "
                             f"the text in column '{rec.key}', or choose another with --json-key")
         at(row + len(values))
-        for v in values:
-            if isinstance(v, str):  # the common case, without building a location string per row
-                yield v
-            elif (text := rec.cell(v, f"{where}: row {row}")) is not None:
-                yield text
-            row += 1
+        yield from rec.cells(values, where, row)
+        row += len(values)

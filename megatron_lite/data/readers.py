@@ -146,9 +146,5 @@ def _column_docs(p: Path, rec: RecordPolicy, chunks: Iterable[tuple], at: At) ->
     for column, position in chunks:
         values = column.to_pylist()
         at(position)
-        for v in values:
-            if isinstance(v, str):  # the common case, without building a location string per row
-                yield v
-            elif (text := rec.cell(v, f"{p}: row {row}")) is not None:
-                yield text
-            row += 1
+        yield from rec.cells(values, str(p), row)
+        row += len(values)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .errors import DataError
 
@@ -62,3 +62,11 @@ class RecordPolicy:
             return value
         self.skip_or_raise(f"{where}: column '{self.key}' holds {type(value).__name__}, expected a string")
         return None
+
+    def cells(self, values: Iterable[Any], where: str, first_row: int) -> Iterator[str]:
+        """The texts of consecutive rows ``first_row, first_row + 1, ...`` of a column; errors name the row."""
+        for row, value in enumerate(values, first_row):
+            if isinstance(value, str):  # the common case, without building a location string per row
+                yield value
+            elif (text := self.cell(value, f"{where}: row {row}")) is not None:
+                yield text
