@@ -156,7 +156,7 @@ def add_data(sub) -> None:
 
 
 def run_train(a: argparse.Namespace) -> int:
-    """Train ``--steps`` steps under each layout; report the median tokens/s after warm-up and rank 0's peak memory."""
+    """Train ``--steps`` steps under each layout; report the median tokens/s after warm-up and the largest peak memory over the ranks."""
     import statistics
 
     from megatron_lite.config import load_config
@@ -173,7 +173,7 @@ def run_train(a: argparse.Namespace) -> int:
     tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
     print(f"config {a.config} {' '.join(a.overrides)}; {a.steps} steps of {tokens_per_step} tokens, "
           f"first {a.warmup} not timed")
-    print(f"{'layout':>14} {'ranks':>5} {'tokens/s':>10} {'s/step':>8} {'peak mem (rank 0)':>18}")
+    print(f"{'layout':>14} {'ranks':>5} {'tokens/s':>10} {'s/step':>8} {'peak mem (any rank)':>18}")
     for name in a.layouts.split(","):
         layout = parse_layout(name)
         run = run_layout(layout, a.config, overrides, timeout=a.timeout)
