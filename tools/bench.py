@@ -156,7 +156,8 @@ def add_data(sub) -> None:
 
 
 def run_train(a: argparse.Namespace) -> int:
-    """Train ``--steps`` steps under each layout; report the median tokens/s after warm-up and the largest peak memory over the ranks."""
+    """Train ``--steps`` steps under each layout; report the median tokens/s after warm-up and the largest peak memory
+    over the ranks."""
     import statistics
 
     from megatron_lite.config import load_config
