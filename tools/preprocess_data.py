@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.bin/.idx")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: one process, all threads)")
     p.add_argument("--encoder", choices=["tokenizers", "tiktoken"], default="tokenizers",
-                   help="what applies the tokenizer: tokenizers (default, the reference) or tiktoken (several times "
-                        "faster for byte-level BPE; checked against tokenizers on the first documents)")
+                   help="what applies the tokenizer: tokenizers (default, the reference) or tiktoken (1.6-2.7x "
+                        "faster for byte-level BPE in docs/benchmarks.md; checked against tokenizers on the first documents)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, only the summary line")
     a = p.parse_args(argv)
     if not a.input and not a.dataset:

@@ -1,7 +1,7 @@
 """An optional faster encoder for byte-level BPE tokenizers, through ``tiktoken`` (``--encoder tiktoken``).
 
-Why: preprocessing spends nearly all its time inside the tokenizer. ``tiktoken`` applies a byte-level BPE several
-times faster than ``tokenizers`` on the same cores, and it is a small, well-kept library, so it is offered for the
+Why: preprocessing spends nearly all its time inside the tokenizer. ``tiktoken`` applies a byte-level BPE faster
+than ``tokenizers`` on the same cores (preprocessing ran 1.6-2.7x faster, ``docs/benchmarks.md``), and it is a small, well-kept library, so it is offered for the
 tokenizers it can represent exactly: a ``tokenizers`` BPE with no normalizer, the byte-level pre-tokenizer (GPT-2's
 split pattern, or an explicit ``Split`` pattern followed by a byte-level mapping, as Llama 3 does), no dropout or
 subword prefixes, and whose merge list creates tokens in id order.
