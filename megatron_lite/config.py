@@ -117,6 +117,7 @@ class DataConfig:
     seed: int = 1234
     tokenizer: str | None = None  # tokenizer.json or HF tokenizer dir (used for the vocabulary size check and logs)
     reset_at_document: bool = False  # stop attention and reset positions at document boundaries
+    packing: Literal["packed", "padded"] = "packed"  # padded: one document per sample, truncated and right-padded
     cache_dir: str | None = None  # where sample indices are cached (per node); None: the data module's default
     prefetch: int = 2  # global batches prefetched by a background thread (0: synchronous)
 
@@ -125,6 +126,10 @@ class DataConfig:
         if self.prefetch < 0:
             raise ConfigError(f"{where}.prefetch={self.prefetch} must be >= 0")
         _check_split(self.split, f"{where}.split")
+        if self.packing == "padded" and self.reset_at_document:
+            raise ConfigError(
+                f"{where}.reset_at_document=true has no effect with {where}.packing=padded (a sample is one document)"
+            )
 
 
 @dataclass
@@ -140,6 +145,18 @@ class OptimizerConfig:
     no_decay_biases: bool = True
     no_decay_embeddings: bool = True
     fused: bool | None = None  # None: fused on GPU, plain on CPU
+
+    def skips_weight_decay(self, name: str, ndim: int, embedding: bool) -> bool:
+        """Whether parameter ``name`` (of ``ndim`` dimensions in full; an embedding table or not) gets no weight decay.
+
+        The one home of this rule, for the optimizer (``training/optim.py``) and the memory model (``planning``):
+        embedding tables, biases (parameters named ``bias``) and the other 1-D tensors (norm scales), each switchable.
+        """
+        if embedding:
+            return self.no_decay_embeddings
+        if name.rsplit(".", 1)[-1] == "bias":
+            return self.no_decay_biases
+        return self.no_decay_norms if ndim < 2 else False
 
     def validate(self, where: str = "optimizer") -> None:
         _positive(self, where, "lr", "eps")
@@ -285,6 +302,20 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def microbatches_per_rank(samples: int, micro_batch: int, dp: int, what: str = "training.global_batch_size") -> int:
+    """How many microbatches each of ``dp`` data-parallel ranks runs for ``samples`` samples (a global batch, or the
+    evaluation samples); a ConfigError naming ``what`` when they do not split into whole microbatches on every rank.
+
+    The one home of this rule: the trainer, the DeepSpeed config and the data loader all ask it.
+    """
+    if samples % (micro_batch * dp):
+        raise ConfigError(
+            f"{what}={samples} is not divisible by training.micro_batch_size={micro_batch} "
+            f"x data-parallel size {dp} (= {micro_batch * dp})"
+        )
+    return samples // (micro_batch * dp)
 
 
 def _positive(section: Any, where: str, *names: str) -> None:

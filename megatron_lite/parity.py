@@ -120,15 +120,13 @@ def preload(layouts: list[Layout]) -> None:
         import_deepspeed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _child(
-    rank: int, world: int, port: int, config: str | None, overrides: list[str], out: str, quiet: bool
-) -> None:
-    """One rank of a layout: train and, on rank 0, write the per-step losses and gradient norms to ``out``."""
+def _rank_main(rank: int, world: int, port: int, target: Callable, args: tuple, log_dir: str | None) -> None:
+    """One forked rank: the launcher's environment variables, then ``target(rank, *args)``, then a clean exit."""
     import torch
 
     torch.set_num_threads(1)  # forked after the parent ran torch ops: OpenMP with >1 thread would hang
-    if quiet:  # each rank's output goes to a file beside the losses; errors still reach the parent
-        log = os.open(os.path.join(os.path.dirname(out), f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT, 0o644)
+    if log_dir:  # each rank's output goes to a file; errors still reach the parent
+        log = os.open(os.path.join(log_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
     os.environ.update(
@@ -144,28 +142,55 @@ def _child(
     )
     import torch.distributed as dist
 
-    from megatron_lite.config import load_config
-    from megatron_lite.training.trainer import train
-
     try:
-        cfg = load_config(config, overrides)
-        result = train(cfg, log=lambda *_: None)
-        if rank == 0:
-            metrics = Path(cfg.logging.run_dir) / "metrics.jsonl"
-            records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-            norms = {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
-            grad_norms = [norms.get(step, float("nan")) for step in result.steps]
-            speed = {r["step"]: (r["tokens_per_s"], r["memory_gib"]) for r in records if "tokens_per_s" in r}
-            Path(out).write_text(json.dumps({
-                "losses": result.losses,
-                "grad_norms": grad_norms,
-                "tokens_per_s": [speed.get(step, (float("nan"), 0.0))[0] for step in result.steps],
-                "memory_gib": [speed.get(step, (0.0, float("nan")))[1] for step in result.steps],
-                "records": [r for r in records if "tokens_per_s" in r],
-            }))
+        target(rank, *args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_ranks(target: Callable, world: int, args: tuple = (), timeout: float = 600.0, log_dir: str | None = None) -> None:
+    """Run ``target(rank, *args)`` in ``world`` forked processes set up as a launcher would (rank variables and a
+    free rendezvous port on this machine), and wait for all of them; a rank's failure raises here.
+
+    Forking costs milliseconds where a launcher costs seconds, so tests and benchmarks run many small layouts this way.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _rank_main, args=(world, free_port(), target, args, log_dir), nprocs=world, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} rank(s) did not finish within {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _train_rank(rank: int, config: str | None, overrides: list[str], out: str) -> None:
+    """One rank of a layout: train and, on rank 0, write the per-step losses and gradient norms to ``out``."""
+    from megatron_lite.config import load_config
+    from megatron_lite.training.trainer import train
+
+    cfg = load_config(config, overrides)
+    result = train(cfg, log=lambda *_: None)
+    if rank == 0:
+        metrics = Path(cfg.logging.run_dir) / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        norms = {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
+        grad_norms = [norms.get(step, float("nan")) for step in result.steps]
+        speed = {r["step"]: (r["tokens_per_s"], r["memory_gib"]) for r in records if "tokens_per_s" in r}
+        Path(out).write_text(json.dumps({
+            "losses": result.losses,
+            "grad_norms": grad_norms,
+            "tokens_per_s": [speed.get(step, (float("nan"), 0.0))[0] for step in result.steps],
+            "memory_gib": [speed.get(step, (0.0, float("nan")))[1] for step in result.steps],
+            "records": [r for r in records if "tokens_per_s" in r],
+        }))
 
 
 @dataclass
@@ -193,8 +218,6 @@ def run_layout(
     Checkpoints go to a temporary directory that is removed afterwards, unless ``checkpoint_dir`` is given (then
     they are kept there and a run resumes from its ``latest``, as a user's run would).
     """
-    import torch.multiprocessing as mp
-
     if isinstance(layout, str):
         layout = parse_layout(layout)
     preload([layout])
@@ -209,17 +232,11 @@ def run_layout(
             "logging.wandb_mode=disabled",
             "logging.log_interval=1",
         ]
-        args = (layout.world_size, free_port(), config, run_overrides, out, quiet)
-        ctx = mp.start_processes(_child, args=args, nprocs=layout.world_size, join=False, start_method="fork")
-        deadline = time.monotonic() + timeout
+        args = (config, run_overrides, out)
         try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"layout {layout.name} did not finish within {timeout:.0f} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+            run_ranks(_train_rank, layout.world_size, args, timeout, log_dir=tmp if quiet else None)
+        except TimeoutError:
+            raise TimeoutError(f"layout {layout.name} did not finish within {timeout:.0f} s") from None
         data = json.loads(Path(out).read_text())
         return LayoutRun(data["losses"], data["grad_norms"], data["tokens_per_s"], data["memory_gib"], data["records"])
 

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 
 def stdlib_docstrings(limit_chars: int | None = None) -> list[str]:
@@ -62,6 +61,7 @@ def _baseline_map(jsonl: Path, tok_dir: Path) -> tuple[int, float]:
 def run_data(a: argparse.Namespace) -> int:
     import numpy as np
 
+    from megatron_lite.config import DataConfig
     from megatron_lite.data import GlobalBatchLoader, IndexedDataset, build_datasets
     from megatron_lite.data.preprocess import preprocess
 
@@ -113,8 +113,8 @@ def run_data(a: argparse.Namespace) -> int:
     for _ in range(100):
         IndexedDataset(prefix)
     print(f"open .bin/.idx: {(time.perf_counter() - t) * 10:.2f} ms")
-    cfg = SimpleNamespace(prefixes=str(prefix), split="100,0,0", seq_len=a.seq_len, seed=1,
-                          reset_at_document=a.reset_at_document, cache_dir=str(work / "cache"), prefetch=2)
+    cfg = DataConfig(prefixes=str(prefix), split="100,0,0", seq_len=a.seq_len, seed=1,
+                     reset_at_document=a.reset_at_document, cache_dir=str(work / "cache"), prefetch=2)
     n_samples = a.steps * a.global_batch
     t = time.perf_counter()
     ds = build_datasets(cfg, {"train": n_samples}, log=lambda s: None)["train"]

@@ -216,6 +216,34 @@ def _check_consumed(left: StateDict, direction: str) -> None:
         raise ValueError(f"{direction}: unexpected keys {sorted(left)[:8]}{' ...' if len(left) > 8 else ''}")
 
 
+def _final_norm_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """The final norm's tensors: a weight, and a bias for LayerNorm with biases (GPT-2)."""
+    return ("weight", "bias") if cfg.norm == "layernorm" and cfg.bias else ("weight",)
+
+
+def _finish_from_hf(src: StateDict, out: StateDict, cfg: ModelConfig, hf_norm: str, direction: str) -> StateDict:
+    """The tail every ``*_from_hf`` shares: final norm, the head (the embedding when tied, else padded to the padded
+    vocabulary), and a check that no HF tensor was left unused."""
+    for key in _final_norm_keys(cfg):
+        out[f"final_norm.{key}"] = src.pop(f"{hf_norm}.{key}")
+    head = src.pop("lm_head.weight", None)
+    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else _pad_rows(head, cfg.padded_vocab_size)
+    _check_consumed(src, direction)
+    return out
+
+
+def _finish_to_hf(src: StateDict, out: StateDict, cfg: ModelConfig, hf_norm: str, hf_embed: str,
+                  direction: str) -> StateDict:
+    """The tail every ``*_to_hf`` shares: final norm, the head (HF's embedding when tied, else unpadded), and a check
+    that none of our tensors was left unused."""
+    for key in _final_norm_keys(cfg):
+        out[f"{hf_norm}.{key}"] = src.pop(f"final_norm.{key}")
+    head = src.pop("lm_head.weight", None)
+    out["lm_head.weight"] = out[hf_embed] if cfg.tie_embeddings else head[: cfg.vocab_size].contiguous()
+    _check_consumed(src, direction)
+    return out
+
+
 def _linear_from(src: StateDict, src_name: str, dst: StateDict, dst_name: str, bias: bool, transpose: bool) -> None:
     w = src.pop(f"{src_name}.weight")
     dst[f"{dst_name}.weight"] = w.t().contiguous() if transpose else w
@@ -233,11 +261,7 @@ def llama_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
                 out[f"layers.{i}.{ours}"] = src.pop(f"layers.{i}.{theirs}")
             else:
                 _linear_from(src, f"layers.{i}.{theirs}", out, f"layers.{i}.{ours}", cfg.bias, transpose=False)
-    out["final_norm.weight"] = src.pop("norm.weight")
-    head = src.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else _pad_rows(head, cfg.padded_vocab_size)
-    _check_consumed(src, "llama_from_hf")
-    return out
+    return _finish_from_hf(src, out, cfg, "norm", "llama_from_hf")
 
 
 def llama_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
@@ -251,11 +275,7 @@ def llama_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
                 out[f"model.layers.{i}.{theirs}"] = src.pop(f"layers.{i}.{ours}")
             else:
                 _linear_from(src, f"layers.{i}.{ours}", out, f"model.layers.{i}.{theirs}", cfg.bias, transpose=False)
-    out["model.norm.weight"] = src.pop("final_norm.weight")
-    head = src.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out["model.embed_tokens.weight"] if cfg.tie_embeddings else head[:v].contiguous()
-    _check_consumed(src, "llama_to_hf")
-    return out
+    return _finish_to_hf(src, out, cfg, "model.norm", "model.embed_tokens.weight", "llama_to_hf")
 
 
 def gpt2_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
@@ -276,12 +296,7 @@ def gpt2_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         for o, t in _GPT2_LAYER.items():
             is_norm = o.endswith("norm")
             _linear_from(src, f"{theirs}.{t}", out, f"{ours}.{o}", bias=True, transpose=not is_norm)
-    out["final_norm.weight"] = src.pop("ln_f.weight")
-    out["final_norm.bias"] = src.pop("ln_f.bias")
-    head = src.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else _pad_rows(head, cfg.padded_vocab_size)
-    _check_consumed(src, "gpt2_from_hf")
-    return out
+    return _finish_from_hf(src, out, cfg, "ln_f", "gpt2_from_hf")
 
 
 def gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
@@ -301,12 +316,7 @@ def gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         for o, t in _GPT2_LAYER.items():
             is_norm = o.endswith("norm")
             _linear_from(src, f"{ours}.{o}", out, f"{theirs}.{t}", bias=True, transpose=not is_norm)
-    out["transformer.ln_f.weight"] = src.pop("final_norm.weight")
-    out["transformer.ln_f.bias"] = src.pop("final_norm.bias")
-    head = src.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out["transformer.wte.weight"] if cfg.tie_embeddings else head[:v].contiguous()
-    _check_consumed(src, "gpt2_to_hf")
-    return out
+    return _finish_to_hf(src, out, cfg, "transformer.ln_f", "transformer.wte.weight", "gpt2_to_hf")
 
 
 def from_hf(sd: StateDict, cfg: ModelConfig, arch: Arch | None = None) -> StateDict:

@@ -14,6 +14,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from megatron_lite.config import microbatches_per_rank
+from megatron_lite.training.loss import IGNORE_INDEX
+
 from .errors import DataError
 
 _END = object()
@@ -27,9 +30,7 @@ class GlobalBatchLoader:
         if min(global_batch_size, micro_batch_size, dp_size) < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"global batch {global_batch_size}, micro batch {micro_batch_size}, dp rank {dp_rank} of "
                             f"{dp_size}: expected positive sizes and 0 <= rank < dp size")
-        if global_batch_size % (dp_size * micro_batch_size):
-            raise DataError(f"global batch size {global_batch_size} is not divisible by data-parallel size {dp_size} "
-                            f"times micro batch size {micro_batch_size}")
+        microbatches_per_rank(global_batch_size, micro_batch_size, dp_size, "global batch size")
         self.dataset = dataset
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -60,6 +61,10 @@ class GlobalBatchLoader:
             items = [self.dataset[i] for i in range(m, m + self.micro_batch_size)]
             tokens = torch.from_numpy(np.stack([x["tokens"] for x in items]))
             mb = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+            if "padding_mask" in items[0]:  # padded samples: no loss on padding, no attention to it
+                real = torch.from_numpy(np.stack([x["padding_mask"] for x in items]))
+                mb["labels"] = mb["labels"].masked_fill(~real[:, 1:], IGNORE_INDEX)
+                mb["padding_mask"] = real[:, :-1]
             for key in ("position_ids", "document_ids"):
                 if key in items[0]:
                     mb[key] = torch.from_numpy(np.stack([x[key] for x in items]))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-from torch import nn
-
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.engines.base import Engine, ForwardLoss, StepMetrics
+from megatron_lite.engines.base import Engine, ModelFactory, StepMetrics
 from megatron_lite.topology import Topology
+from megatron_lite.training.tasks import Task
 
 # engine name -> "module:Class", imported on demand so that DeepSpeed loads only when it is used
 _ENGINES = {
@@ -77,12 +76,12 @@ def check_engine_config(cfg: Config, name: str, topology: Topology) -> None:
         check_fsdp_config(cfg, topology.device)
 
 
-def build_engine(cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> Engine:
-    """Wrap ``model`` (plain PyTorch, already parallelized by any TP/PP plan) in the engine the config names."""
+def build_engine(cfg: Config, factory: ModelFactory, topology: Topology, task: Task) -> Engine:
+    """The engine the config names, which builds the model from ``factory`` (only this rank's part of it)."""
     name = engine_name(cfg, topology)
     module_name, cls_name = _ENGINES[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg, model, topology, forward_loss)
+    return cls(cfg, factory, topology, task)
 
 
-__all__ = ["Engine", "StepMetrics", "ForwardLoss", "build_engine", "check_engine_config", "engine_name"]
+__all__ = ["Engine", "ModelFactory", "StepMetrics", "build_engine", "check_engine_config", "engine_name"]

@@ -1,61 +1,103 @@
-"""The one engine interface the trainer talks to, and the logical checkpoint tensors every engine reads and writes.
+"""The one engine interface the trainer talks to, and the one training step every engine runs.
 
-An engine owns the wrapped model and its optimizer. The trainer hands it this rank's microbatches for one optimizer
-step and gets back metrics; it never asks which kind of engine it holds.
+An engine builds and owns the model (only the part of it this rank holds) and its optimizer. The trainer hands it
+this rank's microbatches for one optimizer step and gets back metrics; it never asks which kind of engine it holds.
 
-Logical checkpoint tensors use the unsharded, layout-free names of the plain model:
+The step itself lives here, once (``Engine.train_step`` and ``Engine.eval_loss``):
 
-    model.<fqn>              fp32 master weights, full shape (tied weights appear under each name)
-    optim.<fqn>.exp_avg      AdamW first moment
-    optim.<fqn>.exp_avg_sq   AdamW second moment
-    optim.<fqn>.step         AdamW step count (a 0-d float32 tensor)
+- The loss of a step is the summed token loss of the whole global batch divided by its number of valid tokens, over
+  all microbatches and data-parallel ranks. The valid tokens are counted from the targets before any forward, with
+  one all-reduce, so every microbatch's backward is already scaled right: the gradients are those of that global
+  token mean under every engine, however unevenly padding spreads the tokens. (For packed data every microbatch has
+  the same count, and this equals the mean of the microbatch means.)
+- Engines keep only what differs between them: building and wrapping the model, the forward and backward of one
+  microbatch, skipping gradient synchronization between microbatches, and the end of the step (clipping with the
+  norm of their own gradients, the optimizer step, the fp16 scaler).
 
-They are written through PyTorch DCP as safetensors shards (``HuggingFaceStorageWriter``): each rank writes the pieces
-it holds, in parallel, and DCP reshards on load to whatever layout the loading engine has. Reading needs no pickle.
+Engines average gradients over the data-parallel ranks (DDP, FSDP and DeepSpeed all reduce with a mean), so a
+microbatch's backward runs on ``loss_sum * dp / total_tokens``.
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.config import Config
 from megatron_lite.topology import Topology
-
-Microbatch = dict[str, torch.Tensor]
-ForwardLoss = Callable[[nn.Module, Microbatch], torch.Tensor]
-"""Runs the model on one microbatch and returns the mean loss over its tokens (a scalar tensor)."""
-
-OPTIM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+from megatron_lite.training.tasks import Microbatch, Task
 
 
 @dataclass
 class StepMetrics:
-    loss: float  # mean over the global batch, averaged over data-parallel ranks
+    loss: float  # summed token loss of the global batch / its valid tokens
     grad_norm: float  # global L2 norm of the gradients before clipping
     lr: float
     skipped: bool = False  # the optimizer step was skipped (fp16 overflow)
+    tokens: int = 0  # valid tokens in the global batch
+
+
+def _identity(model: nn.Module) -> nn.Module:
+    return model
+
+
+@dataclass
+class ModelFactory:
+    """How an engine builds its model, shard by shard.
+
+    ``construct`` creates the plain model with its parameters on whatever device is current: the engine calls it under
+    ``torch.device("meta")`` (then materializes only what the rank holds) or inside DeepSpeed's ``zero.Init`` (which
+    partitions each module as it is created). Initial values come from the model's ``init_rules`` and ``seed``, by
+    name, so they do not depend on the layout. ``prepare`` applies what goes between the plain model and the engine's
+    own wrapping, in order: tensor parallelism, activation checkpointing, compilation.
+    """
+
+    construct: Callable[[], nn.Module]
+    seed: int
+    prepare: Callable[[nn.Module], nn.Module] = field(default=_identity)
 
 
 class Engine(ABC):
-    """Forward/backward over microbatches, the optimizer step, grad-norm reporting, save and load."""
+    """Build the model and optimizer for one layout; run the shared step; save and load logical checkpoints."""
 
+    cfg: Config
     topology: Topology
-    model: nn.Module  # the plain (unwrapped) model, for parameter counts and export
+    task: Task
+    model: nn.Module  # the plain (unwrapped) model, possibly holding only this rank's shards
+    module: nn.Module  # what the forward calls: the model or its wrapper (DDP, DeepSpeed)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # What differs between engines
+    # ------------------------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
-        """One optimizer step over this rank's share of the global batch."""
+    def _begin_step(self, lr: float, num_microbatches: int) -> None:
+        """Set the learning rate and clear the gradients before ``num_microbatches`` forward/backward passes."""
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**inputs)
 
     @abstractmethod
-    def eval_loss(self, microbatches: list[Microbatch]) -> float:
-        """Mean loss over the microbatches, averaged over data-parallel ranks, without gradients."""
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one microbatch's (already normalized) loss; ``last`` is the step's final microbatch."""
+
+    def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around a microbatch: skip the gradient reduction unless it is the last one."""
+        return contextlib.nullcontext()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def _finish_step(self, max_norm: float) -> tuple[float, bool]:
+        """Clip to ``max_norm`` (0: no clipping) and step the optimizer; return (norm before clipping, skipped)."""
 
     @abstractmethod
     def save(self, path: Path) -> None:
@@ -75,148 +117,55 @@ class Engine(ABC):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned; keys this engine does not use (another precision) are ignored."""
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # The shared step
+    # ------------------------------------------------------------------------------------------------------------------
+
     def to_device(self, microbatch: Microbatch) -> Microbatch:
         dev = self.topology.device
         return {k: v.to(dev, non_blocking=True) for k, v in microbatch.items()}
 
+    def _sum_over_dp(self, *values: torch.Tensor) -> list[float]:
+        """Sum scalars over the data-parallel ranks, in float64 and in one all-reduce."""
+        stacked = torch.stack([v.detach().to(self.topology.device, torch.float64).reshape(()) for v in values])
+        if self.topology.is_distributed:
+            dist.all_reduce(stacked, group=self.topology.group("dp"))
+        return stacked.tolist()
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Logical checkpoint tensors through DCP + safetensors
-# ----------------------------------------------------------------------------------------------------------------------
+    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
+        """One optimizer step over this rank's share of the global batch."""
+        self._begin_step(lr, len(microbatches))
+        batches = [self.to_device(mb) for mb in microbatches]
+        targets = [self.task.target(mb) for mb in batches]
+        (tokens,) = self._sum_over_dp(sum(self.task.num_tokens(t) for t in targets))
+        scale = self.topology.dp / max(tokens, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.topology.device)
+        for i, (mb, target) in enumerate(zip(batches, targets)):
+            last = i == len(batches) - 1
+            with self._sync_gradients(last):
+                with self._autocast():
+                    total, _ = self.task.loss(self._forward(self.task.inputs(mb)), target, training=True)
+                self._backward(total * scale, last)
+            loss_sum += total.detach()
+        grad_norm, skipped = self._finish_step(self.cfg.training.grad_clip)
+        (loss_sum_global,) = self._sum_over_dp(loss_sum)
+        loss = loss_sum_global / max(tokens, 1.0)
+        return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=int(tokens))
 
-
-def write_logical(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a flat dict of (possibly DTensor-sharded or replicated) tensors as safetensors shards under ``path``.
-
-    Replicated entries are written once: DCP deduplicates identical keys across ranks and spreads the writes.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
-    path.mkdir(parents=True, exist_ok=True)
-    state = _unshare(state)
-    distributed = dist.is_available() and dist.is_initialized()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=distributed))
-
-
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy entries whose memory an earlier entry already uses (tied weights): safetensors refuses shared storage."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        local = value.to_local() if hasattr(value, "to_local") else value
-        ptr = local.untyped_storage().data_ptr() if local.numel() else None
-        if ptr is not None and ptr in seen:
-            value = value.detach().clone()
-        elif ptr is not None:
-            seen.add(ptr)
-        out[key] = value
-    return out
-
-
-def read_logical(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Fill ``state`` in place (full tensors or DTensor shards) from logical tensors under ``path``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    stored = logical_keys(path)
-    missing = sorted(set(state) - stored)
-    if missing:
-        raise ValueError(
-            f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}; "
-            f"it holds {len(stored)} tensors"
-        )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)))
-
-
-def logical_keys(path: Path) -> set[str]:
-    """Names of the tensors stored under ``path`` (read from the safetensors headers only)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files under checkpoint directory {path}")
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
-
-
-def param_names(model: nn.Module) -> dict[nn.Parameter, str]:
-    """Each parameter's first fully qualified name (tied weights get one name)."""
-    return {p: n for n, p in model.named_parameters()}
-
-
-def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create zero AdamW state for parameters that have none yet, so a checkpoint can be loaded into it in place."""
-    ensure_adamw_state_for(optimizer, [p for group in optimizer.param_groups for p in group["params"]])
-
-
-def ensure_adamw_state_for(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
-    """``ensure_adamw_state`` for the given tensors (e.g. flat partitions an optimizer wrapper steps on)."""
-    for p in tensors:
-        state = optimizer.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The logical ``optim.<fqn>.<key>`` view of a torch AdamW's state (tensors shared, not copied)."""
-    ensure_adamw_state(optimizer)
-    names = param_names(model)
-    out: dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key in OPTIM_STATE_KEYS:
-                out[f"optim.{names[p]}.{key}"] = optimizer.state[p][key]
-    return out
-
-
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The logical ``model.<fqn>`` view of a model's parameters and buffers (tensors shared, not copied)."""
-    return {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
-
-
-def balance_owners(sizes: Sequence[int], world_size: int) -> list[int]:
-    """Assign item ``i`` (of ``sizes[i]`` bytes) to a rank so that every rank gets about the same number of bytes.
-
-    Largest items first, each to the rank with the fewest bytes so far (ties: lowest rank). A pure function of the
-    sizes, so every rank computes the same assignment without communicating.
-    """
-    load = [0] * world_size
-    owners = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[i] = rank
-        load[rank] += sizes[i]
-    return owners
-
-
-def budget_groups(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
-    """Consecutive item indices in groups of at most ``budget_bytes`` (an item larger than that forms its own group)."""
-    groups: list[list[int]] = []
-    used = 0
-    for i, size in enumerate(sizes):
-        if groups and used + size <= budget_bytes:
-            groups[-1].append(i)
-            used += size
-        else:
-            groups.append([i])
-            used = size
-    return groups
-
-
-def all_reduce_mean(value: float, topology: Topology, device: torch.device) -> float:
-    """Average a python float over the data-parallel ranks."""
-    if not topology.is_distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=topology.group("dp"))
-    return t.item() / topology.dp
+    @torch.no_grad()
+    def eval_loss(self, microbatches: list[Microbatch]) -> float:
+        """Summed token loss over the microbatches of all data-parallel ranks / their valid tokens, without gradients."""
+        self.module.eval()
+        try:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.topology.device)
+            tokens = torch.zeros((), dtype=torch.float64, device=self.topology.device)
+            for mb in microbatches:
+                mb = self.to_device(mb)
+                with self._autocast():
+                    total, count = self.task.loss(self._forward(self.task.inputs(mb)), self.task.target(mb), False)
+                loss_sum += total
+                tokens += count
+        finally:
+            self.module.train()
+        loss_sum_global, tokens_global = self._sum_over_dp(loss_sum, tokens)
+        return loss_sum_global / max(tokens_global, 1.0)

@@ -1,8 +1,14 @@
 """DeepSpeed ZeRO 0-3 (with optional CPU offload) behind the engine interface.
 
 DeepSpeed owns loss scaling, gradient averaging, accumulation boundaries and clipping (from the generated JSON, see
-``deepspeed_config.py``); this engine only feeds it microbatches and sets the learning rate of the client optimizer,
-a plain ``torch.optim.AdamW``, so the update is the same arithmetic as in every other engine.
+``deepspeed_config.py``); this engine only feeds it the shared step's microbatch losses (already normalized by the
+global token count, so ``backward`` is told not to divide by the accumulation steps again) and sets the learning rate
+of the client optimizer, a plain ``torch.optim.AdamW``, so the update is the same arithmetic as in every other engine.
+
+The model is built shard by shard: under ZeRO-3 inside ``deepspeed.zero.Init``, which partitions each module's
+parameters as soon as the module is created, and each rank then fills only its own partitions with their by-name
+initial values; under ZeRO 0-2, which keep full weights on every rank by design, on the meta device and then
+materialized once.
 
 Checkpoints use the logical format. Saving walks the parameters one by one on every rank, in the same order:
 ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` assemble the parameter's fp32 master weight and AdamW
@@ -29,22 +35,21 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.engines.base import (
+from megatron_lite.engines.base import Engine, ModelFactory
+from megatron_lite.engines.deepspeed_config import deepspeed_config
+from megatron_lite.engines.gradients import global_grad_norm
+from megatron_lite.engines.logical import (
     OPTIM_STATE_KEYS,
-    Engine,
-    ForwardLoss,
-    Microbatch,
-    StepMetrics,
-    all_reduce_mean,
     balance_owners,
     budget_groups,
     ensure_adamw_state_for,
     read_logical,
     write_logical,
 )
-from megatron_lite.engines.deepspeed_config import deepspeed_config
+from megatron_lite.engines.materialize import fill_zero3_partitions, materialize
 from megatron_lite.topology import Topology, ensure_process_group
 from megatron_lite.training.optim import build_adamw
+from megatron_lite.training.tasks import Task
 
 MOMENT_KEYS = tuple(k for k in OPTIM_STATE_KEYS if k != "step")
 
@@ -74,13 +79,12 @@ def check_precision(cfg: Config, device: torch.device) -> None:
 
 
 class DeepSpeedEngine(Engine):
-    """``deepspeed.initialize`` over the plain model with a client torch AdamW; logical checkpoints."""
+    """``deepspeed.initialize`` over the model built shard by shard, with a client torch AdamW; logical checkpoints."""
 
-    def __init__(self, cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> None:
+    def __init__(self, cfg: Config, factory: ModelFactory, topology: Topology, task: Task) -> None:
         self.cfg = cfg
         self.topology = topology
-        self.forward_loss = forward_loss
-        self.model = model.to(topology.device)
+        self.task = task
         deepspeed = import_deepspeed(topology.device)
         check_precision(cfg, topology.device)
         ensure_process_group(topology.device)
@@ -92,13 +96,30 @@ class DeepSpeedEngine(Engine):
         self.ds_config, overrides = deepspeed_config(cfg, topology.dp)
         if overrides and topology.is_main:
             print(f"deepspeed_overrides merged into the generated DeepSpeed config: {overrides}", flush=True)
+        self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.model = self._build(factory, deepspeed)
         self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
         )
-        self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self.module = self.engine
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
         self._masters = self._unfused_masters()
+        self._own_norm: float | None = None
+
+    def _build(self, factory: ModelFactory, deepspeed) -> nn.Module:
+        """ZeRO-3: partitioned as it is constructed, each rank filling its partitions; else built on meta, then whole."""
+        if self.stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, data_parallel_group=self.topology.group("dp")):
+                model = factory.construct()
+            fill_zero3_partitions(model, model.init_rules(), factory.seed)
+            return factory.prepare(model)
+        with torch.device("meta"):
+            model = factory.construct()
+        rules = model.init_rules()
+        model = factory.prepare(model)
+        materialize(model, rules, factory.seed, self.topology.device)
+        return model
 
     def _unfused_masters(self) -> dict[nn.Parameter, torch.Tensor]:
         """ZeRO-0 in bf16/fp16 wraps torch AdamW in DeepSpeed's unfused optimizer: one fp32 copy per parameter."""
@@ -108,41 +129,31 @@ class DeepSpeedEngine(Engine):
         return {lp: hp for lo, hi in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lo, hi)}
 
     # ------------------------------------------------------------------------------------------------------------------
-    # Training
+    # The shared step's hooks
     # ------------------------------------------------------------------------------------------------------------------
 
-    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
-        if len(microbatches) != self.accumulation:
+    def _begin_step(self, lr: float, num_microbatches: int) -> None:
+        if num_microbatches != self.accumulation:
             raise ValueError(
-                f"got {len(microbatches)} microbatches, but the DeepSpeed config accumulates {self.accumulation}"
+                f"got {num_microbatches} microbatches, but the DeepSpeed config accumulates {self.accumulation}"
             )
         for group in self.optimizer.param_groups:  # the client optimizer is DeepSpeed's base optimizer
             group["lr"] = lr
-        skipped_before = self.engine.skipped_steps
-        total = torch.zeros((), device=self.topology.device)
-        own_norm = None
-        for i, mb in enumerate(microbatches):
-            loss = self.forward_loss(self.engine, self.to_device(mb))
-            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-            if i == len(microbatches) - 1 and self.stage == 0 and not self._masters:
-                # ZeRO-0 in fp32 clips but does not keep the norm; the averaged gradients are final here.
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                own_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            self.engine.step()  # steps the optimizer only at the accumulation boundary
-            total += loss.detach().float()
-        norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
-        grad_norm = float(norm) if norm is not None else math.nan
-        loss = all_reduce_mean(total.item() / len(microbatches), self.topology, self.topology.device)
-        return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=self.engine.skipped_steps > skipped_before)
+        self._skipped_before = self.engine.skipped_steps
+        self._own_norm = None
 
-    @torch.no_grad()
-    def eval_loss(self, microbatches: list[Microbatch]) -> float:
-        self.engine.eval()
-        try:
-            total = sum(self.forward_loss(self.engine, self.to_device(mb)).float().item() for mb in microbatches)
-        finally:
-            self.engine.train()
-        return all_reduce_mean(total / max(len(microbatches), 1), self.topology, self.topology.device)
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the shared step has normalized the loss already
+        if last and self.stage == 0 and not self._masters:
+            # ZeRO-0 in fp32 clips but does not keep the norm; the averaged gradients are final here.
+            self._own_norm = float(global_grad_norm(self.model.parameters(), self.topology))
+        self.engine.step()  # steps the optimizer only at the accumulation boundary
+
+    def _finish_step(self, max_norm: float) -> tuple[float, bool]:
+        """DeepSpeed clipped (to the JSON's ``gradient_clipping``) and stepped inside the last ``engine.step()``."""
+        norm = self.engine.get_global_grad_norm() if self._own_norm is None else self._own_norm
+        grad_norm = float(norm) if norm is not None else math.nan
+        return grad_norm, self.engine.skipped_steps > self._skipped_before
 
     # ------------------------------------------------------------------------------------------------------------------
     # Logical checkpoints

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import Config, ConfigError, microbatches_per_rank
 
 # Settings whose value must follow our config, as dotted paths into the DeepSpeed JSON. An override could only make
 # DeepSpeed disagree with the data loader, the optimizer, the schedule or the other engines (e.g. clip twice, or scale
@@ -44,11 +44,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[st
     """The DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks, and the overrides that were applied."""
     t, par = cfg.training, cfg.parallel
     gbs, mbs = cfg.global_batch_size, t.micro_batch_size
-    if gbs % (mbs * dp_size):
-        raise ConfigError(
-            f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size={mbs} "
-            f"x data-parallel size {dp_size} (= {mbs * dp_size})"
-        )
+    accumulation = microbatches_per_rank(gbs, mbs, dp_size)
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -57,7 +53,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[st
     ds: dict[str, Any] = {
         "train_batch_size": gbs,
         "train_micro_batch_size_per_gpu": mbs,
-        "gradient_accumulation_steps": gbs // (mbs * dp_size),
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": float(t.grad_clip),  # 0 disables clipping in DeepSpeed too
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {

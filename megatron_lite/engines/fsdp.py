@@ -1,5 +1,8 @@
 """PyTorch FSDP2 (``fully_shard``): parameters, gradients and AdamW state sharded as DTensors over the data mesh.
 
+The model is sharded while still on the meta device and only then materialized, so each rank allocates and
+initializes its own shards and never the whole model.
+
 Each transformer block is its own FSDP unit, so only one block's full weights exist at a time; the root unit takes
 the embedding, final norm and head. HSDP is the same call on a 2-D mesh (``dp_replicate x dp_shard``): shards inside
 a replica group, all-reduce across groups. ``reshard_after_forward`` trades the memory of keeping gathered weights
@@ -7,8 +10,7 @@ for a second all-gather in backward.
 
 Gradients are reduce-scattered on the last microbatch of a step only (``set_requires_gradient_sync``); earlier
 microbatches accumulate locally. bf16 uses ``MixedPrecisionPolicy`` (bf16 compute, fp32 gradient reduction, fp32
-master weights), so no autocast is needed. Clipping runs ``clip_grad_norm_`` on the DTensor gradients, which
-computes the global norm across shards.
+master weights), so no autocast is needed. The gradient norm counts each DTensor shard once (``gradients.py``).
 
 Checkpoints: the state dict of an FSDP2 module holds DTensor shards under the plain model's names, and the optimizer
 state is keyed by the same DTensor parameters, so the logical view is a renaming; DCP writes each rank's shards in
@@ -24,9 +26,11 @@ import torch
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.engines.base import ForwardLoss
-from megatron_lite.engines.single import SingleEngine
+from megatron_lite.engines.base import ModelFactory
+from megatron_lite.engines.torch_engine import TorchEngine
+from megatron_lite.parallel.wrappers import blocks
 from megatron_lite.topology import Topology, ensure_process_group
+from megatron_lite.training.tasks import Task
 
 
 def check_fsdp_config(cfg: Config, device: torch.device) -> None:
@@ -51,7 +55,7 @@ def check_fsdp_config(cfg: Config, device: torch.device) -> None:
 
 
 def shard_model(model: nn.Module, mesh, cfg: Config) -> nn.Module:
-    """Apply ``fully_shard`` to each block of ``model.layers`` and then to the root."""
+    """Apply ``fully_shard`` to each block of ``model.layers`` and then to the root (on the meta device or not)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": cfg.parallel.reshard_after_forward}
@@ -61,10 +65,7 @@ def shard_model(model: nn.Module, mesh, cfg: Config) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    blocks = getattr(model, "layers", None)
-    if blocks is None:
-        raise ConfigError(f"the fsdp engine wraps each block of model.layers, but {type(model).__name__} has none")
-    for block in blocks:
+    for block in blocks(model):
         fully_shard(block, **kwargs)
     # The root keeps its gathered weights after forward: backward needs them first, so resharding would only add
     # an all-gather.
@@ -72,18 +73,18 @@ def shard_model(model: nn.Module, mesh, cfg: Config) -> nn.Module:
     return model
 
 
-class FSDPEngine(SingleEngine):
+class FSDPEngine(TorchEngine):
     """FSDP2 over ``topology.data_mesh()`` (1-D, or 2-D for HSDP) with a torch AdamW on the DTensor shards.
 
-    The step itself is SingleEngine's; only wrapping, gradient-sync skipping and mixed precision differ.
+    Only sharding, gradient-sync skipping and mixed precision differ from the other PyTorch engines.
     """
 
-    def __init__(self, cfg: Config, model: nn.Module, topology: Topology, forward_loss: ForwardLoss) -> None:
+    def __init__(self, cfg: Config, factory: ModelFactory, topology: Topology, task: Task) -> None:
         check_fsdp_config(cfg, topology.device)
         ensure_process_group(topology.device)
-        super().__init__(cfg, model, topology, forward_loss)
+        super().__init__(cfg, factory, topology, task)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def shard(self, model: nn.Module) -> nn.Module:
         mesh = self.topology.data_mesh()
         if mesh is None:  # one process: a one-rank mesh, so the same code and checkpoints apply
             from torch.distributed.device_mesh import init_device_mesh
@@ -93,12 +94,12 @@ class FSDPEngine(SingleEngine):
         return shard_model(model, mesh, self.cfg)  # shards in place: self.model is the sharded module
 
     @contextlib.contextmanager
-    def no_sync(self, is_last_microbatch: bool) -> Iterator[None]:
-        self.module.set_requires_gradient_sync(is_last_microbatch)  # type: ignore[operator]
+    def _sync_gradients(self, last: bool) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(last)  # type: ignore[operator]
         try:
             yield
         finally:
             self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts parameters; no autocast on top

@@ -3,6 +3,12 @@
 The forward is a plain sequence, embed -> positions -> dropout -> blocks -> final norm -> lm_head, and each part is
 skipped when it is None. A pipeline stage deletes the parts it does not own and feeds hidden states instead of ids; a
 tensor-parallel plan shards the unfused ``nn.Linear`` modules by name. Neither needs changes here.
+
+Blocks live in an ``nn.ModuleDict`` keyed by their global index ("0" .. "L-1"), so a stage that keeps layers 8-15
+still calls them ``layers.8`` .. ``layers.15``: names, and so checkpoints, never depend on the layout. (The names are
+the ones an ``nn.ModuleList`` gives, so checkpoints written with one load unchanged.) Activation checkpointing and
+compilation are applied from outside (``megatron_lite/parallel/wrappers.py``), and initial values are described per
+tensor (``init_rules``) and drawn by name (``models/init.py``), so that any layout starts from the same weights.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.models.init import InitRule, init_full_, to_empty_keeping_ties
 from megatron_lite.models.layers import (
     MLP,
     NORM_TYPES,
@@ -59,7 +65,6 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.activation_checkpointing = cfg.activation_checkpointing
         h = cfg.hidden_size
         self.embed = nn.Embedding(cfg.padded_vocab_size, h)
         if cfg.position == "learned":
@@ -69,7 +74,7 @@ class DecoderLM(nn.Module):
         else:
             self.pos_embed = None  # rotary: applied to q and k inside attention
         self.dropout = nn.Dropout(cfg.embedding_dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
         # Post-norm blocks already end in a norm, so only pre-norm needs a final one.
         self.final_norm = make_norm(cfg.norm, h, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else None
         self.lm_head = nn.Linear(h, cfg.padded_vocab_size, bias=False)
@@ -111,11 +116,8 @@ class DecoderLM(nn.Module):
             rope = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, scaling, dtype=x.dtype)
         mask = build_attention_mask(s, document_ids, padding_mask, device=device)
 
-        for block in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, mask)
+        for block in self.layers.values():
+            x = block(x, rope, mask)
 
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -125,31 +127,26 @@ class DecoderLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std) for matrices and embeddings; residual output projections (o_proj, down_proj) use
-        init_std / sqrt(2 * num_layers) when ``scaled_residual_init``, so the residual stream's variance does not grow
-        with depth (GPT-2). Norm scales are 1, all biases 0."""
+    def init_rules(self) -> dict[str, InitRule]:
+        """The initial value of every parameter, by name: Normal(0, init_std) for matrices and embeddings; residual
+        output projections (o_proj, down_proj) use init_std / sqrt(2 * num_layers) when ``scaled_residual_init``, so
+        the residual stream's variance does not grow with depth (GPT-2). Norm scales are 1, all biases 0."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers) if self.cfg.scaled_residual_init else std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                last = name.rsplit(".", 1)[-1]
-                nn.init.normal_(module.weight, 0.0, out_std if last in ("o_proj", "down_proj") else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, NORM_TYPES):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-
-    def tie_weights(self) -> None:
-        """Point ``lm_head.weight`` at ``embed.weight`` again (after moves that may create new parameters)."""
-        if self.cfg.tie_embeddings and self.embed is not None and self.lm_head is not None:
-            self.lm_head.weight = self.embed.weight
+        rules: dict[str, InitRule] = {}
+        for mod_name, module in self.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            for p_name, _ in module.named_parameters(recurse=False):
+                if p_name == "bias":
+                    rule = InitRule("zeros")
+                elif isinstance(module, NORM_TYPES):
+                    rule = InitRule("ones")
+                elif mod_name.rsplit(".", 1)[-1] in ("o_proj", "down_proj"):
+                    rule = InitRule("normal", out_std)
+                else:
+                    rule = InitRule("normal", std)
+                rules.setdefault(prefix + p_name, rule)
+        return {name: rules[name] for name, _ in self.named_parameters()}  # a tied matrix under its first name
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token and learned
@@ -161,32 +158,12 @@ class DecoderLM(nn.Module):
                     seen.pop(id(p), None)
         return sum(seen.values())
 
-    def no_decay_param_names(self, norms: bool = True, biases: bool = True, embeddings: bool = True) -> set[str]:
-        """Names (as in ``named_parameters(remove_duplicate=False)``) of parameters usually exempt from weight decay.
 
-        ``embeddings`` covers the token and position tables, and ``lm_head.weight`` when it is tied to the embedding.
-        """
-        names: set[str] = set()
-        for mod_name, module in self.named_modules():
-            prefix = f"{mod_name}." if mod_name else ""
-            for p_name, _ in module.named_parameters(recurse=False):
-                full = prefix + p_name
-                if norms and isinstance(module, NORM_TYPES):
-                    names.add(full)
-                elif biases and p_name == "bias":
-                    names.add(full)
-                elif embeddings and isinstance(module, nn.Embedding):
-                    names.add(full)
-        if embeddings and self.cfg.tie_embeddings and self.lm_head is not None:
-            names.add("lm_head.weight")
-        return names
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> DecoderLM:
+    """The whole model for ``cfg`` on ``device``, initialized from ``seed``; on "meta" only shapes exist.
 
-
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> DecoderLM:
-    """Build the model for ``cfg`` on ``device``, initialized; on "meta" only shapes exist and init is skipped.
-
-    Parameters are first created on the meta device and then materialized once, so large models skip the default
-    (discarded) initialization of every ``nn.Linear``.
+    Parameters are created on the meta device and then materialized once with their by-name initial values, the same
+    values every parallel layout starts from for the same seed (engines build their own shards this way).
     """
     cfg.validate()
     if cfg.family != "decoder":
@@ -196,7 +173,6 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Decoder
     device = torch.device(device)
     if device.type == "meta":
         return model
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.init_weights()
+    to_empty_keeping_ties(model, device)
+    init_full_(model, model.init_rules(), seed)
     return model

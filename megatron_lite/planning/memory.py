@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import ModelConfig, OptimizerConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.layout import DTYPE_BYTES, Layout, stage_layers, stage_shapes
 from megatron_lite.planning.params import EMBEDDING_NAMES, Shape
@@ -44,9 +44,10 @@ SUB_GROUP = 1_000_000_000  # DeepSpeed ZeRO 3: default sub_group_size (elements 
 
 def param_groups(shapes: list[tuple[str, Shape]]) -> list[list[tuple[str, Shape]]]:
     """Split shapes into the optimizer's (decay, no-decay) groups, in model order; empty groups are dropped."""
+    rule = OptimizerConfig()
     decay, no_decay = [], []
     for name, shape in shapes:
-        skip = name in EMBEDDING_NAMES or name.endswith(".bias") or len(shape) < 2
+        skip = rule.skips_weight_decay(name, len(shape), embedding=name in EMBEDDING_NAMES)
         (no_decay if skip else decay).append((name, shape))
     return [g for g in (decay, no_decay) if g]
 

@@ -13,8 +13,9 @@ ModelSpec = ModelConfig | EncDecSpec
 def meta_counts(spec: ModelSpec) -> dict[str, int] | None:
     """Total and embedding counts of the real model class on the meta device (no memory, no init).
 
-    Decoder: ``megatron_lite.models.build_model``. Encoder-decoder: HF ``T5ForConditionalGeneration`` when
-    transformers is installed (the package's own encoder-decoder is not available yet); None otherwise.
+    A ``ModelConfig`` is built by its family's constructor from the registry (``megatron_lite/families.py``), the
+    one the trainer uses. Encoder-decoder: HF ``T5ForConditionalGeneration`` when transformers is installed (the
+    package's own encoder-decoder is not available yet); None otherwise.
     """
     import torch
 
@@ -26,9 +27,10 @@ def meta_counts(spec: ModelSpec) -> dict[str, int] | None:
         with torch.device("meta"):
             model = T5ForConditionalGeneration(T5Config(**spec.to_hf_config()))
     else:
-        from megatron_lite.models.decoder import build_model
+        from megatron_lite.families import get_family
 
-        model = build_model(spec, device="meta")
+        with torch.device("meta"):
+            model = get_family(spec.family).construct(spec)
     named = dict(model.named_parameters())  # deduplicates tied tensors, keeping the first name
     total = sum(p.numel() for p in named.values())
     embedding = sum(p.numel() for n, p in named.items() if n in EMBEDDING_NAMES)

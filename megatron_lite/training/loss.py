@@ -1,46 +1,38 @@
-"""The causal language-modelling loss, applied outside the model so that parallel plans can swap it."""
+"""Token losses as sums with their token counts, so that a step can weight every valid token equally.
+
+A mean per microbatch is exact only when every microbatch holds the same number of valid tokens (packed data).
+Padded batches do not, so the step adds up token losses over all microbatches and data-parallel ranks and divides by
+the total number of valid tokens once (``engines/base.py``).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from megatron_lite.engines.base import ForwardLoss, Microbatch
 
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(
+def token_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, vocab_size: int | None = None
-) -> torch.Tensor:
-    """Mean token cross-entropy in fp32; labels equal to -100 are ignored.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy in fp32 over labels other than -100, and the number of those labels.
 
     With ``vocab_size``, the columns past it (the padding that rounds the vocabulary up to a multiple of 128) are left
     out of the softmax, so they take no probability mass and label smoothing spreads only over real tokens.
     """
     if vocab_size is not None and logits.size(-1) > vocab_size:
         logits = logits[..., :vocab_size]
-    return F.cross_entropy(
+    total = F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
+        reduction="sum",
     )
+    return total, valid_tokens(labels)
 
 
-def make_forward_loss(label_smoothing: float = 0.0, vocab_size: int | None = None) -> ForwardLoss:
-    """A ForwardLoss for decoder-only models fed by the data loader's microbatches (label smoothing in train mode)."""
-
-    def forward_loss(model: nn.Module, mb: Microbatch) -> torch.Tensor:
-        logits = model(
-            mb["input_ids"],
-            position_ids=mb.get("position_ids"),
-            document_ids=mb.get("document_ids"),
-            padding_mask=mb.get("padding_mask"),
-        )
-        # smoothing shapes the training target only: evaluation reports the plain cross-entropy, so that valid_ppl is a
-        # perplexity and runs with different smoothing compare
-        return causal_lm_loss(logits, mb["labels"], label_smoothing if model.training else 0.0, vocab_size)
-
-    return forward_loss
+def valid_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many labels count towards the loss (those other than -100), as a 0-d int64 tensor."""
+    return (labels != IGNORE_INDEX).sum()

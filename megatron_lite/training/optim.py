@@ -9,25 +9,17 @@ from megatron_lite.config import OptimizerConfig
 
 
 def no_decay_names(model: nn.Module, cfg: OptimizerConfig) -> set[str]:
-    """Names of parameters that get no weight decay.
+    """Names (every name of a tied tensor) of parameters that get no weight decay (``OptimizerConfig.skips_weight_decay``).
 
-    Decided by module type rather than by name patterns, so it holds for any architecture: embeddings are
-    ``nn.Embedding`` weights, biases are parameters named ``bias``, norms are the 1-D weights of any other module.
+    Embeddings are found by module type (``nn.Embedding``), so the rule holds for any architecture, and a matrix tied
+    to an embedding is one under each of its names. Dimensions are those of the full tensor: ZeRO-3 leaves a 1-D
+    placeholder in ``p`` and keeps the real shape in ``ds_shape``.
     """
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
     names: set[str] = set()
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(module, nn.Embedding):
-                skip = cfg.no_decay_embeddings
-            elif p_name == "bias":
-                skip = cfg.no_decay_biases
-            elif p.ndim < 2:
-                skip = cfg.no_decay_norms
-            else:
-                skip = False
-            if skip:
-                names.add(full)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if cfg.skips_weight_decay(name, len(getattr(p, "ds_shape", p.shape)), id(p) in embeddings):
+            names.add(name)
     return names
 
 

@@ -15,13 +15,12 @@ from typing import Callable
 
 import torch
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import Config, ConfigError, microbatches_per_rank
 from megatron_lite.data import GlobalBatchLoader, build_datasets
 from megatron_lite.engines import Engine, build_engine, engine_name
-from megatron_lite.models import build_model
+from megatron_lite.families import get_family
 from megatron_lite.topology import Topology
 from megatron_lite.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from megatron_lite.training.loss import make_forward_loss
 from megatron_lite.training.metrics import (
     MetricsLogger,
     device_peak_flops,
@@ -60,18 +59,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def check_batch_layout(cfg: Config, topology: Topology) -> int:
-    """The global batch must split evenly into data-parallel ranks and microbatches; return the global batch size."""
+    """The global batch and the evaluation samples must split evenly into data-parallel ranks and microbatches;
+    return the global batch size."""
     gbs, mbs, dp = cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp
-    if gbs % (mbs * dp):
-        raise ConfigError(
-            f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size={mbs} "
-            f"x data-parallel size {dp} (= {mbs * dp})"
-        )
-    if cfg.training.eval_samples % (mbs * dp):
-        raise ConfigError(
-            f"training.eval_samples={cfg.training.eval_samples} is not divisible by training.micro_batch_size={mbs} "
-            f"x data-parallel size {dp} (= {mbs * dp})"
-        )
+    microbatches_per_rank(gbs, mbs, dp)
+    microbatches_per_rank(cfg.training.eval_samples, mbs, dp, "training.eval_samples")
     return gbs
 
 
@@ -102,12 +94,10 @@ class Trainer:
                 f"training.early_stopping_patience={t.early_stopping_patience} needs a validation split, "
                 f"but data.split={cfg.data.split!r} gives it no documents"
             )
-        model = build_model(cfg.model, device="cpu")  # same seed on every rank: identical initial weights
-        if t.compile:
-            for block in model.layers:
-                block.compile()
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self.engine: Engine = build_engine(cfg, model, topo, make_forward_loss(t.label_smoothing, cfg.model.vocab_size))
+        family = get_family(cfg.model.family)
+        with torch.device("meta"):  # shapes only: the engine builds just this rank's part of the model
+            self.n_params = sum(p.numel() for p in family.construct(cfg.model).parameters())
+        self.engine: Engine = build_engine(cfg, family.factory(cfg), topo, family.task(cfg))
         torch.manual_seed(t.seed + topo.rank)  # dropout streams differ per rank from here on
 
         self.step = 0

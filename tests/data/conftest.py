@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from megatron_lite.config import DataConfig
 from megatron_lite.data import IndexedDatasetWriter
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -62,5 +62,5 @@ def tokenizer_dir(tmp_path, corpus):
 
 
 def data_cfg(prefixes, tmp_path, split="98,1,1", seq_len=16, seed=1234, reset=False):
-    return SimpleNamespace(prefixes=prefixes, split=split, seq_len=seq_len, seed=seed, reset_at_document=reset,
-                           cache_dir=str(tmp_path / "cache"), prefetch=2)
+    return DataConfig(prefixes=prefixes, split=split, seq_len=seq_len, seed=seed, reset_at_document=reset,
+                      cache_dir=str(tmp_path / "cache"), prefetch=2)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from .conftest import data_cfg
 
+from megatron_lite.config import ConfigError
 from megatron_lite.data import DataError, GlobalBatchLoader, build_datasets
 
 
@@ -63,8 +64,8 @@ def test_resume_mid_stream_on_other_dp_size(train):
 
 
 def test_indivisible_global_batch(train):
-    with pytest.raises(DataError, match="global batch size 10 is not divisible by data-parallel size 4 times micro "
-                                        "batch size 2"):
+    with pytest.raises(ConfigError, match=r"global batch size=10 is not divisible by training.micro_batch_size=2 "
+                                          r"x data-parallel size 4"):
         GlobalBatchLoader(train, 10, 2, 0, 4)
 
 

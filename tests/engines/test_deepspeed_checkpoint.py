@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import megatron_lite.engines.deepspeed as ds_engine
-from megatron_lite.engines.base import balance_owners, budget_groups, logical_keys
+from megatron_lite.engines.logical import balance_owners, budget_groups, logical_keys
 from megatron_lite.parity import run_layout
 
 STEPS, SAVE_AT = 3, 2

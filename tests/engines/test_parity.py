@@ -81,15 +81,14 @@ def test_fsdp_wraps_each_block_as_its_own_unit(tiny_config):
 
     from megatron_lite.config import load_config
     from megatron_lite.engines.fsdp import FSDPEngine
-    from megatron_lite.models import build_model
+    from megatron_lite.families import get_family
     from megatron_lite.topology import Topology
-    from megatron_lite.training.loss import make_forward_loss
 
     cfg = load_config(tiny_config, ["parallel.engine=fsdp"])
+    family = get_family(cfg.model.family)
     try:
-        engine = FSDPEngine(cfg, build_model(cfg.model, device="cpu"), Topology(device=torch.device("cpu")),
-                            make_forward_loss(0.0, cfg.model.vocab_size))
-        blocks = list(engine.model.layers)
+        engine = FSDPEngine(cfg, family.factory(cfg), Topology(device=torch.device("cpu")), family.task(cfg))
+        blocks = list(engine.model.layers.values())
         assert len(blocks) == cfg.model.num_layers
         assert all(isinstance(block, FSDPModule) for block in blocks)
         assert isinstance(engine.model, FSDPModule)

@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import ModelConfig, OptimizerConfig
 from megatron_lite.models import DecoderLM, build_model
+from megatron_lite.models.init import init_full_, to_empty_keeping_ties
+from megatron_lite.parallel.wrappers import apply_activation_checkpointing
+from megatron_lite.training.optim import no_decay_names
 
 STYLES = {
     "gpt2": dict(position="learned", norm="layernorm", activation="gelu_tanh", bias=True),
@@ -86,7 +89,7 @@ def test_scale_embeddings_multiplies_token_embeddings_by_sqrt_hidden() -> None:
     scaled.load_state_dict(plain.state_dict())
     seen = {}
     for name, model in (("plain", plain), ("scaled", scaled)):
-        model.layers[0].register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
+        model.layers["0"].register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
         model(ids())
     torch.testing.assert_close(seen["scaled"] - seen["plain"], plain.embed(ids()) * (math.sqrt(32) - 1))
 
@@ -115,11 +118,11 @@ def test_gqa_equals_mha_with_repeated_kv_heads() -> None:
 
 def test_mqa_runs_and_learns() -> None:
     model = model_for(num_kv_heads=1)
-    assert model.layers[0].attn.k_proj.weight.shape == (8, 32)
+    assert model.layers["0"].attn.k_proj.weight.shape == (8, 32)
     x = ids()
     loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
     loss.backward()
-    assert model.layers[0].attn.k_proj.weight.grad.abs().sum() > 0
+    assert model.layers["0"].attn.k_proj.weight.grad.abs().sum() > 0
 
 
 def test_tied_weights_share_storage_and_gradients() -> None:
@@ -141,10 +144,13 @@ def test_tied_weights_share_storage_and_gradients() -> None:
 def test_tying_survives_build_on_meta_then_materialize() -> None:
     meta = build_model(small(), device="meta")
     assert meta.embed.weight.is_meta and meta.lm_head.weight is meta.embed.weight
-    meta.to_empty(device="cpu")
-    meta.tie_weights()
-    meta.init_weights()
+    untied = build_model(small(), device="meta")
+    untied.to_empty(device="cpu")  # torch's own to_empty unties: the reason for to_empty_keeping_ties
+    assert untied.lm_head.weight is not untied.embed.weight
+    to_empty_keeping_ties(meta, "cpu")
+    init_full_(meta, meta.init_rules(), seed=0)
     assert meta.lm_head.weight is meta.embed.weight and meta(ids()).isfinite().all()
+    torch.testing.assert_close(meta.state_dict(), build_model(small(), seed=0).state_dict(), rtol=0, atol=0)
 
 
 def test_init_stds() -> None:
@@ -153,7 +159,7 @@ def test_init_stds() -> None:
                       max_seq_len=32, init_std=0.02, bias=True)  # fmt: skip
     model = build_model(cfg)
     scaled = 0.02 / math.sqrt(2 * 8)
-    block = model.layers[3]
+    block = model.layers["3"]
     assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.attn.o_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
@@ -162,7 +168,7 @@ def test_init_stds() -> None:
     assert torch.all(block.attn_norm.weight == 1) and torch.all(block.attn_norm.bias == 0)
     assert torch.all(block.attn.q_proj.bias == 0)
     plain = build_model(dataclasses.replace(cfg, scaled_residual_init=False))
-    assert plain.layers[3].attn.o_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert plain.layers["3"].attn.o_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
@@ -170,7 +176,7 @@ def test_activation_checkpointing_gives_identical_loss_and_grads(style: str) -> 
     cfg = small(**STYLES[style], embedding_dropout=0.1, attention_dropout=0.1, residual_dropout=0.1)
     torch.manual_seed(0)
     ref = build_model(cfg).train()
-    ckpt = build_model(dataclasses.replace(cfg, activation_checkpointing=True)).train()
+    ckpt = apply_activation_checkpointing(build_model(cfg)).train()
     ckpt.load_state_dict(ref.state_dict())
     x = ids()
     losses = []
@@ -214,10 +220,11 @@ def test_pipeline_style_stage_takes_hidden_states() -> None:
     first, last = model_for(**STYLES["llama"]), model_for(**STYLES["llama"])
     first.load_state_dict(model.state_dict())
     last.load_state_dict(model.state_dict())
-    first.layers = first.layers[:1]
+    del first.layers["1"]
     first.final_norm = first.lm_head = None
-    last.layers = last.layers[1:]
+    del last.layers["0"]
     last.embed = last.pos_embed = None
+    assert [n for n, _ in last.named_parameters()][0].startswith("layers.1.")  # names keep the global index
     hidden = first(x)
     assert hidden.shape == (2, 12, 32)
     torch.testing.assert_close(last(hidden), full)
@@ -228,13 +235,15 @@ def test_num_params_and_no_decay_names() -> None:
     n_embed = 128 * 32 + 64 * 32
     assert model.num_params(exclude_embeddings=True) == model.num_params() - n_embed
     names = dict(model.named_parameters(remove_duplicate=False))
-    no_decay = model.no_decay_param_names()
+    no_decay = no_decay_names(model, OptimizerConfig())
     assert no_decay <= set(names)
     assert {"embed.weight", "pos_embed.weight", "lm_head.weight", "final_norm.weight", "final_norm.bias"} <= no_decay
     assert "layers.0.attn.q_proj.bias" in no_decay and "layers.0.attn.q_proj.weight" not in no_decay
-    assert model.no_decay_param_names(norms=False, biases=False, embeddings=False) == set()
-    only_norms = model.no_decay_param_names(biases=False, embeddings=False)
-    assert "layers.1.mlp_norm.bias" in only_norms and "layers.1.mlp.up_proj.bias" not in only_norms
+    none = OptimizerConfig(no_decay_norms=False, no_decay_biases=False, no_decay_embeddings=False)
+    assert no_decay_names(model, none) == set()
+    only_norms = no_decay_names(model, OptimizerConfig(no_decay_biases=False, no_decay_embeddings=False))
+    assert "layers.1.mlp_norm.weight" in only_norms
+    assert "layers.1.mlp_norm.bias" not in only_norms and "layers.1.mlp.up_proj.bias" not in only_norms  # biases
 
 
 def test_build_validates_config() -> None:

@@ -100,9 +100,9 @@ def _rank(rank: int, port: int, engine: str, zero: int, dtype: str, microbatches
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     from megatron_lite.engines import build_engine
-    from megatron_lite.models.decoder import build_model
+    from megatron_lite.families import get_family
     from megatron_lite.topology import Topology
-    from megatron_lite.training.loss import make_forward_loss
+    from megatron_lite.training.tasks import CausalLMTask
 
     cfg = config_from_dict({"model": MODEL, "data": {"seq_len": 16},
                             "training": {"precision": dtype, "global_batch_size": 4 * microbatches,
@@ -110,17 +110,17 @@ def _rank(rank: int, port: int, engine: str, zero: int, dtype: str, microbatches
                             "parallel": {"engine": engine, "zero_stage": zero}})
     topo = Topology.from_env(cfg.parallel, "cpu")
     torch.manual_seed(0)
-    forward_loss = make_forward_loss()
     measured: dict[str, int] = {}
     calls = [0]
 
-    def counted_forward_loss(model, mb):
-        calls[0] += 1
-        if microbatches > 1 and calls[0] == 2 * microbatches and not measured:  # the last one of step 2
-            measured.update(_measure_accumulated(eng, engine))
-        return forward_loss(model, mb)
+    class CountedTask(CausalLMTask):
+        def inputs(self, mb):
+            calls[0] += 1
+            if microbatches > 1 and calls[0] == 2 * microbatches and not measured:  # the last one of step 2
+                measured.update(_measure_accumulated(eng, engine))
+            return super().inputs(mb)
 
-    eng = build_engine(cfg, build_model(cfg.model, "cpu"), topo, counted_forward_loss)
+    eng = build_engine(cfg, get_family("decoder").factory(cfg), topo, CountedTask())
     target = eng.engine.optimizer if engine == "deepspeed" else eng.optimizer
     original = target.step
 

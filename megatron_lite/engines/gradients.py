@@ -1,0 +1,57 @@
+"""The gradient norm of a step, counting every parameter once however it is replicated or sharded, and clipping.
+
+Each rank adds up the squares of the gradient pieces it holds, each divided by how many ranks hold that same piece,
+and one all-reduce over all ranks gives the global sum. A replicated gradient (DDP) thus counts once, not dp times; a
+sharded one (an FSDP DTensor) counts each shard once. A piece's replication is the number of ranks of its pipeline
+stage divided by the number of pieces the gradient is split into (the mesh dimensions of its ``Shard`` placements),
+so new parallel axes only have to say how their parameters are split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_lite.topology import Topology
+
+
+def pieces(p: torch.Tensor) -> int:
+    """Into how many distinct pieces the ranks of ``p``'s pipeline stage split it (1: every rank holds it whole)."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return 1
+    mesh = p.device_mesh
+    return math.prod(mesh.size(i) for i, placement in enumerate(placements) if placement.is_shard())
+
+
+def global_grad_norm(params: Iterable[nn.Parameter], topology: Topology) -> torch.Tensor:
+    """The L2 norm of all gradients of the model, over every rank (float64, on this rank's device)."""
+    stage_ranks = topology.world_size // topology.pp
+    total = torch.zeros((), dtype=torch.float64, device=topology.device)
+    for p in params:
+        if p.grad is None:
+            continue
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if grad.numel():
+            squares = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+            total += squares * (pieces(p) / stage_ranks)
+    if topology.is_distributed:
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float, total_norm: float) -> None:
+    """Scale the gradients by ``max_norm / total_norm`` when that is below 1 (as ``clip_grad_norm_`` does)."""
+    if max_norm <= 0:
+        return
+    coef = max_norm / (total_norm + 1e-6)
+    if coef >= 1.0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef)

@@ -1,0 +1,152 @@
+"""The logical checkpoint tensors every engine reads and writes, and helpers to spread that work over ranks.
+
+Logical checkpoint tensors use the unsharded, layout-free names of the plain model:
+
+    model.<fqn>              fp32 master weights, full shape (tied weights appear under each name)
+    optim.<fqn>.exp_avg      AdamW first moment
+    optim.<fqn>.exp_avg_sq   AdamW second moment
+    optim.<fqn>.step         AdamW step count (a 0-d float32 tensor)
+
+They are written through PyTorch DCP as safetensors shards (``HuggingFaceStorageWriter``): each rank writes the pieces
+it holds, in parallel, and DCP reshards on load to whatever layout the loading engine has. Reading needs no pickle.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+OPTIM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def write_logical(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a flat dict of (possibly DTensor-sharded or replicated) tensors as safetensors shards under ``path``.
+
+    Replicated entries are written once: DCP deduplicates identical keys across ranks and spreads the writes.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = _unshare(state)
+    distributed = dist.is_available() and dist.is_initialized()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=distributed))
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy entries whose memory an earlier entry already uses (tied weights): safetensors refuses shared storage."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        ptr = local.untyped_storage().data_ptr() if local.numel() else None
+        if ptr is not None and ptr in seen:
+            value = value.detach().clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = value
+    return out
+
+
+def read_logical(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fill ``state`` in place (full tensors or DTensor shards) from logical tensors under ``path``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    stored = logical_keys(path)
+    missing = sorted(set(state) - stored)
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}; "
+            f"it holds {len(stored)} tensors"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)))
+
+
+def logical_keys(path: Path) -> set[str]:
+    """Names of the tensors stored under ``path`` (read from the safetensors headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files under checkpoint directory {path}")
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def param_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Each parameter's first fully qualified name (tied weights get one name)."""
+    return {p: n for n, p in model.named_parameters()}
+
+
+def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create zero AdamW state for parameters that have none yet, so a checkpoint can be loaded into it in place."""
+    ensure_adamw_state_for(optimizer, [p for group in optimizer.param_groups for p in group["params"]])
+
+
+def ensure_adamw_state_for(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
+    """``ensure_adamw_state`` for the given tensors (e.g. flat partitions an optimizer wrapper steps on)."""
+    for p in tensors:
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The logical ``optim.<fqn>.<key>`` view of a torch AdamW's state (tensors shared, not copied)."""
+    ensure_adamw_state(optimizer)
+    names = param_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in OPTIM_STATE_KEYS:
+                out[f"optim.{names[p]}.{key}"] = optimizer.state[p][key]
+    return out
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The logical ``model.<fqn>`` view of a model's parameters and buffers (tensors shared, not copied)."""
+    return {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def balance_owners(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Assign item ``i`` (of ``sizes[i]`` bytes) to a rank so that every rank gets about the same number of bytes.
+
+    Largest items first, each to the rank with the fewest bytes so far (ties: lowest rank). A pure function of the
+    sizes, so every rank computes the same assignment without communicating.
+    """
+    load = [0] * world_size
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += sizes[i]
+    return owners
+
+
+def budget_groups(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
+    """Consecutive item indices in groups of at most ``budget_bytes`` (an item larger than that forms its own group)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if groups and used + size <= budget_bytes:
+            groups[-1].append(i)
+            used += size
+        else:
+            groups.append([i])
+            used = size
+    return groups

@@ -1,0 +1,109 @@
+"""What the PyTorch engines (single, DDP, FSDP2) share: building from meta, torch AdamW, autocast, the GradScaler.
+
+The model is constructed on the meta device, prepared (tensor parallelism, activation checkpointing, compile),
+sharded where the engine shards (``shard``: FSDP), materialized with its by-name initial values (local shards only),
+and wrapped where the engine wraps (``wrap``: DDP). The end of a step unscales fp16 gradients, takes the global
+gradient norm (``gradients.py``: every parameter once, replicated or sharded), clips, and steps AdamW through the
+scaler when there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron_lite.config import Config
+from megatron_lite.engines.base import Engine, ModelFactory
+from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
+from megatron_lite.engines.logical import model_state, read_logical, torch_optimizer_state, write_logical
+from megatron_lite.engines.materialize import materialize
+from megatron_lite.topology import Topology
+from megatron_lite.training.optim import build_adamw
+from megatron_lite.training.tasks import Task
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchEngine(Engine):
+    """fp32 master weights, optional bf16/fp16 autocast (fp16 with dynamic loss scaling), torch AdamW."""
+
+    def __init__(self, cfg: Config, factory: ModelFactory, topology: Topology, task: Task) -> None:
+        self.cfg = cfg
+        self.topology = topology
+        self.task = task
+        with torch.device("meta"):
+            model = factory.construct()
+        rules = model.init_rules()
+        model = self.shard(factory.prepare(model))
+        materialize(model, rules, factory.seed, topology.device)
+        self.model = model
+        self.module = self.wrap(model)
+        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device)
+        precision = cfg.training.precision
+        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(topology.device.type) if precision == "fp16" else None
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Hook for engines that shard parameters before they are materialized (FSDP)."""
+        return model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Hook for engines that wrap the materialized module (DDP)."""
+        return model
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.topology.device.type, dtype=self.autocast_dtype)
+
+    def _begin_step(self, lr: float, num_microbatches: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _finish_step(self, max_norm: float) -> tuple[float, bool]:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = list(self.model.parameters())
+        grad_norm = float(global_grad_norm(params, self.topology))
+        clip_gradients(params, max_norm, grad_norm)
+        if self.scaler is None:
+            self.optimizer.step()
+            return grad_norm, False
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm, self.scaler.get_scale() < scale_before
+
+    def extra_state(self) -> dict[str, Any]:
+        """The GradScaler's scale and growth tracker (fp16): without them a resumed run restarts at 2**16 and skips
+        steps until it has backed off again. The same on every rank, since it only sees all-reduced gradients."""
+        if self.scaler is None:
+            return {}
+        state = self.scaler.state_dict()
+        return {"loss_scale": float(state["scale"]), "grad_scaler": state}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.scaler is None:
+            return
+        if "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        elif "loss_scale" in state:  # saved by another engine: carry the scale over, restart the growth count
+            carried = {**self.scaler.state_dict(), "scale": state["loss_scale"], "_growth_tracker": 0}
+            self.scaler.load_state_dict(carried)
+
+    def logical_state(self) -> dict[str, torch.Tensor]:
+        return {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer)}
+
+    def save(self, path: Path) -> None:
+        write_logical(self.logical_state(), path)
+
+    def load(self, path: Path) -> None:
+        read_logical(self.logical_state(), path)

@@ -1,0 +1,51 @@
+"""The model families, keyed by ``model.family``: how to construct each one, its task, and its Hugging Face adapter.
+
+The trainer, the parity harness (through the trainer) and ``tools/plan.py`` look a family up here rather than assume
+a decoder, so a new family is one entry. A family's model must provide ``init_rules()`` (the initial value of every
+parameter by name, ``models/init.py``) and a ``layers`` ModuleDict of its repeated blocks (what activation
+checkpointing, compile and FSDP wrap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from megatron_lite.config import Config, ConfigError, ModelConfig
+from megatron_lite.engines.base import ModelFactory
+from megatron_lite.parallel.wrappers import prepare_model
+from megatron_lite.training.tasks import Task, causal_lm_task
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    construct: Callable[[ModelConfig], nn.Module]  # creates the plain model on the current device (meta, or zero.Init)
+    task: Callable[[Config], Task]  # the training objective for a config
+    hf_adapter: str  # module with config_from_hf / config_to_hf / from_hf / to_hf for this family
+
+    def factory(self, cfg: Config) -> ModelFactory:
+        """What an engine needs to build this family's model for ``cfg``, shard by shard."""
+        return ModelFactory(
+            construct=lambda: self.construct(cfg.model), seed=cfg.training.seed, prepare=lambda m: prepare_model(m, cfg)
+        )
+
+
+def _decoder(cfg: ModelConfig) -> nn.Module:
+    from megatron_lite.models.decoder import DecoderLM
+
+    cfg.validate()
+    return DecoderLM(cfg)
+
+
+FAMILIES: dict[str, Family] = {
+    "decoder": Family("decoder", _decoder, causal_lm_task, "megatron_lite.convert.hf"),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name!r} is not one of {', '.join(map(repr, FAMILIES))}")
+    return FAMILIES[name]

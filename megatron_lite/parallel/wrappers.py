@@ -1,0 +1,60 @@
+"""Activation checkpointing and compilation, applied to a plain model from outside and in a fixed order.
+
+The order is tensor parallelism, then activation checkpointing, then compile, then the engine's own wrapping (FSDP or
+DeepSpeed), as in torchtitan: checkpointing must see the sharded modules, compile must see the checkpointed forward,
+and FSDP's all-gather hooks go outermost so that each block gathers its weights once per forward (and again for the
+recomputation in backward).
+
+Both wrap each block *in place*: the checkpointed forward replaces the block's ``forward`` attribute, and
+``nn.Module.compile`` compiles the block's call, so parameter names (and with them checkpoints and the
+initial-value rules) do not change, unlike ``checkpoint_wrapper``, which inserts a ``_checkpoint_wrapped_module``
+level into every name.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.config import Config
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a model: the values of its ``layers`` ModuleDict."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleDict):
+        raise TypeError(f"{type(model).__name__} has no ``layers`` ModuleDict of blocks to wrap")
+    return list(layers.values())
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each block's activations in backward instead of keeping them (full recomputation per block)."""
+    for block in blocks(model):
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """``torch.compile`` each block separately: blocks share one graph, and compile time stays that of one block."""
+    for block in blocks(model):
+        block.compile()
+    return model
+
+
+def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
+    """Apply what the config asks for between the plain model and the engine, in the documented order."""
+    if cfg.model.activation_checkpointing:
+        model = apply_activation_checkpointing(model)
+    if cfg.training.compile:
+        model = apply_compile(model)
+    return model

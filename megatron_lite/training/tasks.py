@@ -1,0 +1,65 @@
+"""Tasks: what a model family and objective make of a microbatch, apart from running the model.
+
+A task names the model's inputs, the target, and the loss as a *sum* over valid tokens with their count. It never
+calls the model: the shared step (``engines/base.py``) does, and so will a pipeline schedule, which needs
+``loss(output, target)`` on the last stage alone. The decoder's causal-LM task is the first; encoder-decoder
+objectives add their own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from megatron_lite.config import Config
+from megatron_lite.training.loss import token_loss_sum, valid_tokens
+
+Microbatch = dict[str, torch.Tensor]
+
+
+class Task(ABC):
+    """Inputs, target and summed loss for one kind of training."""
+
+    @abstractmethod
+    def inputs(self, mb: Microbatch) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward."""
+
+    @abstractmethod
+    def target(self, mb: Microbatch) -> torch.Tensor:
+        """What ``loss`` compares the output with."""
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, target: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over valid tokens, number of valid tokens) for one microbatch."""
+
+    def num_tokens(self, target: torch.Tensor) -> torch.Tensor:
+        """Valid tokens in ``target``, known before the forward: the step normalizes by their global total."""
+        return valid_tokens(target)
+
+
+class CausalLMTask(Task):
+    """Next-token prediction for the decoder family; labels of -100 (padding) do not count.
+
+    Label smoothing shapes the training target only: evaluation reports the plain cross-entropy, so that valid_ppl is
+    a perplexity and runs with different smoothing compare. Logit columns past ``vocab_size`` (vocabulary padding)
+    take no probability mass.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, vocab_size: int | None = None) -> None:
+        self.label_smoothing = label_smoothing
+        self.vocab_size = vocab_size
+
+    def inputs(self, mb: Microbatch) -> dict[str, torch.Tensor]:
+        keys = ("position_ids", "document_ids", "padding_mask")
+        return {"input_ids": mb["input_ids"], **{k: mb[k] for k in keys if k in mb}}
+
+    def target(self, mb: Microbatch) -> torch.Tensor:
+        return mb["labels"]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_loss_sum(output, target, self.label_smoothing if training else 0.0, self.vocab_size)
+
+
+def causal_lm_task(cfg: Config) -> CausalLMTask:
+    return CausalLMTask(cfg.training.label_smoothing, cfg.model.vocab_size)
