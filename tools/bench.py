@@ -2,7 +2,7 @@
 """Measure parts of the framework on this machine.
 
 Subcommands: ``data`` (preprocessing and loader throughput), ``train`` (training throughput and peak memory per
-parallel layout, through the real trainer).
+parallel layout, through the real trainer), ``startup`` (peak host memory per rank while the engine builds the model).
 
 Add a subcommand by writing ``add_<name>(subparsers)`` that registers a parser with ``func=run_<name>``.
 """
@@ -197,11 +197,104 @@ def add_train(sub) -> None:
     p.set_defaults(func=run_train)
 
 
+STARTUP_SIZES = {  # Llama-style shapes (untied 32k vocabulary), named by their parameter count
+    "125m": ["model.hidden_size=768", "model.num_layers=12", "model.num_heads=12", "model.ffn_hidden_size=2048"],
+    "400m": ["model.hidden_size=1024", "model.num_layers=26", "model.num_heads=16", "model.ffn_hidden_size=2816"],
+    "1b": ["model.hidden_size=2048", "model.num_layers=16", "model.num_heads=16", "model.ffn_hidden_size=5632"],
+}
+STARTUP_BASE = ["model.vocab_size=32000", "model.max_seq_len=256", "model.position=rotary", "model.norm=rmsnorm",
+                "model.activation=swiglu", "model.bias=false", "model.tie_embeddings=false", "data.seq_len=256",
+                "training.global_batch_size=4", "training.micro_batch_size=1", "training.device=cpu"]
+
+
+def _startup_rank(rank: int, overrides: list[str], out_dir: str) -> None:
+    """Build the engine on this rank; record the peak growth of its resident memory when the model was built (for
+    DeepSpeed: before ``deepspeed.initialize`` adds its own buffers) and when the engine was ready, and what it holds."""
+    from megatron_lite.config import load_config
+    from megatron_lite.engines import build_engine
+    from megatron_lite.families import get_family
+    from megatron_lite.topology import Topology
+    from megatron_lite.training.metrics import host_peak_bytes, reset_host_peak
+
+    cfg = load_config(None, overrides)
+    topology = Topology.from_env(cfg.parallel, "cpu")
+    family = get_family(cfg.model.family)
+    factory, task = family.factory(cfg), family.task(cfg)
+    peaks: dict[str, int] = {}
+    if cfg.parallel.engine == "deepspeed":
+        from megatron_lite.engines.deepspeed import DeepSpeedEngine
+
+        build = DeepSpeedEngine._build
+
+        def measured_build(self, *args):
+            model = build(self, *args)
+            peaks["model"] = host_peak_bytes()
+            return model
+
+        DeepSpeedEngine._build = measured_build
+    before = reset_host_peak()
+    engine = build_engine(cfg, factory, topology, task)
+    peaks["engine"] = host_peak_bytes()
+    held = 0
+    for p in engine.model.parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
+        held += local.numel() * local.element_size()
+    largest = max(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.model.parameters())
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "model": peaks.get("model", peaks["engine"]) - before, "engine": peaks["engine"] - before, "held": held,
+        "largest": 4 * largest,
+    }))
+
+
+def startup_memory(layout: str, overrides: list[str], timeout: float = 600.0) -> list[dict]:
+    """Per rank, in bytes: peak resident-memory growth once the model is built (``model``) and once the engine is
+    ready (``engine``), the parameter bytes the rank holds (``held``) and the largest tensor in fp32 (``largest``)."""
+    from megatron_lite.parity import parse_layout, preload, run_ranks
+
+    parsed = parse_layout(layout)
+    preload([parsed])  # imports (DeepSpeed's included) happen before the measurement, as in a real start
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as out:
+        run_ranks(_startup_rank, parsed.world_size, ([*overrides, *parsed.overrides], out), timeout)
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(parsed.world_size)]
+
+
+def run_startup(a: argparse.Namespace) -> int:
+    """Peak host memory per rank while each layout builds its engine, for each model size."""
+    import torch
+
+    from megatron_lite.config import load_config
+    from megatron_lite.families import get_family
+
+    gib = 2**30
+    print(f"{'size':>5} {'params':>7} {'fp32':>6} {'layout':>7} {'model built':>11} {'engine ready':>12} "
+          f"{'params held':>11}   (GiB, largest over ranks)")
+    for size in a.sizes.split(","):
+        overrides = [*STARTUP_BASE, *STARTUP_SIZES[size]]
+        cfg = load_config(None, overrides)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in get_family(cfg.model.family).construct(cfg.model).parameters())
+        for layout in a.layouts.split(","):
+            ranks = startup_memory(layout, overrides, a.timeout)
+            model, engine, held = (max(r[k] for r in ranks) / gib for k in ("model", "engine", "held"))
+            print(f"{size:>5} {n / 1e6:>6.0f}M {4 * n / gib:>6.2f} {layout:>7} {model:>11.2f} {engine:>12.2f} "
+                  f"{held:>11.2f}", flush=True)
+    return 0
+
+
+def add_startup(sub) -> None:
+    p = sub.add_parser("startup", help="peak host memory per rank while the engine builds the model (CPU ranks)")
+    p.add_argument("--sizes", default="125m,400m,1b", help=f"comma-separated, from {', '.join(STARTUP_SIZES)}")
+    p.add_argument("--layouts", default="single,ddp2,zero3,fsdp2")
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.set_defaults(func=run_startup)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_data(sub)
     add_train(sub)
+    add_startup(sub)
     a = p.parse_args(argv)
     return a.func(a)
 

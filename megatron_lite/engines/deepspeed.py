@@ -46,7 +46,7 @@ from megatron_lite.engines.logical import (
     read_logical,
     write_logical,
 )
-from megatron_lite.engines.materialize import fill_zero3_partitions, materialize
+from megatron_lite.engines.materialize import fill_zero3_partitions, materialize, partition_for_zero3
 from megatron_lite.topology import Topology, ensure_process_group
 from megatron_lite.training.optim import build_adamw
 from megatron_lite.training.tasks import Task
@@ -108,15 +108,15 @@ class DeepSpeedEngine(Engine):
         self._own_norm: float | None = None
 
     def _build(self, factory: ModelFactory, deepspeed) -> nn.Module:
-        """ZeRO-3: partitioned as it is constructed, each rank filling its partitions; else built on meta, then whole."""
-        if self.stage == 3:
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, data_parallel_group=self.topology.group("dp")):
-                model = factory.construct()
-            fill_zero3_partitions(model, model.init_rules(), factory.seed)
-            return factory.prepare(model)
+        """ZeRO-3: partitioned parameter by parameter, each rank filling its partitions; else built on meta, then
+        materialized whole (ZeRO 0-2 keep full weights on every rank)."""
         with torch.device("meta"):
             model = factory.construct()
         rules = model.init_rules()
+        if self.stage == 3:
+            partition_for_zero3(model, self.ds_config, self.topology.group("dp"), deepspeed)
+            fill_zero3_partitions(model, rules, factory.seed)
+            return factory.prepare(model)
         model = factory.prepare(model)
         materialize(model, rules, factory.seed, self.topology.device)
         return model

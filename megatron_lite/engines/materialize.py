@@ -4,6 +4,9 @@ Each rank allocates and fills only what it holds: whole tensors for single, DDP 
 by design), the local shard of each DTensor for FSDP (and later tensor parallelism), the flat partition of each
 parameter for ZeRO-3. The values come from ``models/init.py`` by tensor name and seed, so every layout starts from
 the same full weights, and a rank draws no more than its share plus the rows at a shard's edges.
+
+ZeRO-3's partitions are made here too (``partition_for_zero3``), from the meta model, without ever holding the whole
+model on a rank.
 """
 
 from __future__ import annotations
@@ -29,7 +32,53 @@ def materialize(model: nn.Module, rules: dict[str, InitRule], seed: int, device:
             if local.numel():
                 local.copy_(initial_box(rule, name, p.shape, seed, offset, shape).reshape(local.shape))
         else:
-            p.copy_(initial_values(rule, name, p.numel(), seed).view(p.shape))
+            initial_values(rule, name, p.numel(), seed, out=p.view(-1))
+
+
+def partition_for_zero3(model: nn.Module, ds_config: dict, group, deepspeed) -> None:
+    """Turn the meta parameters of ``model`` into ZeRO-3 partitioned parameters, one module's parameters at a time.
+
+    This is what ``deepspeed.zero.Init`` does while a model is constructed, except for where the full tensors live:
+    each module's parameters are given storage in one scratch buffer the size of the largest module's parameters,
+    reused for every module, and ``zero.Init(module=...)`` partitions them from there. Allocating and freeing every
+    full tensor instead (as construction inside ``zero.Init`` does) leaves the host heap fragmented on the CPU, where
+    the measured peak was the whole model. The scratch values are not initial values: ``fill_zero3_partitions`` writes
+    those into each rank's partitions afterwards.
+    """
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, key))
+    # Each distinct tensor once, with the first module that holds it (a tied tensor is converted with that module).
+    per_module: list[list[nn.Parameter]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        mine = [p for p in module._parameters.values() if p is not None and p.is_meta and id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        per_module.append(mine)
+    largest = max((sum(p.numel() for p in params) for params in per_module), default=0)
+    scratch = torch.empty(largest, dtype=dtype, device=get_device())
+    for params in per_module:
+        if not params:
+            continue
+        holder, offset = nn.Module(), 0
+        for i, p in enumerate(params):
+            real = nn.Parameter(scratch[offset : offset + p.numel()].view(p.shape), requires_grad=p.requires_grad)
+            offset += p.numel()
+            for module, key in owners[id(p)]:  # every module that shares the tensor (tied weights) gets it
+                module._parameters[key] = real
+            holder.register_parameter(f"p{i}", real)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config, data_parallel_group=group)
+
+
+def get_device() -> torch.device:
+    """The device DeepSpeed's accelerator puts parameters on (this rank's GPU, or the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 @torch.no_grad()
@@ -44,8 +93,7 @@ def fill_zero3_partitions(model: nn.Module, rules: dict[str, InitRule], seed: in
         start = dist.get_rank(group=p.ds_process_group) * part
         end = min(start + part, p.ds_numel)
         if end > start:
-            values = initial_values(_rule(rules, name), name, p.ds_numel, seed, start, end)
-            p.ds_tensor.data[: end - start].copy_(values)
+            initial_values(_rule(rules, name), name, p.ds_numel, seed, start, end, out=p.ds_tensor.data[: end - start])
 
 
 def _rule(rules: dict[str, InitRule], name: str) -> InitRule:

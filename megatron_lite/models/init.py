@@ -39,16 +39,20 @@ def block_seed(seed: int, name: str, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def initial_values(rule: InitRule, name: str, numel: int, seed: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """Elements ``[start, end)`` of the flattened initial value of tensor ``name`` (``numel`` elements), fp32 on the CPU."""
+def initial_values(rule: InitRule, name: str, numel: int, seed: int, start: int = 0, end: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elements ``[start, end)`` of the flattened initial value of tensor ``name`` (``numel`` elements).
+
+    Written into ``out`` (1-D, ``end - start`` elements, any dtype and device) when given, so that filling a parameter
+    needs no second copy of it; else returned as a new fp32 CPU tensor.
+    """
     end = numel if end is None else end
     if not 0 <= start <= end <= numel:
         raise ValueError(f"{name}: element range [{start}, {end}) is outside a tensor of {numel} elements")
-    if rule.kind == "ones":
-        return torch.ones(end - start)
-    if rule.kind == "zeros":
-        return torch.zeros(end - start)
-    out = torch.empty(end - start)
+    if out is None:
+        out = torch.empty(end - start)
+    if rule.kind in ("ones", "zeros"):
+        return out.fill_(1.0 if rule.kind == "ones" else 0.0)
     for b in range(start // BLOCK, math.ceil(end / BLOCK)):
         lo, hi = b * BLOCK, min((b + 1) * BLOCK, numel)
         block = torch.empty(hi - lo)
@@ -100,4 +104,4 @@ def to_empty_keeping_ties(model: nn.Module, device: torch.device | str) -> None:
 def init_full_(model: nn.Module, rules: dict[str, InitRule], seed: int) -> None:
     """Fill every (whole, unsharded) parameter of ``model`` with its initial value."""
     for name, p in model.named_parameters():
-        p.copy_(initial_values(rules[name], name, p.numel(), seed).view(p.shape))
+        initial_values(rules[name], name, p.numel(), seed, out=p.view(-1))

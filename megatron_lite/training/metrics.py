@@ -31,6 +31,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_host_peak() -> int:
+    """Reset this process's peak resident set size to its current one and return that, in bytes (Linux only).
+
+    Writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM``; a forked process otherwise inherits its parent's peak.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def host_peak_bytes() -> int:
+    """This process's peak resident set size since start or the last ``reset_host_peak``, in bytes (Linux only)."""
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
 def max_over_ranks(values: list[float], device: torch.device, distributed: bool) -> list[float]:
     """Each value's maximum over all ranks (window time, data wait, peak memory), in one all-reduce.
 

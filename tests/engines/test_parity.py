@@ -96,3 +96,15 @@ def test_fsdp_wraps_each_block_as_its_own_unit(tiny_config):
     finally:  # the one-rank process group must not leak into ranks forked by later tests
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_activation_checkpointing_wrapped_outside_the_model_matches_single(tiny_config):
+    """Checkpointing is applied to each block from outside, before FSDP or DeepSpeed wrap the model: the recomputation
+    in backward must see the same (gathered) weights and give the same losses as one process without it."""
+    from megatron_lite.parity import run_layout
+
+    report = compare_layouts(tiny_config, ["fsdp2", "zero3"], steps=2, overrides=["model.activation_checkpointing=true"])
+    assert not report.errors, report.errors
+    assert report.failures(TOLERANCE) == [], report.table()
+    plain = run_layout("single", tiny_config, ["training.train_steps=2", "training.eval_interval=0"]).losses
+    assert plain == report.losses["single"]  # recomputation changes no arithmetic
