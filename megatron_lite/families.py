@@ -22,7 +22,7 @@ from megatron_lite.training.tasks import Task, causal_lm_task
 @dataclass(frozen=True)
 class Family:
     name: str
-    construct: Callable[[ModelConfig], nn.Module]  # creates the plain model on the current device (meta, or zero.Init)
+    construct: Callable[[ModelConfig], nn.Module]  # creates the plain model on the current device (engines: meta)
     task: Callable[[Config], Task]  # the training objective for a config
     hf_adapter: str  # module with config_from_hf / config_to_hf / from_hf / to_hf for this family
 

@@ -52,10 +52,9 @@ def _identity(model: nn.Module) -> nn.Module:
 class ModelFactory:
     """How an engine builds its model, shard by shard.
 
-    ``construct`` creates the plain model with its parameters on whatever device is current: the engine calls it under
-    ``torch.device("meta")`` (then materializes only what the rank holds) or inside DeepSpeed's ``zero.Init`` (which
-    partitions each module as it is created). Initial values come from the model's ``init_rules`` and ``seed``, by
-    name, so they do not depend on the layout. ``prepare`` applies what goes between the plain model and the engine's
+    ``construct`` creates the plain model with its parameters on whatever device is current; engines call it under
+    ``torch.device("meta")`` and then materialize only what the rank holds (``materialize.py``). Initial values come
+    from the model's ``init_rules`` and ``seed``, by name, so they do not depend on the layout. ``prepare`` applies what goes between the plain model and the engine's
     own wrapping, in order: tensor parallelism, activation checkpointing, compilation.
     """
 

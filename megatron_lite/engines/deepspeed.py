@@ -5,10 +5,10 @@ DeepSpeed owns loss scaling, gradient averaging, accumulation boundaries and cli
 global token count, so ``backward`` is told not to divide by the accumulation steps again) and sets the learning rate
 of the client optimizer, a plain ``torch.optim.AdamW``, so the update is the same arithmetic as in every other engine.
 
-The model is built shard by shard: under ZeRO-3 inside ``deepspeed.zero.Init``, which partitions each module's
-parameters as soon as the module is created, and each rank then fills only its own partitions with their by-name
-initial values; under ZeRO 0-2, which keep full weights on every rank by design, on the meta device and then
-materialized once.
+The model is built shard by shard from the meta device: under ZeRO-3, its parameters are partitioned module by module
+(``materialize.partition_for_zero3``, through ``deepspeed.zero.Init(module=...)``) and each rank then fills only its
+own partitions with their by-name initial values; under ZeRO 0-2, which keep full weights on every rank by design,
+the model is materialized whole.
 
 Checkpoints use the logical format. Saving walks the parameters one by one on every rank, in the same order:
 ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` assemble the parameter's fp32 master weight and AdamW

@@ -56,7 +56,7 @@ def partition_for_zero3(model: nn.Module, ds_config: dict, group, deepspeed) -> 
     per_module: list[list[nn.Parameter]] = []
     seen: set[int] = set()
     for module in model.modules():
-        mine = [p for p in module._parameters.values() if p is not None and p.is_meta and id(p) not in seen]
+        mine = list({id(p): p for p in module._parameters.values() if p is not None and id(p) not in seen}.values())
         seen.update(id(p) for p in mine)
         per_module.append(mine)
     largest = max((sum(p.numel() for p in params) for params in per_module), default=0)
