@@ -250,6 +250,7 @@ class ParallelConfig:
     engine: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"  # auto: single for 1 rank, else ddp
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards (all-gather / reduce-scatter)
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False

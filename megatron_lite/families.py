@@ -1,7 +1,7 @@
 """The model families, keyed by ``model.family``: how to construct each one, its task, and its Hugging Face adapter.
 
 The trainer, the parity harness (through the trainer) and ``tools/plan.py`` look a family up here rather than assume
-a decoder, so a new family is one entry. A family's model must provide ``init_rules()`` (the initial value of every
+a decoder, so a new family is one entry: its constructor, task, HF adapter and tensor-parallel plan. A family's model must provide ``init_rules()`` (the initial value of every
 parameter by name, ``models/init.py``) and a ``layers`` ModuleDict of its repeated blocks (what activation
 checkpointing, compile and FSDP wrap).
 """
@@ -15,7 +15,9 @@ from torch import nn
 
 from megatron_lite.config import Config, ConfigError, ModelConfig
 from megatron_lite.engines.base import ModelFactory
+from megatron_lite.parallel.plans import DECODER_PLAN, TPPlan
 from megatron_lite.parallel.wrappers import prepare_model
+from megatron_lite.topology import Topology
 from megatron_lite.training.tasks import Task, causal_lm_task
 
 
@@ -23,13 +25,16 @@ from megatron_lite.training.tasks import Task, causal_lm_task
 class Family:
     name: str
     construct: Callable[[ModelConfig], nn.Module]  # creates the plain model on the current device (engines: meta)
-    task: Callable[[Config], Task]  # the training objective for a config
+    task: Callable[[Config, Topology], Task]  # the training objective for a config on this rank's layout
     hf_adapter: str  # module with config_from_hf / config_to_hf / from_hf / to_hf for this family
+    tp_plan: TPPlan | None = None  # module name -> tensor-parallel placement (parallel/plans.py)
 
-    def factory(self, cfg: Config) -> ModelFactory:
+    def factory(self, cfg: Config, topology: Topology) -> ModelFactory:
         """What an engine needs to build this family's model for ``cfg``, shard by shard."""
         return ModelFactory(
-            construct=lambda: self.construct(cfg.model), seed=cfg.training.seed, prepare=lambda m: prepare_model(m, cfg)
+            construct=lambda: self.construct(cfg.model),
+            seed=cfg.training.seed,
+            prepare=lambda m: prepare_model(m, cfg, topology, self.tp_plan),
         )
 
 
@@ -41,7 +46,7 @@ def _decoder(cfg: ModelConfig) -> nn.Module:
 
 
 FAMILIES: dict[str, Family] = {
-    "decoder": Family("decoder", _decoder, causal_lm_task, "megatron_lite.convert.hf"),
+    "decoder": Family("decoder", _decoder, causal_lm_task, "megatron_lite.convert.hf", DECODER_PLAN),
 }
 
 

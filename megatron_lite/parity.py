@@ -12,10 +12,11 @@ Layout names are dash-separated parts, read left to right:
     zero<K>           DeepSpeed ZeRO stage K over 2 data-parallel ranks (change with dp<N>)
     offload           with zero<K>: offload optimizer state and parameters (stage 3) to the CPU
     dp<N>             the data-parallel size, for engines named without one
-    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2 (the names parse; running them
-                      fails with one line until tensor / pipeline parallelism exist)
+    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2 (pp<N> parses, and running it
+                      fails with one line until pipeline parallelism exists)
+    sp                with tp<N>: sequence parallelism
 
-e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2pp2`` (4 ranks, DDP over dp=1).
+e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2-sp`` (2 ranks), ``fsdp2-tp2``.
 The world size is dp x tp x pp. Each layout runs in forked child processes with its own rendezvous port.
 """
 
@@ -49,7 +50,7 @@ class Layout:
 def parse_layout(name: str) -> Layout:
     """Turn a layout name (see the module docstring) into a world size and config overrides."""
     engine, dp, dp_replicate, tp, pp = None, None, 1, 1, 1
-    stage, offload = None, False
+    stage, offload, sequence_parallel = None, False, False
     for part in name.lower().split("-"):
         if part == "single":
             engine, dp = "single", 1
@@ -61,6 +62,8 @@ def parse_layout(name: str) -> Layout:
             engine, stage = "deepspeed", int(m.group(1))
         elif part == "offload":
             offload = True
+        elif part == "sp":
+            sequence_parallel = True
         elif re.fullmatch(r"((dp|tp|pp)\d+)+", part):
             for axis, size in re.findall(r"(dp|tp|pp)(\d+)", part):
                 if axis == "dp":
@@ -72,7 +75,7 @@ def parse_layout(name: str) -> Layout:
         else:
             raise ConfigError(
                 f"layout '{name}': unknown part '{part}' (expected single, ddp<N>, fsdp<N>, hsdp<R>x<S>, zero<K>, "
-                "offload, dp<N>, tp<N>, pp<N>)"
+                "offload, dp<N>, tp<N>, pp<N>, sp)"
             )
     if dp is None:
         dp = ZERO_DEFAULT_DP if engine == "deepspeed" else 1
@@ -83,11 +86,14 @@ def parse_layout(name: str) -> Layout:
         raise ConfigError(f"layout '{name}': 'single' is one process, but tp x pp x dp = {world}")
     if offload and engine not in ("deepspeed", "fsdp"):
         raise ConfigError(f"layout '{name}': 'offload' needs zero<K> or fsdp<N>")
+    if sequence_parallel and tp == 1:
+        raise ConfigError(f"layout '{name}': 'sp' needs tp<N> with N > 1")
     # a layout sets every parallel key, so whatever the config file chose cannot leak into it
     overrides = [
         f"parallel.engine={engine}",
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
+        f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
         f"parallel.dp_replicate={dp_replicate}",
         f"parallel.zero_stage={stage or 0}",
         f"parallel.offload_optimizer={str(offload and engine == 'deepspeed').lower()}",

@@ -80,20 +80,24 @@ class Topology:
             return None
         if self.dp_replicate == 1:
             return self.mesh["dp"]
-        from torch.distributed.device_mesh import init_device_mesh
+        return self._hsdp_mesh()["dp_replicate", "dp_shard"]
 
-        key = "_hsdp_mesh"
+    def mesh_of(self, *axes: str) -> "torch.distributed.device_mesh.DeviceMesh":
+        """The submesh over ``axes``, which may name the HSDP axes (dp_replicate, dp_shard) beside pp and tp."""
+        if any(a in ("dp_replicate", "dp_shard") for a in axes):
+            return self._hsdp_mesh()[axes]
+        return self.mesh[axes if len(axes) > 1 else axes[0]]
+
+    def _hsdp_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh":
+        """A second mesh over the same ranks, (pp, dp_replicate, dp_shard, tp): data index = replica * shards + shard,
+        so its coordinates agree with the main mesh's. Built on first use."""
+        key = "_hsdp"
         if getattr(self, key, None) is None:
-            # A separate mesh over the same ranks: valid when pp == tp == 1 (checked in from_env).
-            object.__setattr__(
-                self,
-                key,
-                init_device_mesh(
-                    self.device.type,
-                    (self.dp_replicate, self.dp_shard),
-                    mesh_dim_names=("dp_replicate", "dp_shard"),
-                ),
-            )
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+            names = ("pp", "dp_replicate", "dp_shard", "tp")
+            object.__setattr__(self, key, init_device_mesh(self.device.type, shape, mesh_dim_names=names))
         return getattr(self, key)
 
     def describe(self) -> str:
@@ -121,8 +125,6 @@ class Topology:
             raise ConfigError(
                 f"data-parallel size {dp} is not divisible by parallel.dp_replicate={parallel.dp_replicate}"
             )
-        if parallel.dp_replicate > 1 and (tp > 1 or pp > 1):
-            raise ConfigError("parallel.dp_replicate > 1 (HSDP) is supported with tp = pp = 1 only")
         topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev)
         if world_size == 1:
             return topo

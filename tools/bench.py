@@ -219,7 +219,7 @@ def _startup_rank(rank: int, overrides: list[str], out_dir: str) -> None:
     cfg = load_config(None, overrides)
     topology = Topology.from_env(cfg.parallel, "cpu")
     family = get_family(cfg.model.family)
-    factory, task = family.factory(cfg), family.task(cfg)
+    factory, task = family.factory(cfg, topology), family.task(cfg, topology)
     peaks: dict[str, int] = {}
     if cfg.parallel.engine == "deepspeed":
         from megatron_lite.engines.deepspeed import DeepSpeedEngine

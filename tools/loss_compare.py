@@ -6,8 +6,9 @@
 Every layout runs the same global batches, in forked processes on this machine (gloo on CPU). The exit code is 1
 when any layout's loss differs from ``single`` by more than ``--tolerance`` at any step, or a layout fails to run;
 2 for bad arguments. Layout names are described in ``megatron_lite/parity.py`` (ddp<N>, fsdp<N>, hsdp<R>x<S>,
-zero<K>[-offload], tp<N>, pp<N>, ...); tp<N> and pp<N> are reserved names that fail to run (exit 1) until tensor and
-pipeline parallelism exist. In fp32 on CPU, 1e-5 is a safe tolerance; bf16 needs ~1e-2.
+zero<K>[-offload], tp<N>[-sp], pp<N>, ...), e.g. ``tp2``, ``tp2-sp``, ``zero1-tp2``, ``fsdp2-tp2`` (4 ranks); pp<N> is
+a reserved name that fails to run (exit 1) until pipeline parallelism exists. In fp32 on CPU, 1e-5 is a safe
+tolerance; bf16 needs ~1e-2.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import importlib
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.engines.base import Engine, ModelFactory, StepMetrics
+from megatron_lite.parallel.plans import check_tensor_parallel
 from megatron_lite.topology import Topology
 from megatron_lite.training.tasks import Task
 
@@ -57,12 +58,16 @@ def check_engine_config(cfg: Config, name: str, topology: Topology) -> None:
             "pipeline parallelism"
         )
     # Checked after the DeepSpeed + pipeline message, which says something more useful for that combination.
-    for axis, what in (("tp", "tensor"), ("pp", "pipeline")):
-        size = getattr(par, axis)
-        if size > 1:
-            raise ConfigError(
-                f"parallel.{axis}={size}: {what} parallelism is not available yet; set parallel.{axis}=1"
-            )
+    if par.pp > 1:
+        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not available yet; set parallel.pp=1")
+    if par.tp > 1 and name == "deepspeed" and par.zero_stage == 3:
+        raise ConfigError(
+            f"parallel.zero_stage=3 with parallel.tp={par.tp} is not supported: ZeRO-3 would partition the "
+            "tensor-parallel shards again; use zero_stage 1 or 2, or parallel.engine=fsdp (FSDP2 over the data axis)"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1 (it splits the sequence over the tp group)")
+    check_tensor_parallel(cfg, par.tp)
     if par.fsdp_cpu_offload and name != "fsdp":
         raise ConfigError(
             f"parallel.fsdp_cpu_offload needs parallel.engine=fsdp (got {name}); "

@@ -43,12 +43,15 @@ from megatron_lite.engines.logical import (
     balance_owners,
     budget_groups,
     ensure_adamw_state_for,
+    param_name_of,
     read_logical,
+    tensor_parallel_view,
     write_logical,
 )
 from megatron_lite.engines.materialize import fill_zero3_partitions, materialize, partition_for_zero3
+from megatron_lite.parallel.tensor import tensor_parallel_shards
 from megatron_lite.topology import Topology, ensure_process_group
-from megatron_lite.training.optim import build_adamw
+from megatron_lite.training.optim import build_adamw, no_decay_names
 from megatron_lite.training.tasks import Task
 
 MOMENT_KEYS = tuple(k for k in OPTIM_STATE_KEYS if k != "step")
@@ -98,9 +101,10 @@ class DeepSpeedEngine(Engine):
             print(f"deepspeed_overrides merged into the generated DeepSpeed config: {overrides}", flush=True)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.model = self._build(factory, deepspeed)
-        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device)
+        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, self._no_decay)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
+            model=self.model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False,
+            mpu=TopologyMPU(topology) if topology.is_distributed else None,
         )
         self.module = self.engine
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
@@ -112,13 +116,15 @@ class DeepSpeedEngine(Engine):
         materialized whole (ZeRO 0-2 keep full weights on every rank)."""
         with torch.device("meta"):
             model = factory.construct()
-        rules = model.init_rules()
+        rules, self._no_decay = model.init_rules(), no_decay_names(model, self.cfg.optimizer)  # from the plain model
         if self.stage == 3:
             partition_for_zero3(model, self.ds_config, self.topology.group("dp"), deepspeed)
             fill_zero3_partitions(model, rules, factory.seed)
+            self.shards = {}  # ZeRO-3 with tensor parallelism is refused at config time
             return factory.prepare(model)
         model = factory.prepare(model)
-        materialize(model, rules, factory.seed, self.topology.device)
+        self.shards = tensor_parallel_shards(model)
+        materialize(model, rules, factory.seed, self.topology.device, self.shards)
         return model
 
     def _unfused_masters(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -146,7 +152,7 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss, scale_wrt_gas=False)  # the shared step has normalized the loss already
         if last and self.stage == 0 and not self._masters:
             # ZeRO-0 in fp32 clips but does not keep the norm; the averaged gradients are final here.
-            self._own_norm = float(global_grad_norm(self.model.parameters(), self.topology))
+            self._own_norm = float(global_grad_norm(self.model.named_parameters(), self.topology, self.shards))
         self.engine.step()  # steps the optimizer only at the accumulation boundary
 
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
@@ -256,17 +262,18 @@ class DeepSpeedEngine(Engine):
     def owned_state(self) -> dict[str, torch.Tensor]:
         """The logical tensors this rank writes: full fp32 CPU copies of the parameters (and buffers) it owns.
 
-        Ownership splits the bytes evenly over the ranks (``balance_owners``, the same on every rank), and each key
-        is held by exactly one rank, so a rank ends with about 12 bytes x parameters / world size on the CPU, plus
-        one parameter's full tensor on the device at a time while ZeRO assembles it. Parameters are assembled one by
-        one on every rank, in the same order, because the assembly is a collective.
+        Ownership splits the bytes evenly over the data-parallel ranks (``balance_owners``, the same on every rank),
+        and each key is held by exactly one of them, so a rank ends with about 12 bytes x parameters / world size on
+        the CPU, plus one parameter's full tensor on the device at a time while ZeRO assembles it. Parameters are
+        assembled one by one on every rank, in the same order, because the assembly is a collective over the data
+        axis. With tensor parallelism each tensor-parallel rank's owner writes its shard, as a part of the full tensor.
         """
         self._ensure_optimizer_state()
         step = self._step_count()
         named, buffers = self._names(), self._buffers()
         sizes = [self._entry_bytes(p) for p, _ in named] + [b.numel() * b.element_size() for _, b in buffers]
-        owners = balance_owners(sizes, self.topology.world_size)
-        mine = [owner == self.topology.rank for owner in owners]
+        owners = balance_owners(sizes, self.topology.dp)
+        mine = [owner == self.topology.dp_rank for owner in owners]
         out: dict[str, torch.Tensor] = {}
         for (p, names), keep in zip(named, mine):
             weight = self._full(p, None, keep)
@@ -274,9 +281,9 @@ class DeepSpeedEngine(Engine):
             if not keep:
                 continue
             for name in names:  # tied weights under each name; write_logical copies the shared storage
-                out[f"model.{name}"] = weight
+                out[f"model.{name}"] = self._view(weight, names[0])
             for key, value in moments.items():
-                out[f"optim.{names[0]}.{key}"] = value
+                out[f"optim.{names[0]}.{key}"] = self._view(value, names[0])
             out[f"optim.{names[0]}.step"] = step.clone()
         for (name, buf), keep in zip(buffers, mine[len(named):]):
             if keep:
@@ -305,7 +312,7 @@ class DeepSpeedEngine(Engine):
                 for key in MOMENT_KEYS:
                     state[f"optim.{names[0]}.{key}"] = torch.empty(shape, dtype=torch.float32)
                 state[f"optim.{names[0]}.step"] = torch.zeros((), dtype=torch.float32)
-            read_logical(state, path)
+            read_logical({key: self._view(t, param_name_of(key)) for key, t in state.items()}, path)
             for p, names in entries:
                 self._set_full(p, names[0], state)
                 steps.add(float(state[f"optim.{names[0]}.step"]))
@@ -319,6 +326,11 @@ class DeepSpeedEngine(Engine):
         if len(steps) > 1:
             raise ValueError(f"checkpoint {path} holds different AdamW step counts per parameter: {sorted(steps)}")
         self._set_step_count(steps.pop() if steps else 0.0)
+
+    def _view(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """``t`` (this tensor-parallel rank's whole shard of parameter ``name``, or its state) as part of the full
+        tensor, for DCP; a replicated tensor as it is."""
+        return tensor_parallel_view(t, self.shards.get(name), self.topology)
 
     @torch.no_grad()
     def _set_full(self, p: nn.Parameter, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -365,6 +377,48 @@ class DeepSpeedEngine(Engine):
             own = {"cur_scale": state["loss_scale"]}
         if own:
             load_loss_scaler_state(self.engine.optimizer, own)
+
+
+class TopologyMPU:
+    """The model-parallel unit DeepSpeed asks for (``deepspeed.initialize(mpu=...)``), answered from the Topology.
+
+    With it ZeRO reduces and partitions over the data axis only, and its gradient norm adds up the tensor-parallel
+    shards (parameters marked ``tensor_model_parallel``) over the tensor axis, counting replicated ones once.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topology.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topology.tp
+
+    def get_model_parallel_group(self):
+        return self.topology.group("tp")
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topology.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topology.dp
+
+    def get_data_parallel_group(self):
+        return self.topology.group("dp")
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.topology.group("dp"))
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.topology.pp
+
+    def get_pipeline_model_parallel_group(self):
+        return self.topology.group("pp")
 
 
 LOSS_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")

@@ -3,8 +3,8 @@
 Each rank adds up the squares of the gradient pieces it holds, each divided by how many ranks hold that same piece,
 and one all-reduce over all ranks gives the global sum. A replicated gradient (DDP) thus counts once, not dp times; a
 sharded one (an FSDP DTensor) counts each shard once. A piece's replication is the number of ranks of its pipeline
-stage divided by the number of pieces the gradient is split into (the mesh dimensions of its ``Shard`` placements),
-so new parallel axes only have to say how their parameters are split.
+stage divided by the number of pieces the gradient is split into: the mesh dimensions of its ``Shard`` placements
+(FSDP), times the tensor-parallel group's size for a tensor-parallel shard.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel.tensor import TPShard
 from megatron_lite.topology import Topology
 
 
@@ -28,17 +29,21 @@ def pieces(p: torch.Tensor) -> int:
     return math.prod(mesh.size(i) for i, placement in enumerate(placements) if placement.is_shard())
 
 
-def global_grad_norm(params: Iterable[nn.Parameter], topology: Topology) -> torch.Tensor:
+def global_grad_norm(
+    named_params: Iterable[tuple[str, nn.Parameter]], topology: Topology, shards: dict[str, TPShard] | None = None
+) -> torch.Tensor:
     """The L2 norm of all gradients of the model, over every rank (float64, on this rank's device)."""
+    shards = shards or {}
     stage_ranks = topology.world_size // topology.pp
     total = torch.zeros((), dtype=torch.float64, device=topology.device)
-    for p in params:
+    for name, p in named_params:
         if p.grad is None:
             continue
         grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         if grad.numel():
             squares = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
-            total += squares * (pieces(p) / stage_ranks)
+            split = pieces(p) * (shards[name].size if name in shards else 1)
+            total += squares * (split / stage_ranks)
     if topology.is_distributed:
         dist.all_reduce(total)
     return total.sqrt()

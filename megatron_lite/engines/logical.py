@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.parallel.tensor import TPShard
+from megatron_lite.topology import Topology
+
 OPTIM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -119,7 +122,7 @@ def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The logical ``model.<fqn>`` view of a model's parameters and buffers (tensors shared, not copied)."""
+    """The ``model.<fqn>`` view of a model's parameters and buffers as this rank holds them (shared, not copied)."""
     return {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
 
 
@@ -150,3 +153,41 @@ def budget_groups(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
             groups.append([i])
             used = size
     return groups
+
+
+def param_name_of(key: str) -> str:
+    """The parameter a logical key belongs to: ``model.<fqn>`` and ``optim.<fqn>.<state>`` -> ``<fqn>``; AdamW's
+    0-d step count belongs to no shard (``""``)."""
+    if key.startswith("model."):
+        return key[len("model."):]
+    fqn, _, state = key[len("optim."):].rpartition(".")
+    return "" if state == "step" else fqn
+
+
+def tensor_parallel_view(t: torch.Tensor, shard: TPShard | None, topology: Topology) -> torch.Tensor:
+    """``t`` (this rank's piece of a tensor-parallel shard, plain or an FSDP DTensor) as a DTensor of the full tensor.
+
+    DCP then writes each rank's piece at its offset in the full tensor and reads back whatever box a layout needs, so
+    checkpoints keep full shapes under plain names at any TP size. Shares ``t``'s memory: loading fills it in place.
+    A replicated tensor (``shard`` None) is returned as it is.
+    """
+    if shard is None or topology.tp == 1:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    full = torch.Size(shard.global_shape)
+    stride = torch.empty(full, device="meta").stride()
+    if not isinstance(t, DTensor):
+        return DTensor.from_local(t, topology.mesh_of("tp"), [Shard(shard.dim)], run_check=False, shape=full,
+                                  stride=stride)
+    # FSDP splits the tensor-parallel shard along dim 0 over the data mesh; add the tensor axis after the data axes.
+    placements = []
+    for placement in t.placements:
+        if isinstance(placement, Replicate) or placement.dim != shard.dim:
+            placements.append(placement)
+        else:  # both split dim 0: the data axis splits each tensor-parallel shard, not the whole tensor
+            placements.append(_StridedShard(shard.dim, split_factor=shard.size))
+    mesh = topology.mesh_of(*t.device_mesh.mesh_dim_names, "tp")
+    return DTensor.from_local(t.to_local(), mesh, [*placements, Shard(shard.dim)], run_check=False, shape=full,
+                              stride=stride)

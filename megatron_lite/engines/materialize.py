@@ -1,8 +1,8 @@
 """Give a model built on the meta device (or partitioned by ZeRO-3 as it was built) its initial values, shard by shard.
 
 Each rank allocates and fills only what it holds: whole tensors for single, DDP and ZeRO 0-2 (which hold full weights
-by design), the local shard of each DTensor for FSDP (and later tensor parallelism), the flat partition of each
-parameter for ZeRO-3. The values come from ``models/init.py`` by tensor name and seed, so every layout starts from
+by design, or their tensor-parallel shards), the local shard of each DTensor for FSDP (within the tensor-parallel
+shard), the flat partition of each parameter for ZeRO-3. The values come from ``models/init.py`` by tensor name and seed, so every layout starts from
 the same full weights, and a rank draws no more than its share plus the rows at a shard's edges.
 
 ZeRO-3's partitions are made here too (``partition_for_zero3``), from the meta model, without ever holding the whole
@@ -16,23 +16,45 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.models.init import InitRule, initial_box, initial_values, to_empty_keeping_ties
+from megatron_lite.parallel.tensor import TPShard
+
+
+def local_box(name: str, p: torch.Tensor, shards: dict[str, TPShard]) -> tuple[tuple, tuple, tuple]:
+    """(full shape, offset, local shape) of the part of tensor ``name`` that ``p`` holds on this rank.
+
+    The part is a box of the full tensor: a DTensor's shard (FSDP over the data axis) within the tensor-parallel
+    shard that ``shards`` names (if any), offsets adding up.
+    """
+    full, local, offset = tuple(p.shape), tuple(p.shape), [0] * p.dim()
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local, data_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        offset = list(data_offset)
+    shard = shards.get(name)
+    if shard is not None:
+        offset[shard.dim] += shard.offset
+        full = shard.global_shape
+    return full, tuple(offset), tuple(local)
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, rules: dict[str, InitRule], seed: int, device: torch.device) -> None:
-    """Allocate ``model``'s meta parameters on ``device`` (local shards only, for DTensors) and fill them."""
+def materialize(model: nn.Module, rules: dict[str, InitRule], seed: int, device: torch.device,
+                shards: dict[str, TPShard] | None = None) -> None:
+    """Allocate ``model``'s meta parameters on ``device`` (local shards only) and fill them with their part of the
+    full tensors' initial values; ``shards`` says which parameters are tensor-parallel shards."""
+    shards = shards or {}
     to_empty_keeping_ties(model, device)
     for name, p in model.named_parameters():
         rule = _rule(rules, name)
-        if hasattr(p, "device_mesh"):  # a DTensor: fill the box of the full tensor that this rank holds
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            local = p.to_local()
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            if local.numel():
-                local.copy_(initial_box(rule, name, p.shape, seed, offset, shape).reshape(local.shape))
+        local = p.to_local() if hasattr(p, "to_local") else p
+        full, offset, shape = local_box(name, p, shards)
+        if not local.numel():
+            continue
+        if full == shape:  # the whole tensor: write it in place
+            initial_values(rule, name, local.numel(), seed, out=local.view(-1))
         else:
-            initial_values(rule, name, p.numel(), seed, out=p.view(-1))
+            local.copy_(initial_box(rule, name, torch.Size(full), seed, offset, shape).reshape(local.shape))
 
 
 def partition_for_zero3(model: nn.Module, ds_config: dict, group, deepspeed) -> None:

@@ -19,10 +19,18 @@ from torch import nn
 from megatron_lite.config import Config
 from megatron_lite.engines.base import Engine, ModelFactory
 from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
-from megatron_lite.engines.logical import model_state, read_logical, torch_optimizer_state, write_logical
+from megatron_lite.engines.logical import (
+    model_state,
+    param_name_of,
+    read_logical,
+    tensor_parallel_view,
+    torch_optimizer_state,
+    write_logical,
+)
 from megatron_lite.engines.materialize import materialize
+from megatron_lite.parallel.tensor import tensor_parallel_shards
 from megatron_lite.topology import Topology
-from megatron_lite.training.optim import build_adamw
+from megatron_lite.training.optim import build_adamw, no_decay_names
 from megatron_lite.training.tasks import Task
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,12 +45,14 @@ class TorchEngine(Engine):
         self.task = task
         with torch.device("meta"):
             model = factory.construct()
-        rules = model.init_rules()
-        model = self.shard(factory.prepare(model))
-        materialize(model, rules, factory.seed, topology.device)
+        rules, no_decay = model.init_rules(), no_decay_names(model, cfg.optimizer)  # from the plain model
+        model = factory.prepare(model)
+        self.shards = tensor_parallel_shards(model)
+        model = self.shard(model)
+        materialize(model, rules, factory.seed, topology.device, self.shards)
         self.model = model
         self.module = self.wrap(model)
-        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device)
+        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, no_decay)
         precision = cfg.training.precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(topology.device.type) if precision == "fp16" else None
@@ -71,9 +81,9 @@ class TorchEngine(Engine):
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = list(self.model.parameters())
-        grad_norm = float(global_grad_norm(params, self.topology))
-        clip_gradients(params, max_norm, grad_norm)
+        named = list(self.model.named_parameters())
+        grad_norm = float(global_grad_norm(named, self.topology, self.shards))
+        clip_gradients([p for _, p in named], max_norm, grad_norm)
         if self.scaler is None:
             self.optimizer.step()
             return grad_norm, False
@@ -100,7 +110,9 @@ class TorchEngine(Engine):
             self.scaler.load_state_dict(carried)
 
     def logical_state(self) -> dict[str, torch.Tensor]:
-        return {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer)}
+        """Model and AdamW tensors under their logical names, tensor-parallel shards viewed as parts of full tensors."""
+        state = {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer)}
+        return {key: tensor_parallel_view(t, self.shards.get(param_name_of(key)), self.topology) for key, t in state.items()}
 
     def save(self, path: Path) -> None:
         write_logical(self.logical_state(), path)

@@ -183,9 +183,10 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        # Local head counts come from the shapes, so column-sharded projections work unchanged.
+        # Sizes come from the projections' outputs, not from ``x``: column-sharded projections give the local head
+        # counts, and under sequence parallelism they see the whole sequence where ``x`` holds a slice of it.
+        b, s = q.shape[:2]
         n_q, n_kv = q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim
         q = q.view(b, s, n_q, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
         k = k.view(b, s, n_kv, self.head_dim).transpose(1, 2)

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.config import Config
+from megatron_lite.config import Config, ConfigError
+from megatron_lite.parallel.plans import TPPlan, apply_plan
+from megatron_lite.topology import Topology
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -51,8 +53,12 @@ def apply_compile(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_model(model: nn.Module, cfg: Config) -> nn.Module:
+def prepare_model(model: nn.Module, cfg: Config, topology: Topology, plan: TPPlan | None) -> nn.Module:
     """Apply what the config asks for between the plain model and the engine, in the documented order."""
+    if topology.tp > 1:
+        if plan is None:
+            raise ConfigError(f"parallel.tp={topology.tp}: model.family={cfg.model.family!r} has no tensor-parallel plan")
+        model = apply_plan(model, plan, cfg, topology)
     if cfg.model.activation_checkpointing:
         model = apply_activation_checkpointing(model)
     if cfg.training.compile:

@@ -12,8 +12,8 @@ def no_decay_names(model: nn.Module, cfg: OptimizerConfig) -> set[str]:
     """Names (every name of a tied tensor) of parameters that get no weight decay (``OptimizerConfig.skips_weight_decay``).
 
     Embeddings are found by module type (``nn.Embedding``), so the rule holds for any architecture, and a matrix tied
-    to an embedding is one under each of its names. Dimensions are those of the full tensor: ZeRO-3 leaves a 1-D
-    placeholder in ``p`` and keeps the real shape in ``ds_shape``.
+    to an embedding is one under each of its names. Ask the plain model (engines do, on the meta device, before any
+    parallel layer replaces a module); dimensions are those of the full tensor (ZeRO-3 keeps them in ``ds_shape``).
     """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
     names: set[str] = set()
@@ -23,9 +23,14 @@ def no_decay_names(model: nn.Module, cfg: OptimizerConfig) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Two AdamW groups (decay, no decay); tied parameters appear once, under their first name."""
-    skip = no_decay_names(model, cfg)
+def param_groups(model: nn.Module, cfg: OptimizerConfig, skip: set[str] | None = None) -> list[dict]:
+    """Two AdamW groups (decay, no decay); tied parameters appear once, under their first name.
+
+    ``skip`` (the names that get no decay) defaults to ``no_decay_names(model)``. Engines pass the names they took from
+    the plain model before tensor parallelism swapped its modules (an embedding split over the vocabulary is no
+    longer an ``nn.Embedding``); names do not change, so the rule still applies by name.
+    """
+    skip = no_decay_names(model, cfg) if skip is None else skip
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -37,11 +42,12 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return groups
 
 
-def build_adamw(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
-    """torch AdamW; fused kernels on GPU unless ``optimizer.fused`` says otherwise."""
+def build_adamw(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
+                skip: set[str] | None = None) -> torch.optim.AdamW:
+    """torch AdamW; fused kernels on GPU unless ``optimizer.fused`` says otherwise; ``skip`` as in ``param_groups``."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg),
+        param_groups(model, cfg, skip),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

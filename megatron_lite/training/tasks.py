@@ -11,8 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.config import Config
+from megatron_lite.parallel.cross_entropy import vocab_parallel_loss_sum
+from megatron_lite.topology import Topology
 from megatron_lite.training.loss import token_loss_sum, valid_tokens
 
 Microbatch = dict[str, torch.Tensor]
@@ -43,12 +46,15 @@ class CausalLMTask(Task):
 
     Label smoothing shapes the training target only: evaluation reports the plain cross-entropy, so that valid_ppl is
     a perplexity and runs with different smoothing compare. Logit columns past ``vocab_size`` (vocabulary padding)
-    take no probability mass.
+    take no probability mass. With a tensor-parallel ``group`` the logits hold this rank's slice of the vocabulary,
+    starting at ``vocab_start``, and the loss is the vocab-parallel one, which never gathers them.
     """
 
-    def __init__(self, label_smoothing: float = 0.0, vocab_size: int | None = None) -> None:
+    def __init__(self, label_smoothing: float = 0.0, vocab_size: int | None = None, group=None,
+                 vocab_start: int = 0) -> None:
         self.label_smoothing = label_smoothing
         self.vocab_size = vocab_size
+        self.group, self.vocab_start = group, vocab_start
 
     def inputs(self, mb: Microbatch) -> dict[str, torch.Tensor]:
         keys = ("position_ids", "document_ids", "padding_mask")
@@ -58,8 +64,16 @@ class CausalLMTask(Task):
         return mb["labels"]
 
     def loss(self, output: torch.Tensor, target: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_loss_sum(output, target, self.label_smoothing if training else 0.0, self.vocab_size)
+        smoothing = self.label_smoothing if training else 0.0
+        if self.group is None:
+            return token_loss_sum(output, target, smoothing, self.vocab_size)
+        vocab = self.vocab_size if self.vocab_size is not None else output.shape[-1] * dist.get_world_size(self.group)
+        return vocab_parallel_loss_sum(output, target, self.vocab_start, vocab, smoothing, self.group)
 
 
-def causal_lm_task(cfg: Config) -> CausalLMTask:
-    return CausalLMTask(cfg.training.label_smoothing, cfg.model.vocab_size)
+def causal_lm_task(cfg: Config, topology: Topology | None = None) -> CausalLMTask:
+    """The decoder's task for ``cfg``; vocab-parallel when ``topology`` splits the model over a tensor axis."""
+    if topology is None or topology.tp == 1:
+        return CausalLMTask(cfg.training.label_smoothing, cfg.model.vocab_size)
+    start = topology.tp_rank * cfg.model.padded_vocab_size // topology.tp
+    return CausalLMTask(cfg.training.label_smoothing, cfg.model.vocab_size, topology.group("tp"), start)

@@ -97,8 +97,10 @@ class Trainer:
         family = get_family(cfg.model.family)
         with torch.device("meta"):  # shapes only: the engine builds just this rank's part of the model
             self.n_params = sum(p.numel() for p in family.construct(cfg.model).parameters())
-        self.engine: Engine = build_engine(cfg, family.factory(cfg), topo, family.task(cfg))
-        torch.manual_seed(t.seed + topo.rank)  # dropout streams differ per rank from here on
+        self.engine: Engine = build_engine(cfg, family.factory(cfg, topo), topo, family.task(cfg, topo))
+        # Dropout streams differ across data-parallel (and pipeline) ranks from here on, and agree across the ranks of
+        # a tensor-parallel group, which hold the same replicated activations (parallel/random.py).
+        torch.manual_seed(t.seed + topo.rank // topo.tp)
 
         self.step = 0
         self.consumed_samples = 0

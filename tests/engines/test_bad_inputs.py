@@ -61,13 +61,12 @@ def test_zero_with_pipeline_points_to_fsdp():
 @pytest.mark.parametrize(
     "tp, pp, expected",
     [
-        (2, 1, "parallel.tp=2: tensor parallelism is not available yet; set parallel.tp=1"),
         (1, 2, "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"),
-        (2, 2, "parallel.tp=2: tensor parallelism is not available yet; set parallel.tp=1"),
+        (2, 2, "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"),
     ],
 )
-def test_tensor_and_pipeline_parallelism_are_refused_until_they_exist(engine, tp, pp, expected):
-    """Without TP/PP every rank would run the whole model and match single trivially: refuse rather than pretend."""
+def test_pipeline_parallelism_is_refused_until_it_exists(engine, tp, pp, expected):
+    """Without PP every rank would run the whole model and match single trivially: refuse rather than pretend."""
     overrides = [f"parallel.engine={engine}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
     assert _check(overrides, _topology(2 * tp * pp, pp=pp, tp=tp)) == expected
 

@@ -31,7 +31,8 @@ MODEL = ["model.vocab_size=8000", "model.pad_vocab_multiple=64", "model.hidden_s
 def _save_initial(rank: int, overrides: list[str], path: str) -> None:
     cfg = load_config(None, [*MODEL, *overrides])
     family = get_family(cfg.model.family)
-    engine = build_engine(cfg, family.factory(cfg), Topology.from_env(cfg.parallel, "cpu"), family.task(cfg))
+    topology = Topology.from_env(cfg.parallel, "cpu")
+    engine = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
     engine.save(Path(path))
 
 

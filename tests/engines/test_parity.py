@@ -87,7 +87,8 @@ def test_fsdp_wraps_each_block_as_its_own_unit(tiny_config):
     cfg = load_config(tiny_config, ["parallel.engine=fsdp"])
     family = get_family(cfg.model.family)
     try:
-        engine = FSDPEngine(cfg, family.factory(cfg), Topology(device=torch.device("cpu")), family.task(cfg))
+        topology = Topology(device=torch.device("cpu"))
+        engine = FSDPEngine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
         blocks = list(engine.model.layers.values())
         assert len(blocks) == cfg.model.num_layers
         assert all(isinstance(block, FSDPModule) for block in blocks)

@@ -120,7 +120,7 @@ def _rank(rank: int, port: int, engine: str, zero: int, dtype: str, microbatches
                 measured.update(_measure_accumulated(eng, engine))
             return super().inputs(mb)
 
-    eng = build_engine(cfg, get_family("decoder").factory(cfg), topo, CountedTask())
+    eng = build_engine(cfg, get_family("decoder").factory(cfg, topo), topo, CountedTask())
     target = eng.engine.optimizer if engine == "deepspeed" else eng.optimizer
     original = target.step
 

@@ -27,7 +27,7 @@ def test_modulelist_checkpoint_loads_and_gives_the_same_logits():
     path = find_latest(FIXTURE)
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     family = get_family(cfg.model.family)
-    engine = SingleEngine(cfg, family.factory(cfg), Topology(), family.task(cfg))
+    engine = SingleEngine(cfg, family.factory(cfg, Topology()), Topology(), family.task(cfg))
     meta = load_checkpoint(path, engine)
     assert meta["step"] == 1 and meta["consumed_samples"] == 2
 
