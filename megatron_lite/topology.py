@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,7 @@ class Topology:
             raise ConfigError(
                 f"data-parallel size {dp} is not divisible by parallel.dp_replicate={parallel.dp_replicate}"
             )
+        check_tp_fits_node(tp)
         topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev)
         if world_size == 1:
             return topo
@@ -135,6 +137,18 @@ class Topology:
 
         topo.mesh = init_device_mesh(dev.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         return topo
+
+
+def check_tp_fits_node(tp: int) -> None:
+    """Warn when the tensor-parallel group is wider than one node: its all-reduces, one or two per layer and per
+    microbatch, would cross the network. ``LOCAL_WORLD_SIZE`` is what the launchers (torchrun, deepspeed) set."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if tp > 1 and 0 < local < tp:
+        warnings.warn(
+            f"parallel.tp={tp} spans more ranks than one node has ({local}): tensor-parallel collectives will cross "
+            "nodes; keep parallel.tp within a node and use data (or pipeline) parallelism across nodes",
+            stacklevel=2,
+        )
 
 
 def ensure_process_group(device: torch.device) -> None:

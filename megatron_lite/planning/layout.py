@@ -1,8 +1,10 @@
 """A parallel layout (how many GPUs, how the model is split, which engine) and the per-rank parameter shapes it implies.
 
-Tensor parallelism (Megatron style) splits column-parallel matrices (q, k, v, up, gate; T5: q, k, v, wi) by output rows,
-row-parallel ones (o, down; T5: o, wo) by input columns, and the vocabulary tables by rows (rounded up); norms,
-row-parallel biases and learned position tables stay whole on every TP rank. Pipeline parallelism gives stage ``i``
+Tensor parallelism splits each module as the family's plan says (``parallel/plans.py``, the plan training applies):
+column-parallel matrices (q, up, gate, the head; k and v when tp divides the kv heads) by output rows, row-parallel
+ones (o, down) by input columns, and the vocabulary tables by rows; norms, row-parallel biases, learned position
+tables and kv projections the group cannot split stay whole on every TP rank. (T5 uses Megatron's placements until
+its family has a plan.) Pipeline parallelism gives stage ``i``
 ``L // pp`` layers plus one more for the first ``L % pp`` stages; the first stage holds the embeddings and the last the
 final norm and output head (a tied head costs a second copy of the table on the last stage when pp > 1).
 """
@@ -122,21 +124,33 @@ def stage_layers(num_layers: int, pp: int) -> list[int]:
     return [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
 
 
-def _tp_slice(name: str, shape: Shape, tp: int) -> Shape:
+# The encoder-decoder family has no tensor-parallel plan of its own yet; these are the placements Megatron gives T5.
+_T5_PLACEMENTS = {"q": "column", "k": "column", "v": "column", "wi": "column", "wi_0": "column", "wi_1": "column",
+                  "o": "row", "wo": "row", "shared": "vocab", "lm_head": "vocab", "relative_attention_bias": "heads"}
+
+
+def _placement(spec: ModelConfig | EncDecSpec, module: str) -> str | None:
+    """How tensor parallelism splits ``module``: the family's plan (``parallel/plans.py``), the one training uses."""
+    if isinstance(spec, EncDecSpec):
+        return _T5_PLACEMENTS.get(module.rsplit(".", 1)[-1])
+    from megatron_lite.parallel.plans import DECODER_PLAN
+
+    return DECODER_PLAN.placement(module)
+
+
+def _tp_slice(spec: ModelConfig | EncDecSpec, name: str, shape: Shape, tp: int) -> Shape:
     """The shape one TP rank holds of a full tensor."""
     if tp == 1:
         return shape
-    leaf = name.rsplit(".", 2)
-    module, kind = leaf[-2], leaf[-1]
-    column = module in ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "q", "k", "v", "wi", "wi_0", "wi_1")
-    row = module in ("o_proj", "down_proj", "o", "wo")
-    if name in ("embed.weight", "lm_head.weight", "shared.weight"):
+    module, _, kind = name.rpartition(".")
+    placement = _placement(spec, module)
+    if placement == "kv":  # split when tp divides the kv heads, else replicated on every rank
+        placement = "column" if spec.kv_heads % tp == 0 else None
+    if placement == "vocab" or (placement == "column" and kind in ("weight", "bias")):
         return (math.ceil(shape[0] / tp),) + shape[1:]
-    if column:
-        return (shape[0] // tp,) + shape[1:]
-    if row and kind == "weight":
+    if placement == "row" and kind == "weight":
         return (shape[0], shape[1] // tp)
-    if module == "relative_attention_bias":
+    if placement == "heads":
         return (shape[0], shape[1] // tp)
     return shape
 
@@ -147,7 +161,7 @@ def stage_shapes(spec: ModelConfig | EncDecSpec, tp: int, pp: int, stage: int) -
         full = _encdec_stage(spec, pp, stage)
     else:
         full = _decoder_stage(spec, pp, stage)
-    return [(n, _tp_slice(n, s, tp)) for n, s in full]
+    return [(n, _tp_slice(spec, n, s, tp)) for n, s in full]
 
 
 def _decoder_stage(cfg: ModelConfig, pp: int, stage: int) -> list[tuple[str, Shape]]:

@@ -1,0 +1,283 @@
+"""Tensor parallelism trains exactly like one process, under every engine that takes it.
+
+The parity runs use ``optimizer.eps=1e-6``. Over 10 steps the per-step check also compares gradient norms at 1e-5
+(relative to the norm). Splitting a matmul over two ranks changes the summation order, so gradients differ by a few
+ulps (measured below: at most 1.6e-8). Adam with the default eps of 1e-8 turns that into up to lr * dg / eps for
+elements whose gradient is near zero: after 10 steps the gradient norms of tp2 and single differed by 5.7e-5 (and
+the losses by 1.7e-6). With eps = 1e-6 the same runs agree to 1e-8. The tolerance is the harness's 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.config import ConfigError, load_config
+from megatron_lite.parity import compare_layouts, parse_layout, run_layout, run_ranks
+
+TOLERANCE = 1e-5
+STEPS = 10
+TP_LAYOUTS = ["tp2", "tp2-sp", "ddp2-tp2", "zero1-tp2", "zero2-tp2", "fsdp2-tp2", "hsdp2x1-tp2"]
+RUN = ["optimizer.eps=1e-6"]
+
+
+@pytest.mark.parametrize(
+    "variant, extra, layouts",
+    [
+        ("tied", [], [*TP_LAYOUTS, "tp4"]),  # tp4: 2 kv heads over 4 ranks are replicated, each rank using one
+        ("untied, label smoothing", ["model.tie_embeddings=false", "training.label_smoothing=0.1"], TP_LAYOUTS),
+    ],
+)
+def test_tensor_parallel_layouts_match_single(tiny_config, variant, extra, layouts):
+    report = compare_layouts(tiny_config, layouts, steps=STEPS, overrides=[*RUN, *extra], timeout=300)
+    print(f"\n{variant}\n" + report.table())
+    assert not report.errors, report.errors
+    assert all(len(v) == STEPS for v in report.losses.values())
+    assert report.failures(TOLERANCE) == [], report.table()
+
+
+def test_zero3_with_tensor_parallelism_is_refused_in_one_line(tiny_config):
+    report = compare_layouts(tiny_config, ["zero3-tp2"], steps=1, timeout=120)
+    assert report.errors["zero3-tp2"].endswith(
+        "parallel.zero_stage=3 with parallel.tp=2 is not supported: ZeRO-3 would partition the tensor-parallel shards "
+        "again; use zero_stage 1 or 2, or parallel.engine=fsdp (FSDP2 over the data axis)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gradients: each shard's gradient is the matching slice of one process's gradient
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _gradients(rank: int, config: str, overrides: list[str], out: str) -> None:
+    """One step without clipping; save this rank's gradients (local shards) and their TP splits."""
+    from megatron_lite.config import load_config
+    from megatron_lite.data import GlobalBatchLoader, build_datasets
+    from megatron_lite.engines import build_engine
+    from megatron_lite.families import get_family
+    from megatron_lite.topology import Topology
+
+    cfg = load_config(config, [*overrides, "training.grad_clip=0"])
+    topology = Topology.from_env(cfg.parallel, "cpu")
+    family = get_family(cfg.model.family)
+    engine = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
+    data = build_datasets(cfg.data, {"train": cfg.global_batch_size}, log=lambda *_: None)["train"]
+    batch = next(iter(GlobalBatchLoader(data, cfg.global_batch_size, cfg.training.micro_batch_size,
+                                        topology.dp_rank, topology.dp, 0, prefetch=0)))
+    grads: dict[str, torch.Tensor] = {}
+    step = engine.optimizer.step
+
+    def capture(*args, **kwargs):
+        grads.update({n: p.grad.detach().clone() for n, p in engine.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    engine.optimizer.step = capture
+    engine.train_step(batch, lr=1e-3)
+    shards = {n: (s.dim, s.rank, s.size) for n, s in engine.shards.items()}
+    torch.save({"grads": grads, "shards": shards}, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
+def test_shard_gradients_are_slices_of_the_single_process_gradients(tiny_config, layout, tmp_path):
+    (tmp_path / "single").mkdir()
+    (tmp_path / layout).mkdir()
+    run_ranks(_gradients, 1, (tiny_config, parse_layout("single").overrides, str(tmp_path / "single")))
+    parsed = parse_layout(layout)
+    run_ranks(_gradients, parsed.world_size, (tiny_config, parsed.overrides, str(tmp_path / layout)))
+    reference = torch.load(tmp_path / "single" / "rank0.pt")["grads"]
+    sharded = replicated = 0
+    for rank in range(parsed.world_size):
+        got = torch.load(tmp_path / layout / f"rank{rank}.pt")
+        for name, grad in got["grads"].items():
+            full = reference[name]
+            if name in got["shards"]:
+                dim, part, size = got["shards"][name]
+                full, sharded = full.chunk(size, dim=dim)[part], sharded + 1
+            else:
+                replicated += 1
+            torch.testing.assert_close(grad, full, rtol=0, atol=5e-8, msg=f"{name} on rank {rank}")
+    assert sharded and replicated  # both kinds were compared
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The vocab-parallel cross-entropy
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _vocab_parallel_loss(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from megatron_lite.parallel.cross_entropy import vocab_parallel_loss_sum
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 64) * 4  # padded vocabulary 64, real vocabulary 57: the padding sits on rank 1
+    labels = torch.randint(0, 57, (3, 7))
+    labels[0, :3] = -100
+    results = {}
+    for eps in (0.0, 0.1):
+        local = logits.chunk(2, dim=-1)[rank].clone().requires_grad_(True)
+        total, count = vocab_parallel_loss_sum(local, labels, 32 * rank, 57, eps, dist.group.WORLD)
+        total.backward()
+        results[eps] = (total.item(), int(count), local.grad)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_vocab_parallel_cross_entropy_equals_the_full_one_with_smoothing_padding_and_ignored_labels(tmp_path):
+    run_ranks(_vocab_parallel_loss, 2, (str(tmp_path),))
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 64) * 4
+    labels = torch.randint(0, 57, (3, 7))
+    labels[0, :3] = -100
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for eps in (0.0, 0.1):
+        full = logits.clone().requires_grad_(True)
+        want = F.cross_entropy(full[..., :57].reshape(-1, 57), labels.reshape(-1), ignore_index=-100,
+                               label_smoothing=eps, reduction="sum")
+        want.backward()
+        for r in range(2):
+            total, count, grad = ranks[r][eps]
+            assert total == pytest.approx(want.item(), rel=1e-6) and count == 18
+            torch.testing.assert_close(grad, full.grad.chunk(2, dim=-1)[r], rtol=1e-5, atol=1e-6)
+        assert ranks[1][eps][2][..., 25:].abs().max() == 0  # padding columns: no gradient
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dropout: masks differ across TP ranks on split activations and agree on replicated ones
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _masks(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from megatron_lite.parallel.random import sharded_rng
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(5)  # the trainer seeds every rank of a TP group alike
+    replicated = F.dropout(torch.ones(64), 0.5)
+    with sharded_rng(rank, torch.device("cpu")):
+        split = F.dropout(torch.ones(64), 0.5)
+    after = F.dropout(torch.ones(64), 0.5)
+    torch.manual_seed(5)  # a recomputation restores the default generator: the region replays its mask
+    F.dropout(torch.ones(64), 0.5)
+    with sharded_rng(rank, torch.device("cpu")):
+        replay = F.dropout(torch.ones(64), 0.5)
+    torch.save({"replicated": replicated, "split": split, "after": after, "replay": replay}, f"{out}/rank{rank}.pt")
+
+
+def test_dropout_masks_differ_only_where_activations_are_split(tmp_path):
+    run_ranks(_masks, 2, (str(tmp_path),))
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(a["replicated"], b["replicated"]) and torch.equal(a["after"], b["after"])
+    assert not torch.equal(a["split"], b["split"])
+    assert torch.equal(a["split"], a["replay"]) and torch.equal(b["split"], b["replay"])
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
+def test_training_with_dropout_stays_finite_and_learns(tiny_config, layout):
+    dropout = ["model.attention_dropout=0.1", "model.residual_dropout=0.1", "model.embedding_dropout=0.1",
+               "training.train_steps=12", "training.eval_interval=0"]
+    losses = run_layout(layout, tiny_config, dropout, timeout=300).losses
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: logical across TP sizes and engines; Hugging Face export after TP = 2
+# ----------------------------------------------------------------------------------------------------------------------
+
+SAVE_AT, TOTAL = 2, 4
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_config, tmp_path_factory):
+    """4-step runs saving at step 2, per layout: (losses, checkpoint of step 2)."""
+    cache: dict[str, tuple[list[float], Path]] = {}
+
+    def get(layout: str) -> tuple[list[float], Path]:
+        if layout not in cache:
+            ckpt = tmp_path_factory.mktemp(f"tp-ckpt-{layout}")
+            run = run_layout(layout, tiny_config, [*RUN, f"checkpoint.interval={SAVE_AT}"], timeout=300,
+                             checkpoint_dir=ckpt)
+            cache[layout] = (run.losses, ckpt / f"step_{SAVE_AT:08d}")
+        return cache[layout]
+
+    return get
+
+
+@pytest.mark.parametrize("saved_as, resumed_as", [("tp2", "single"), ("single", "tp2"), ("zero1-tp2", "fsdp2")])
+def test_resume_at_another_tensor_parallel_size_or_engine(saved, tiny_config, tmp_path, saved_as, resumed_as):
+    reference, _ = saved("single")
+    _, ckpt = saved(saved_as)
+    resumed = run_layout(resumed_as, tiny_config, [*RUN, f"checkpoint.load={ckpt}"], timeout=300,
+                         checkpoint_dir=tmp_path / "resumed").losses
+    assert len(resumed) == TOTAL - SAVE_AT
+    assert max(abs(a - b) for a, b in zip(resumed, reference[SAVE_AT:])) < TOLERANCE, (resumed, reference)
+
+
+def test_tp2_checkpoint_exports_to_hugging_face_with_the_same_logits(saved, tiny_config):
+    transformers = pytest.importorskip("transformers")
+    from megatron_lite.convert import hf
+    from megatron_lite.engines.logical import logical_keys, read_logical
+    from megatron_lite.models import build_model
+
+    _, ckpt = saved("tp2")
+    cfg = load_config(tiny_config)
+    model = build_model(cfg.model).eval()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert set(state) <= logical_keys(ckpt)
+    read_logical(state, ckpt)  # full tensors, assembled from the two ranks' shards
+    reference = build_model(cfg.model, seed=cfg.training.seed).state_dict()
+    assert not torch.equal(model.state_dict()["layers.0.attn.o_proj.weight"], reference["layers.0.attn.o_proj.weight"])
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf.config_to_hf(cfg.model))).eval()
+    hf_model.load_state_dict(hf.to_hf(model.state_dict(), cfg.model))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids)[..., : cfg.model.vocab_size], hf_model(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tp=8"], "model.num_heads=4 is not divisible by parallel.tp=8"),
+        (["parallel.tp=4", "model.hidden_size=96", "model.num_heads=12", "model.num_kv_heads=6"],
+         "model.num_kv_heads=6 with parallel.tp=4: the group must divide the kv heads"),
+        (["parallel.tp=2", "model.ffn_hidden_size=511"], "model.ffn_hidden_size=511 is not divisible by parallel.tp=2"),
+        (["parallel.tp=4", "model.pad_vocab_multiple=2", "model.vocab_size=510"],
+         "the padded vocabulary (510 = model.vocab_size=510 rounded up to model.pad_vocab_multiple=2) is not divisible"),
+        (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=31"],
+         "parallel.sequence_parallel needs data.seq_len=31 divisible by parallel.tp=2"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tp > 1"),
+    ],
+)
+def test_bad_tensor_parallel_settings_are_refused_in_one_line(tiny_config, overrides, message):
+    from megatron_lite.engines import engine_name
+    from megatron_lite.topology import Topology
+
+    cfg = load_config(tiny_config, overrides)
+    tp = cfg.parallel.tp
+    with pytest.raises(ConfigError) as info:
+        engine_name(cfg, Topology(world_size=2 * tp, tp=tp, dp=2, device=torch.device("cpu")))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tp_wider_than_a_node_warns(monkeypatch):
+    from megatron_lite.topology import check_tp_fits_node
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match=r"parallel.tp=4 spans more ranks than one node has \(2\)"):
+        check_tp_fits_node(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_tp_fits_node(2)
