@@ -51,6 +51,7 @@ def test_documented_launch_command_is_valid(source: str, command: str) -> None:
     overrides = [a for a in argv[argv.index("--config") + 2:] if re.match(r"^\w+(\.\w+)+=", a)]
     cfg = load_config(ROOT / config, overrides)
     world = ranks_of(argv)
-    topology = Topology(world_size=world, dp=world)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    topology = Topology(world_size=world, tp=tp, pp=pp, dp=world // (tp * pp))
     engine_name(cfg, topology)  # raises ConfigError for a combination the engines refuse
     check_batch_layout(cfg, topology)

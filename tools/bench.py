@@ -189,7 +189,7 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="training tokens/s and peak memory per layout (in-process ranks, gloo on CPU)")
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--data", default="runs/quickstart/data/stdlib_docstrings", help="shard prefix to train on")
-    p.add_argument("--layouts", default="single,ddp2,zero1,zero2,zero3,fsdp2")
+    p.add_argument("--layouts", default="single,ddp2,zero1,zero2,zero3,fsdp2,tp2,tp2-sp,fsdp2-tp2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     p.add_argument("--timeout", type=float, default=900.0)

@@ -187,6 +187,17 @@ def test_training_with_dropout_stays_finite_and_learns(tiny_config, layout):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
 
 
+def test_activation_checkpointing_replays_the_split_dropout_masks(tiny_config):
+    """Recomputing a block in backward must draw the same attention and sequence dropout masks as its forward:
+    with checkpointing on, the losses equal those without it, bit for bit."""
+    dropout = ["model.attention_dropout=0.2", "model.residual_dropout=0.2", "training.train_steps=3",
+               "training.eval_interval=0"]
+    plain = run_layout("tp2-sp", tiny_config, dropout, timeout=300).losses
+    checkpointed = run_layout("tp2-sp", tiny_config, [*dropout, "model.activation_checkpointing=true"],
+                              timeout=300).losses
+    assert checkpointed == plain
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: logical across TP sizes and engines; Hugging Face export after TP = 2
 # ----------------------------------------------------------------------------------------------------------------------
