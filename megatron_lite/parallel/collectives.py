@@ -80,48 +80,23 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-class _SplitToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
+def _conjugate(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd function along ``dim`` of a group: ``forward`` one way, ``backward`` (its conjugate) the other."""
+
+    def fwd(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _split(x, dim, group)
+        return forward(x, dim, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.dim, ctx.group), None, None
 
-
-class _GatherFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, ctx.dim, ctx.group), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+_SplitToGroup = _conjugate("_SplitToGroup", _split, _gather)
+_GatherFromGroup = _conjugate("_GatherFromGroup", _gather, _split)
+_ReduceScatter = _conjugate("_ReduceScatter", _reduce_scatter, _gather)
+_AllGather = _conjugate("_AllGather", _gather, _reduce_scatter)
 
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:

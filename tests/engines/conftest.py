@@ -46,3 +46,23 @@ def tiny_config(corpus, tmp_path_factory) -> str:
         "  wandb_mode: disabled\n"
     )
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def saved_runs(tiny_config, tmp_path_factory):
+    """Runs of the tiny config that save a checkpoint at step ``save_at``, computed once per (layout, overrides,
+    save_at): ``get(layout, overrides, save_at) -> (per-step losses, the checkpoint of step save_at)``."""
+    from megatron_lite.parity import run_layout
+
+    cache: dict[tuple, tuple[list[float], Path]] = {}
+
+    def get(layout: str, overrides: tuple[str, ...] = (), save_at: int = 2) -> tuple[list[float], Path]:
+        key = (layout, tuple(overrides), save_at)
+        if key not in cache:
+            ckpt = tmp_path_factory.mktemp(f"ckpt-{layout}")
+            run = run_layout(layout, tiny_config, [*overrides, f"checkpoint.interval={save_at}"], timeout=300,
+                             checkpoint_dir=ckpt)
+            cache[key] = (run.losses, ckpt / f"step_{save_at:08d}")
+        return cache[key]
+
+    return get

@@ -40,20 +40,9 @@ def _read_full(ckpt: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_config, tmp_path_factory):
+def runs(saved_runs):
     """Uninterrupted 4-step runs that also save at step 2, per layout, computed once: (losses, checkpoint dir)."""
-    cache: dict[str, tuple[list[float], Path]] = {}
-
-    def get(layout: str) -> tuple[list[float], Path]:
-        if layout not in cache:
-            ckpt = tmp_path_factory.mktemp(f"ckpt-{layout}")
-            run = run_layout(layout, tiny_config, [*RUN, f"checkpoint.interval={SAVE_AT}"], timeout=300,
-                             checkpoint_dir=ckpt)
-            losses = run.losses
-            cache[layout] = (losses, ckpt / f"step_{SAVE_AT:08d}")
-        return cache[layout]
-
-    return get
+    return lambda layout: saved_runs(layout, RUN, SAVE_AT)
 
 
 def _resume(tiny_config, layout: str, ckpt: Path, tmp_path: Path) -> list[float]:

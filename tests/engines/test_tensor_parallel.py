@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -206,19 +205,9 @@ SAVE_AT, TOTAL = 2, 4
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_config, tmp_path_factory):
+def saved(saved_runs):
     """4-step runs saving at step 2, per layout: (losses, checkpoint of step 2)."""
-    cache: dict[str, tuple[list[float], Path]] = {}
-
-    def get(layout: str) -> tuple[list[float], Path]:
-        if layout not in cache:
-            ckpt = tmp_path_factory.mktemp(f"tp-ckpt-{layout}")
-            run = run_layout(layout, tiny_config, [*RUN, f"checkpoint.interval={SAVE_AT}"], timeout=300,
-                             checkpoint_dir=ckpt)
-            cache[layout] = (run.losses, ckpt / f"step_{SAVE_AT:08d}")
-        return cache[layout]
-
-    return get
+    return lambda layout: saved_runs(layout, RUN, SAVE_AT)
 
 
 @pytest.mark.parametrize("saved_as, resumed_as", [("tp2", "single"), ("single", "tp2"), ("zero1-tp2", "fsdp2")])
