@@ -251,6 +251,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards (all-gather / reduce-scatter)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"  # zb: interleaved zero-bubble
+    pp_virtual_stages: int = 2  # stages per pipeline rank for the interleaved and zb schedules
+    pp_layers: list | None = None  # layers per stage (pp x virtual stages entries); None: balanced by parameters
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False

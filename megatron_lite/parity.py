@@ -15,8 +15,12 @@ Layout names are dash-separated parts, read left to right:
     tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2 (pp<N> parses, and running it
                       fails with one line until pipeline parallelism exists)
     sp                with tp<N>: sequence parallelism
+    gpipe, 1f1b,      with pp<N>: the pipeline schedule (default 1f1b); interleaved and zb (interleaved zero-bubble)
+    interleaved, zb   run v<N> stages per rank (default 2)
+    v<N>              virtual stages per pipeline rank
 
-e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2-sp`` (2 ranks), ``fsdp2-tp2``.
+e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2-sp`` (2 ranks), ``fsdp2-tp2``,
+``pp2-interleaved-v2``, ``fsdp2-pp2-1f1b`` (4 ranks), ``tp2pp2-1f1b``.
 The world size is dp x tp x pp. Each layout runs in forked child processes with its own rendezvous port.
 """
 
@@ -51,6 +55,7 @@ def parse_layout(name: str) -> Layout:
     """Turn a layout name (see the module docstring) into a world size and config overrides."""
     engine, dp, dp_replicate, tp, pp = None, None, 1, 1, 1
     stage, offload, sequence_parallel = None, False, False
+    schedule, virtual = "1f1b", 2
     for part in name.lower().split("-"):
         if part == "single":
             engine, dp = "single", 1
@@ -64,6 +69,10 @@ def parse_layout(name: str) -> Layout:
             offload = True
         elif part == "sp":
             sequence_parallel = True
+        elif part in ("gpipe", "1f1b", "interleaved", "zb"):
+            schedule = part
+        elif m := re.fullmatch(r"v(\d+)", part):
+            virtual = int(m.group(1))
         elif re.fullmatch(r"((dp|tp|pp)\d+)+", part):
             for axis, size in re.findall(r"(dp|tp|pp)(\d+)", part):
                 if axis == "dp":
@@ -75,7 +84,7 @@ def parse_layout(name: str) -> Layout:
         else:
             raise ConfigError(
                 f"layout '{name}': unknown part '{part}' (expected single, ddp<N>, fsdp<N>, hsdp<R>x<S>, zero<K>, "
-                "offload, dp<N>, tp<N>, pp<N>, sp)"
+                "offload, dp<N>, tp<N>, pp<N>, sp, gpipe, 1f1b, interleaved, zb, v<N>)"
             )
     if dp is None:
         dp = ZERO_DEFAULT_DP if engine == "deepspeed" else 1
@@ -94,6 +103,8 @@ def parse_layout(name: str) -> Layout:
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
         f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
+        f"parallel.pp_schedule={schedule}",
+        f"parallel.pp_virtual_stages={virtual}",
         f"parallel.dp_replicate={dp_replicate}",
         f"parallel.zero_stage={stage or 0}",
         f"parallel.offload_optimizer={str(offload and engine == 'deepspeed').lower()}",

@@ -6,6 +6,7 @@ import importlib
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.engines.base import Engine, ModelFactory, StepMetrics
+from megatron_lite.parallel.pipeline import check_pipeline
 from megatron_lite.parallel.plans import check_tensor_parallel
 from megatron_lite.topology import Topology
 from megatron_lite.training.tasks import Task
@@ -57,9 +58,17 @@ def check_engine_config(cfg: Config, name: str, topology: Topology) -> None:
             "ZeRO stage 0 or 1 only; use zero_stage<=1, or parallel.engine=fsdp for sharded data parallelism with "
             "pipeline parallelism"
         )
-    # Checked after the DeepSpeed + pipeline message, which says something more useful for that combination.
-    if par.pp > 1:
-        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not available yet; set parallel.pp=1")
+    if par.pp > 1 and name == "deepspeed":
+        raise ConfigError(
+            f"parallel.pp={par.pp} with parallel.engine=deepspeed is not available yet; use parallel.engine=fsdp or "
+            "ddp for pipeline parallelism"
+        )
+    if par.pp > 1 and cfg.training.precision == "fp16":
+        raise ConfigError(
+            f"training.precision=fp16 with parallel.pp={par.pp}: the pipeline schedules run without a loss scaler; "
+            "use bf16"
+        )
+    check_pipeline(cfg, topology.dp)
     if par.tp > 1 and name == "deepspeed" and par.zero_stage == 3:
         raise ConfigError(
             f"parallel.zero_stage=3 with parallel.tp={par.tp} is not supported: ZeRO-3 would partition the "

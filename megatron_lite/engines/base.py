@@ -24,7 +24,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,9 @@ from torch import nn
 from megatron_lite.config import Config
 from megatron_lite.topology import Topology
 from megatron_lite.training.tasks import Microbatch, Task
+
+if TYPE_CHECKING:
+    from megatron_lite.parallel.pipeline import PipelineRunner
 
 
 @dataclass
@@ -69,8 +72,9 @@ class Engine(ABC):
     cfg: Config
     topology: Topology
     task: Task
-    model: nn.Module  # the plain (unwrapped) model, possibly holding only this rank's shards
+    model: nn.Module  # the plain (unwrapped) model, possibly holding only this rank's shards or pipeline stages
     module: nn.Module  # what the forward calls: the model or its wrapper (DDP, DeepSpeed)
+    pipeline: "PipelineRunner | None" = None  # with parallel.pp > 1: the schedule that runs the microbatches
 
     # ------------------------------------------------------------------------------------------------------------------
     # What differs between engines
@@ -93,6 +97,10 @@ class Engine(ABC):
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def _reduce_pipeline_gradients(self) -> None:
+        """After a pipeline schedule: average the gradients over the data-parallel ranks, for engines whose wrapper
+        cannot follow a schedule's forwards and backwards (DDP); FSDP reduces inside the schedule."""
 
     @abstractmethod
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
@@ -124,20 +132,24 @@ class Engine(ABC):
         dev = self.topology.device
         return {k: v.to(dev, non_blocking=True) for k, v in microbatch.items()}
 
-    def _sum_over_dp(self, *values: torch.Tensor) -> list[float]:
-        """Sum scalars over the data-parallel ranks, in float64 and in one all-reduce."""
+    def _sum_over_dp(self, *values: torch.Tensor, stages: bool = False) -> list[float]:
+        """Sum scalars over the data-parallel ranks (and, with ``stages``, over the pipeline stages, of which only the
+        last computes losses), in float64."""
         stacked = torch.stack([v.detach().to(self.topology.device, torch.float64).reshape(()) for v in values])
         if self.topology.is_distributed:
             dist.all_reduce(stacked, group=self.topology.group("dp"))
+            if stages and self.topology.pp > 1:
+                dist.all_reduce(stacked, group=self.topology.group("pp"))
         return stacked.tolist()
 
-    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
-        """One optimizer step over this rank's share of the global batch."""
-        self._begin_step(lr, len(microbatches))
-        batches = [self.to_device(mb) for mb in microbatches]
-        targets = [self.task.target(mb) for mb in batches]
-        (tokens,) = self._sum_over_dp(sum(self.task.num_tokens(t) for t in targets))
-        scale = self.topology.dp / max(tokens, 1.0)
+    def _forward_backward(self, batches: list[Microbatch], targets: list[torch.Tensor], scale: float) -> torch.Tensor:
+        """Forward and backward of every microbatch, each loss scaled by ``scale``; their summed token loss."""
+        if self.pipeline is not None:  # the schedule interleaves the stages' microbatches
+            with self._autocast():
+                loss_sum = self.pipeline.run([self.task.inputs(mb) for mb in batches], targets, scale, train=True)
+            self._reduce_pipeline_gradients()
+            self.pipeline.sum_tied_gradients(self.model)
+            return loss_sum
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.topology.device)
         for i, (mb, target) in enumerate(zip(batches, targets)):
             last = i == len(batches) - 1
@@ -146,8 +158,18 @@ class Engine(ABC):
                     total, _ = self.task.loss(self._forward(self.task.inputs(mb)), target, training=True)
                 self._backward(total * scale, last)
             loss_sum += total.detach()
+        return loss_sum
+
+    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
+        """One optimizer step over this rank's share of the global batch."""
+        self._begin_step(lr, len(microbatches))
+        batches = [self.to_device(mb) for mb in microbatches]
+        targets = [self.task.target(mb) for mb in batches]
+        (tokens,) = self._sum_over_dp(sum(self.task.num_tokens(t) for t in targets))
+        scale = self.topology.dp / max(tokens, 1.0)
+        loss_sum = self._forward_backward(batches, targets, scale)
         grad_norm, skipped = self._finish_step(self.cfg.training.grad_clip)
-        (loss_sum_global,) = self._sum_over_dp(loss_sum)
+        (loss_sum_global,) = self._sum_over_dp(loss_sum, stages=True)
         loss = loss_sum_global / max(tokens, 1.0)
         return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=int(tokens))
 
@@ -156,15 +178,19 @@ class Engine(ABC):
         """Summed token loss over the microbatches of all data-parallel ranks / their valid tokens, without gradients."""
         self.module.eval()
         try:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.topology.device)
-            tokens = torch.zeros((), dtype=torch.float64, device=self.topology.device)
-            for mb in microbatches:
-                mb = self.to_device(mb)
+            batches = [self.to_device(mb) for mb in microbatches]
+            targets = [self.task.target(mb) for mb in batches]
+            tokens = sum(self.task.num_tokens(t) for t in targets)
+            if self.pipeline is not None:
                 with self._autocast():
-                    total, count = self.task.loss(self._forward(self.task.inputs(mb)), self.task.target(mb), False)
-                loss_sum += total
-                tokens += count
+                    loss_sum = self.pipeline.run([self.task.inputs(mb) for mb in batches], targets, 1.0, train=False)
+            else:
+                loss_sum = torch.zeros((), dtype=torch.float64, device=self.topology.device)
+                for mb, target in zip(batches, targets):
+                    with self._autocast():
+                        loss_sum += self.task.loss(self._forward(self.task.inputs(mb)), target, False)[0]
         finally:
             self.module.train()
-        loss_sum_global, tokens_global = self._sum_over_dp(loss_sum, tokens)
+        (loss_sum_global,) = self._sum_over_dp(loss_sum, stages=True)
+        (tokens_global,) = self._sum_over_dp(tokens)
         return loss_sum_global / max(tokens_global, 1.0)

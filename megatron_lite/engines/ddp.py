@@ -4,6 +4,10 @@ The gradient all-reduce is skipped (``no_sync``) on all but the last microbatch,
 many microbatches it accumulates. DDP averages the gradients over the data-parallel group, which the shared step's
 scaling (``dp / global tokens``) turns into the gradient of the global token mean, the same as one process.
 
+Under pipeline parallelism the stages are not wrapped: a schedule runs several forwards before their backwards (GPipe),
+which DDP's reducer cannot follow, so the gradients are averaged over the data-parallel group after the schedule, in
+buckets of ``BUCKET_BYTES``, one all-reduce each.
+
 Checkpoints: every rank holds identical full tensors; DCP writes each one once, spreading the files over the ranks.
 """
 
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -18,13 +24,40 @@ from megatron_lite.engines.torch_engine import TorchEngine
 from megatron_lite.topology import ensure_process_group
 
 
+BUCKET_BYTES = 25 * 2**20
+
+
 class DDPEngine(TorchEngine):
     """The module wrapped in DDP over the data-parallel group."""
 
+    wraps_pipeline_stages = False
+
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.topology.device)
+        if self.topology.dp == 1:  # nothing to synchronize (e.g. tensor or pipeline parallelism alone)
+            return model
         device_ids = [self.topology.device.index] if self.topology.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, process_group=self.topology.group("dp"))
 
     def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if last else self.module.no_sync()
+        if last or not isinstance(self.module, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    @torch.no_grad()
+    def _reduce_pipeline_gradients(self) -> None:
+        if self.topology.dp == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bucket: list[torch.Tensor] = []
+        for i, grad in enumerate(grads):
+            bucket.append(grad)
+            if sum(g.numel() * g.element_size() for g in bucket) >= BUCKET_BYTES or i == len(grads) - 1:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, group=self.topology.group("dp"))
+                flat /= self.topology.dp
+                offset = 0
+                for g in bucket:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                bucket = []

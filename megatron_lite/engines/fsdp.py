@@ -54,8 +54,9 @@ def check_fsdp_config(cfg: Config, device: torch.device) -> None:
             )
 
 
-def shard_model(model: nn.Module, mesh, cfg: Config) -> nn.Module:
-    """Apply ``fully_shard`` to each block of ``model.layers`` and then to the root (on the meta device or not)."""
+def shard_model(model: nn.Module, mesh, cfg: Config, roots: list[nn.Module] | None = None) -> nn.Module:
+    """Apply ``fully_shard`` to each block of ``model.layers`` and then to each root: the model, or the pipeline
+    stages that share its modules (on the meta device or not)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": cfg.parallel.reshard_after_forward}
@@ -69,7 +70,8 @@ def shard_model(model: nn.Module, mesh, cfg: Config) -> nn.Module:
         fully_shard(block, **kwargs)
     # The root keeps its gathered weights after forward: backward needs them first, so resharding would only add
     # an all-gather.
-    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    for root in roots or [model]:
+        fully_shard(root, **{**kwargs, "reshard_after_forward": False})
     return model
 
 
@@ -84,14 +86,25 @@ class FSDPEngine(TorchEngine):
         ensure_process_group(topology.device)
         super().__init__(cfg, factory, topology, task)
 
-    def shard(self, model: nn.Module) -> nn.Module:
+    def shard(self, model: nn.Module, roots: list[nn.Module]) -> None:
+        self.roots = roots
         mesh = self.topology.data_mesh()
         if mesh is None:  # one process: a one-rank mesh, so the same code and checkpoints apply
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(self.topology.device.type, (1,), mesh_dim_names=("dp",))
         self.mesh = mesh
-        return shard_model(model, mesh, self.cfg)  # shards in place: self.model is the sharded module
+        shard_model(model, mesh, self.cfg, roots)  # in place
+
+    def logical_state(self) -> dict[str, torch.Tensor]:
+        """Reshard first: a root unit keeps its gathered weights after a forward that no backward followed (an
+        evaluation), and until resharded its parameters are the gathered ones, not the shards the optimizer holds."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for root in self.roots:
+            if isinstance(root, FSDPModule):
+                root.reshard()
+        return super().logical_state()
 
     @contextlib.contextmanager
     def _sync_gradients(self, last: bool) -> Iterator[None]:

@@ -30,10 +30,14 @@ def pieces(p: torch.Tensor) -> int:
 
 
 def global_grad_norm(
-    named_params: Iterable[tuple[str, nn.Parameter]], topology: Topology, shards: dict[str, TPShard] | None = None
+    named_params: Iterable[tuple[str, nn.Parameter]], topology: Topology, shards: dict[str, TPShard] | None = None,
+    copies: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """The L2 norm of all gradients of the model, over every rank (float64, on this rank's device)."""
-    shards = shards or {}
+    """The L2 norm of all gradients of the model, over every rank (float64, on this rank's device).
+
+    ``copies`` names tensors held by several pipeline stages (tied embeddings: the same gradient twice), counted once.
+    """
+    shards, copies = shards or {}, copies or {}
     stage_ranks = topology.world_size // topology.pp
     total = torch.zeros((), dtype=torch.float64, device=topology.device)
     for name, p in named_params:
@@ -43,7 +47,7 @@ def global_grad_norm(
         if grad.numel():
             squares = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
             split = pieces(p) * (shards[name].size if name in shards else 1)
-            total += squares * (split / stage_ranks)
+            total += squares * (split / (stage_ranks * copies.get(name, 1)))
     if topology.is_distributed:
         dist.all_reduce(total)
     return total.sqrt()

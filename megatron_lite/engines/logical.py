@@ -109,10 +109,13 @@ def ensure_adamw_state_for(optimizer: torch.optim.Optimizer, tensors: list[torch
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The logical ``optim.<fqn>.<key>`` view of a torch AdamW's state (tensors shared, not copied)."""
+def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The logical ``optim.<fqn>.<key>`` view of a torch AdamW's state (tensors shared, not copied), under each
+    tensor's first name in the whole model (``aliases``: a pipeline stage may hold a tied copy under another)."""
     ensure_adamw_state(optimizer)
-    names = param_names(model)
+    aliases = aliases or {}
+    names = {p: aliases.get(n, n) for p, n in param_names(model).items()}
     out: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:

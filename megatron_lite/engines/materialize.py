@@ -40,12 +40,14 @@ def local_box(name: str, p: torch.Tensor, shards: dict[str, TPShard]) -> tuple[t
 
 @torch.no_grad()
 def materialize(model: nn.Module, rules: dict[str, InitRule], seed: int, device: torch.device,
-                shards: dict[str, TPShard] | None = None) -> None:
+                shards: dict[str, TPShard] | None = None, aliases: dict[str, str] | None = None) -> None:
     """Allocate ``model``'s meta parameters on ``device`` (local shards only) and fill them with their part of the
-    full tensors' initial values; ``shards`` says which parameters are tensor-parallel shards."""
-    shards = shards or {}
+    full tensors' initial values; ``shards`` says which parameters are tensor-parallel shards, ``aliases`` maps each
+    name of a tied tensor to its first name (a pipeline stage may hold a tied copy under its second name)."""
+    shards, aliases = shards or {}, aliases or {}
     to_empty_keeping_ties(model, device)
-    for name, p in model.named_parameters():
+    for local_name, p in model.named_parameters():
+        name = aliases.get(local_name, local_name)
         rule = _rule(rules, name)
         local = p.to_local() if hasattr(p, "to_local") else p
         full, offset, shape = local_box(name, p, shards)

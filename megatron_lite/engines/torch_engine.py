@@ -28,7 +28,8 @@ from megatron_lite.engines.logical import (
     write_logical,
 )
 from megatron_lite.engines.materialize import materialize
-from megatron_lite.parallel.tensor import tensor_parallel_shards
+from megatron_lite.parallel.pipeline import PipelineRunner, split_model
+from megatron_lite.parallel.tensor import tensor_aliases, tensor_parallel_shards
 from megatron_lite.topology import Topology
 from megatron_lite.training.optim import build_adamw, no_decay_names
 from megatron_lite.training.tasks import Task
@@ -47,19 +48,29 @@ class TorchEngine(Engine):
             model = factory.construct()
         rules, no_decay = model.init_rules(), no_decay_names(model, cfg.optimizer)  # from the plain model
         model = factory.prepare(model)
-        self.shards = tensor_parallel_shards(model)
-        model = self.shard(model)
-        materialize(model, rules, factory.seed, topology.device, self.shards)
+        self.shards, self.aliases = tensor_parallel_shards(model), tensor_aliases(model)
+        parts = split_model(model, cfg, topology) if topology.pp > 1 else None
+        model = parts.holder if parts else model
+        roots = parts.stages if parts else [model]  # what runs a forward: the model, or each pipeline stage
+        self.shard(model, roots)
+        materialize(model, rules, factory.seed, topology.device, self.shards, self.aliases)
         self.model = model
-        self.module = self.wrap(model)
+        wrapped = roots if parts and not self.wraps_pipeline_stages else [self.wrap(root) for root in roots]
+        self.module = model if parts else wrapped[0]
+        if parts:
+            self.pipeline = PipelineRunner(wrapped, parts, cfg, topology, lambda out, tgt, train: task.loss(
+                out, tgt, train)[0])
+        self.copies = {name: 2 for pair in (parts.tied if parts else []) for name in pair}
         self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, no_decay)
         precision = cfg.training.precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(topology.device.type) if precision == "fp16" else None
 
-    def shard(self, model: nn.Module) -> nn.Module:
-        """Hook for engines that shard parameters before they are materialized (FSDP)."""
-        return model
+    def shard(self, model: nn.Module, roots: list[nn.Module]) -> None:
+        """Hook for engines that shard parameters before they are materialized (FSDP), in place; ``roots`` are the
+        modules that run forwards (the model, or its pipeline stages)."""
+
+    wraps_pipeline_stages = True  # False: the engine's wrapper is not applied to pipeline stages
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Hook for engines that wrap the materialized module (DDP)."""
@@ -82,7 +93,7 @@ class TorchEngine(Engine):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         named = list(self.model.named_parameters())
-        grad_norm = float(global_grad_norm(named, self.topology, self.shards))
+        grad_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
         clip_gradients([p for _, p in named], max_norm, grad_norm)
         if self.scaler is None:
             self.optimizer.step()
@@ -111,7 +122,7 @@ class TorchEngine(Engine):
 
     def logical_state(self) -> dict[str, torch.Tensor]:
         """Model and AdamW tensors under their logical names, tensor-parallel shards viewed as parts of full tensors."""
-        state = {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer)}
+        state = {**model_state(self.model), **torch_optimizer_state(self.model, self.optimizer, self.aliases)}
         return {key: tensor_parallel_view(t, self.shards.get(param_name_of(key)), self.topology) for key, t in state.items()}
 
     def save(self, path: Path) -> None:

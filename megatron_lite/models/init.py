@@ -97,7 +97,8 @@ def to_empty_keeping_ties(model: nn.Module, device: torch.device | str) -> None:
                 continue
             if id(p) not in new:
                 new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-                new[id(p)].__dict__.update(p.__dict__)  # attributes set on the tensor (e.g. its partition) carry over
+                # attributes set on the tensor (e.g. its partition) carry over; a tensor subclass's own state does not
+                new[id(p)].__dict__.update({k: v for k, v in p.__dict__.items() if not k.startswith("_")})
             module._parameters[key] = new[id(p)]
 
 

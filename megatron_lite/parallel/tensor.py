@@ -162,3 +162,12 @@ def tensor_parallel_shards(model: nn.Module) -> dict[str, TPShard]:
         for mod_name, module in model.named_modules(remove_duplicate=False)
         for p_name, shard in getattr(module, "tp_shards", {}).items()
     }
+
+
+def tensor_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter -> the tensor's first name (a tied tensor has several names)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out

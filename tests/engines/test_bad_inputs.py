@@ -57,23 +57,35 @@ def test_zero_with_pipeline_points_to_fsdp():
     _check(["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.pp=2"], _topology(4, pp=2))
 
 
-@pytest.mark.parametrize("engine", ["auto", "ddp", "fsdp", "deepspeed"])
 @pytest.mark.parametrize(
-    "tp, pp, expected",
+    "overrides, expected",
     [
-        (1, 2, "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"),
-        (2, 2, "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"),
+        (["parallel.pp=2", "model.num_layers=1", "training.global_batch_size=4"],
+         "2 pipeline stages (parallel.pp=2 x 1 per rank) for model.num_layers=1: every stage needs at least one layer"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved", "model.num_layers=3", "training.global_batch_size=4"],
+         "4 pipeline stages (parallel.pp=2 x 2 per rank) for model.num_layers=3"),
+        (["parallel.pp=2", "parallel.pp_layers=[1,2]", "model.num_layers=4", "training.global_batch_size=4"],
+         "parallel.pp_layers=[1, 2] must give 2 positive layer counts (parallel.pp=2 x 1 stages per rank) that add up "
+         "to model.num_layers=4"),
+        (["parallel.pp=4", "training.global_batch_size=8", "training.micro_batch_size=4"],
+         "parallel.pp_schedule=1f1b needs at least parallel.pp=4 microbatches per step, got 2 "
+         "(training.global_batch_size / (micro_batch_size x dp)); the bubble would be 60% of the step"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved", "training.global_batch_size=5"],
+         "parallel.pp_schedule=interleaved cannot run 5 microbatches per step (training.global_batch_size / "
+         "(micro_batch_size x dp)) in 2 equal rounds of about parallel.pp=2: use a multiple of 2, or fewer than 4"),
+        (["parallel.pp=2", "training.precision=fp16", "training.global_batch_size=4"], "use bf16"),
     ],
 )
-def test_pipeline_parallelism_is_refused_until_it_exists(engine, tp, pp, expected):
-    """Without PP every rank would run the whole model and match single trivially: refuse rather than pretend."""
-    overrides = [f"parallel.engine={engine}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
-    assert _check(overrides, _topology(2 * tp * pp, pp=pp, tp=tp)) == expected
+def test_bad_pipeline_settings_are_refused_in_one_line(overrides, expected):
+    cfg = load_config(None, [*overrides, "model.num_heads=2", "model.hidden_size=32", "parallel.engine=ddp"])
+    pp = cfg.parallel.pp
+    with pytest.raises(ConfigError) as info:
+        from megatron_lite.engines import check_engine_config
+        from megatron_lite.parallel.pipeline import split_layers
 
-
-def test_zero1_with_pipeline_gets_the_generic_refusal():
-    message = _check(["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.pp=2"], _topology(4, pp=2))
-    assert message == "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1"
+        check_engine_config(cfg, "ddp", _topology(pp, pp=pp))
+        split_layers(cfg, 10, 10, 10)
+    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_fsdp_offload_on_cpu_is_refused():

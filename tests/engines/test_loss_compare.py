@@ -30,12 +30,12 @@ def test_passing_layout_exits_0_with_the_table(loss_compare, tiny_config, capsys
 
 
 def test_layout_that_cannot_run_exits_1(loss_compare, tiny_config, capsys):
-    """pp2 parses (the name is reserved), but running it fails clearly until pipeline parallelism exists."""
-    code = loss_compare.main(["--config", tiny_config, "--layouts", "pp2", "--steps", "1"])
+    """zero3-tp2 parses, but the engines refuse it: the harness reports the reason and exits 1."""
+    code = loss_compare.main(["--config", tiny_config, "--layouts", "zero3-tp2", "--steps", "1"])
     out = capsys.readouterr().out
     assert code == 1, out
-    assert "FAILED" in out and "FAIL: pp2" in out
-    assert "parallel.pp=2: pipeline parallelism is not available yet; set parallel.pp=1" in out
+    assert "FAILED" in out and "FAIL: zero3-tp2" in out
+    assert "parallel.zero_stage=3 with parallel.tp=2 is not supported" in out
 
 
 def test_bad_layout_name_exits_2(loss_compare, capsys):
