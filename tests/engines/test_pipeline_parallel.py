@@ -1,0 +1,118 @@
+"""Pipeline parallelism trains exactly like one process, for every schedule and beside DDP, FSDP2 and TP.
+
+Runs use 8 microbatches per step on one process (global batch 16, micro batch 2), so 4 or more per rank on every
+layout here, and ``optimizer.eps=1e-6`` for the same reason as the tensor-parallel tests (10 steps of Adam amplify
+ulp-level differences in near-zero gradients at the default eps; see test_tensor_parallel.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron_lite.parity import compare_layouts, parse_layout, run_layout, run_ranks
+
+TOLERANCE = 1e-5
+STEPS = 10
+RUN = ["optimizer.eps=1e-6", "training.global_batch_size=16", "training.micro_batch_size=2"]
+LAYOUTS = ["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "pp2-zb", "fsdp2-pp2-1f1b", "ddp2-pp2-1f1b", "tp2pp2-1f1b"]
+GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activation=gelu_tanh", "model.bias=true",
+              "model.num_kv_heads=null", "model.tie_embeddings=true"]
+
+
+@pytest.mark.parametrize(
+    "variant, extra, layouts",
+    [("llama-style", [], LAYOUTS), ("gpt2-style, tied", GPT2_STYLE, ["pp2-1f1b", "pp2-interleaved", "fsdp2-pp2-1f1b"])],
+)
+def test_pipeline_layouts_match_single(tiny_config, variant, extra, layouts):
+    report = compare_layouts(tiny_config, layouts, steps=STEPS, overrides=[*RUN, *extra], timeout=300)
+    print(f"\n{variant}\n" + report.table())
+    assert not report.errors, report.errors
+    assert all(len(v) == STEPS for v in report.losses.values())
+    assert report.failures(TOLERANCE) == [], report.table()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What each rank holds; tied copies stay identical
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _train_and_report(rank: int, config: str, overrides: list[str], out: str) -> None:
+    """Train 6 steps; after each, record this rank's parameter names and a hash of its tied copy (if any)."""
+    from megatron_lite.config import load_config
+    from megatron_lite.data import GlobalBatchLoader, build_datasets
+    from megatron_lite.engines import build_engine
+    from megatron_lite.families import get_family
+    from megatron_lite.topology import Topology
+
+    cfg = load_config(config, overrides)
+    topology = Topology.from_env(cfg.parallel, "cpu")
+    family = get_family(cfg.model.family)
+    engine = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
+    data = build_datasets(cfg.data, {"train": 6 * cfg.global_batch_size}, log=lambda *_: None)["train"]
+    loader = iter(GlobalBatchLoader(data, cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp_rank,
+                                    topology.dp, 0, prefetch=0))
+    copies = []
+    for _ in range(6):
+        engine.train_step(next(loader), lr=1e-2)
+        params = dict(engine.model.named_parameters())
+        tied = params.get("embed.weight", params.get("lm_head.weight"))
+        copies.append(tied.detach().clone() if tied is not None else None)
+    torch.save({"names": sorted(dict(engine.model.named_parameters())), "copies": copies},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_each_stage_holds_only_its_layers_and_tied_copies_stay_bit_identical(tiny_config, tmp_path):
+    layout = parse_layout("pp2-1f1b")
+    run_ranks(_train_and_report, 2, (tiny_config, [*RUN, *layout.overrides], str(tmp_path)))
+    first, last = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert all(n.startswith(("embed.", "layers.0.", "layers.1.")) for n in first["names"]), first["names"]
+    assert all(n.startswith(("layers.2.", "layers.3.", "final_norm.", "lm_head.")) for n in last["names"]), last["names"]
+    assert "lm_head.weight" in last["names"] and "embed.weight" in first["names"]
+    for step, (a, b) in enumerate(zip(first["copies"], last["copies"])):
+        assert torch.equal(a, b), f"tied copies differ after step {step + 1}"
+    assert not torch.equal(first["copies"][0], first["copies"][-1])  # they did train
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints with global layer indices: resume at another pipeline size, with TP, under another engine
+# ----------------------------------------------------------------------------------------------------------------------
+
+SAVE_AT, TOTAL = 2, 4
+
+
+@pytest.mark.parametrize("resumed_as", ["single", "tp2pp2-1f1b", "fsdp2"])
+def test_pp2_checkpoint_resumes_on_another_layout(saved_runs, tiny_config, tmp_path, resumed_as):
+    reference, _ = saved_runs("single", RUN, SAVE_AT)
+    saved_losses, ckpt = saved_runs("pp2-1f1b", RUN, SAVE_AT)
+    assert max(abs(a - b) for a, b in zip(saved_losses, reference)) < TOLERANCE
+    resumed = run_layout(resumed_as, tiny_config, [*RUN, f"checkpoint.load={ckpt}"], timeout=300,
+                         checkpoint_dir=tmp_path / "resumed").losses
+    assert len(resumed) == TOTAL - SAVE_AT
+    assert max(abs(a - b) for a, b in zip(resumed, reference[SAVE_AT:])) < TOLERANCE, (resumed, reference)
+
+
+def test_single_checkpoint_resumes_under_the_pipeline(saved_runs, tiny_config, tmp_path):
+    reference, ckpt = saved_runs("single", RUN, SAVE_AT)
+    resumed = run_layout("pp2-interleaved", tiny_config, [*RUN, f"checkpoint.load={ckpt}"], timeout=300,
+                         checkpoint_dir=tmp_path / "resumed").losses
+    assert max(abs(a - b) for a, b in zip(resumed, reference[SAVE_AT:])) < TOLERANCE, (resumed, reference)
+
+
+def test_explicit_stage_list_and_uneven_stages(tiny_config):
+    report = compare_layouts(tiny_config, ["pp2-1f1b"], steps=3, overrides=[*RUN, "parallel.pp_layers=[1,3]"])
+    assert not report.errors and report.failures(TOLERANCE) == [], report.table()
+
+
+def test_balanced_split_counts_the_embedding_and_the_head():
+    from megatron_lite.config import load_config
+    from megatron_lite.parallel.pipeline import split_layers
+
+    cfg = load_config(None, ["parallel.pp=2", "model.num_layers=8"])
+    assert [len(r) for r in split_layers(cfg, 10, 0, 0)] == [4, 4]
+    assert [len(r) for r in split_layers(cfg, 10, 30, 0)] == [3, 5]  # a heavy embedding: fewer blocks first
+    assert [len(r) for r in split_layers(cfg, 10, 0, 30)] == [6, 2]  # largest stage 60 either way: earlier fills first
+    cfg = load_config(None, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "model.num_layers=8"])
+    assert [r.start for r in split_layers(cfg, 10, 0, 0)] == [0, 2, 4, 6]
