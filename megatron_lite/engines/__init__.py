@@ -58,11 +58,6 @@ def check_engine_config(cfg: Config, name: str, topology: Topology) -> None:
             "ZeRO stage 0 or 1 only; use zero_stage<=1, or parallel.engine=fsdp for sharded data parallelism with "
             "pipeline parallelism"
         )
-    if par.pp > 1 and name == "deepspeed":
-        raise ConfigError(
-            f"parallel.pp={par.pp} with parallel.engine=deepspeed is not available yet; use parallel.engine=fsdp or "
-            "ddp for pipeline parallelism"
-        )
     if par.pp > 1 and cfg.training.precision == "fp16":
         raise ConfigError(
             f"training.precision=fp16 with parallel.pp={par.pp}: the pipeline schedules run without a loss scaler; "

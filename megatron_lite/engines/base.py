@@ -147,8 +147,8 @@ class Engine(ABC):
         if self.pipeline is not None:  # the schedule interleaves the stages' microbatches
             with self._autocast():
                 loss_sum = self.pipeline.run([self.task.inputs(mb) for mb in batches], targets, scale, train=True)
+            self.pipeline.sum_tied_gradients(self.model)  # before DeepSpeed moves gradients into its partitions
             self._reduce_pipeline_gradients()
-            self.pipeline.sum_tied_gradients(self.model)
             return loss_sum
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.topology.device)
         for i, (mb, target) in enumerate(zip(batches, targets)):

@@ -37,7 +37,7 @@ from torch import nn
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.engines.base import Engine, ModelFactory
 from megatron_lite.engines.deepspeed_config import deepspeed_config
-from megatron_lite.engines.gradients import global_grad_norm
+from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
 from megatron_lite.engines.logical import (
     OPTIM_STATE_KEYS,
     balance_owners,
@@ -49,7 +49,8 @@ from megatron_lite.engines.logical import (
     write_logical,
 )
 from megatron_lite.engines.materialize import fill_zero3_partitions, materialize, partition_for_zero3
-from megatron_lite.parallel.tensor import tensor_parallel_shards
+from megatron_lite.parallel.pipeline import PipelineRunner, split_model
+from megatron_lite.parallel.tensor import tensor_aliases, tensor_parallel_shards
 from megatron_lite.topology import Topology, ensure_process_group
 from megatron_lite.training.optim import build_adamw, no_decay_names
 from megatron_lite.training.tasks import Task
@@ -100,6 +101,7 @@ class DeepSpeedEngine(Engine):
         if overrides and topology.is_main:
             print(f"deepspeed_overrides merged into the generated DeepSpeed config: {overrides}", flush=True)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        self._parts = None
         self.model = self._build(factory, deepspeed)
         self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, self._no_decay)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -110,6 +112,10 @@ class DeepSpeedEngine(Engine):
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
         self._masters = self._unfused_masters()
         self._own_norm: float | None = None
+        self.copies = {name: 2 for pair in (self._parts.tied if self._parts else []) for name in pair}
+        if self._parts:  # our schedule over the stages, DeepSpeed for the data axis and the optimizer step
+            self.pipeline = PipelineRunner(self._parts.stages, self._parts, cfg, topology,
+                                           lambda out, tgt, train: task.loss(out, tgt, train)[0])
 
     def _build(self, factory: ModelFactory, deepspeed) -> nn.Module:
         """ZeRO-3: partitioned parameter by parameter, each rank filling its partitions; else built on meta, then
@@ -120,11 +126,19 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3:
             partition_for_zero3(model, self.ds_config, self.topology.group("dp"), deepspeed)
             fill_zero3_partitions(model, rules, factory.seed)
-            self.shards = {}  # ZeRO-3 with tensor parallelism is refused at config time
+            self.shards, self.aliases = {}, {}  # ZeRO-3 with tensor or pipeline parallelism is refused at config time
             return factory.prepare(model)
         model = factory.prepare(model)
-        self.shards = tensor_parallel_shards(model)
-        materialize(model, rules, factory.seed, self.topology.device, self.shards)
+        self.shards, self.aliases = tensor_parallel_shards(model), tensor_aliases(model)
+        if self.topology.pp > 1:
+            self._parts = split_model(model, self.cfg, self.topology)
+            model = self._parts.holder
+        materialize(model, rules, factory.seed, self.topology.device, self.shards, self.aliases)
+        if self._parts:  # the last stage's copy of a tied tensor: ZeRO's gradient norm counts the first stage's only
+            params = dict(model.named_parameters())
+            for _, last in self._parts.tied:
+                if last in params:
+                    params[last].ds_pipe_replicated = True
         return model
 
     def _unfused_masters(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -155,8 +169,23 @@ class DeepSpeedEngine(Engine):
             self._own_norm = float(global_grad_norm(self.model.named_parameters(), self.topology, self.shards))
         self.engine.step()  # steps the optimizer only at the accumulation boundary
 
+    def _reduce_pipeline_gradients(self) -> None:
+        """After our schedule: DeepSpeed averages the gradients over the data axis (ZeRO-1: into its partitions).
+        ZeRO-0 keeps them whole, so the norm is ours and we clip here (its own clipping is off with PP)."""
+        self.engine.set_gradient_accumulation_boundary(True)  # DeepSpeed reduces at a boundary only
+        if self.stage == 1:  # the backwards ran outside DeepSpeed, as under its own pipeline engine
+            self.engine.optimizer.reduce_gradients(pipeline_parallel=True)
+        else:
+            self.engine.allreduce_gradients()
+        if self.stage == 0:
+            named = list(self.model.named_parameters())
+            self._own_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
+            clip_gradients([p for _, p in named], self.cfg.training.grad_clip, self._own_norm)
+
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
         """DeepSpeed clipped (to the JSON's ``gradient_clipping``) and stepped inside the last ``engine.step()``."""
+        if self.pipeline is not None:  # the schedule ran the backwards: step DeepSpeed at the boundary ourselves
+            self.engine.step()
         norm = self.engine.get_global_grad_norm() if self._own_norm is None else self._own_norm
         grad_norm = float(norm) if norm is not None else math.nan
         return grad_norm, self.engine.skipped_steps > self._skipped_before
@@ -283,8 +312,8 @@ class DeepSpeedEngine(Engine):
             for name in names:  # tied weights under each name; write_logical copies the shared storage
                 out[f"model.{name}"] = self._view(weight, names[0])
             for key, value in moments.items():
-                out[f"optim.{names[0]}.{key}"] = self._view(value, names[0])
-            out[f"optim.{names[0]}.step"] = step.clone()
+                out[f"optim.{self._first(names)}.{key}"] = self._view(value, names[0])
+            out[f"optim.{self._first(names)}.step"] = step.clone()
         for (name, buf), keep in zip(buffers, mine[len(named):]):
             if keep:
                 out[f"model.{name}"] = buf.detach().to("cpu", copy=True)
@@ -310,12 +339,12 @@ class DeepSpeedEngine(Engine):
                 shape = self._shape(p)
                 state[f"model.{names[0]}"] = torch.empty(shape, dtype=torch.float32)
                 for key in MOMENT_KEYS:
-                    state[f"optim.{names[0]}.{key}"] = torch.empty(shape, dtype=torch.float32)
-                state[f"optim.{names[0]}.step"] = torch.zeros((), dtype=torch.float32)
+                    state[f"optim.{self._first(names)}.{key}"] = torch.empty(shape, dtype=torch.float32)
+                state[f"optim.{self._first(names)}.step"] = torch.zeros((), dtype=torch.float32)
             read_logical({key: self._view(t, param_name_of(key)) for key, t in state.items()}, path)
             for p, names in entries:
-                self._set_full(p, names[0], state)
-                steps.add(float(state[f"optim.{names[0]}.step"]))
+                self._set_full(p, names[0], self._first(names), state)
+                steps.add(float(state[f"optim.{self._first(names)}.step"]))
             self._copy_into_module(entries, state)
         buffers = self._buffers()
         if buffers:
@@ -327,13 +356,18 @@ class DeepSpeedEngine(Engine):
             raise ValueError(f"checkpoint {path} holds different AdamW step counts per parameter: {sorted(steps)}")
         self._set_step_count(steps.pop() if steps else 0.0)
 
+    def _first(self, names: list[str]) -> str:
+        """The name the optimizer state is kept under: the tensor's first name in the whole model (a pipeline stage
+        may hold a tied copy under its second name)."""
+        return self.aliases.get(names[0], names[0])
+
     def _view(self, t: torch.Tensor, name: str) -> torch.Tensor:
         """``t`` (this tensor-parallel rank's whole shard of parameter ``name``, or its state) as part of the full
         tensor, for DCP; a replicated tensor as it is."""
         return tensor_parallel_view(t, self.shards.get(name), self.topology)
 
     @torch.no_grad()
-    def _set_full(self, p: nn.Parameter, name: str, state: dict[str, torch.Tensor]) -> None:
+    def _set_full(self, p: nn.Parameter, name: str, optim_name: str, state: dict[str, torch.Tensor]) -> None:
         """Set ``p``'s fp32 master and AdamW moments (this rank's partition of them) from full tensors."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -342,13 +376,13 @@ class DeepSpeedEngine(Engine):
             dev = self.topology.device
             safe_set_full_fp32_param(p, weight.to(dev))
             for key in MOMENT_KEYS:
-                safe_set_full_optimizer_state(p, state[f"optim.{name}.{key}"].to(dev), key)
+                safe_set_full_optimizer_state(p, state[f"optim.{optim_name}.{key}"].to(dev), key)
             return
         master = self._master(p)
         if p in self._masters:  # fp32 ZeRO-0 steps ``p`` itself, which _copy_into_module sets
             master.copy_(weight.reshape(master.shape))
         for key in MOMENT_KEYS:
-            self.optimizer.state[master][key].copy_(state[f"optim.{name}.{key}"].reshape(master.shape))
+            self.optimizer.state[master][key].copy_(state[f"optim.{optim_name}.{key}"].reshape(master.shape))
 
     @torch.no_grad()
     def _copy_into_module(self, entries: list[tuple[nn.Parameter, list[str]]], state: dict[str, torch.Tensor]) -> None:
@@ -388,19 +422,32 @@ class TopologyMPU:
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
+        self._model_group = topology.group("tp")
+        if topology.pp > 1:  # the norm is summed over the stages too: one group per data-parallel coordinate
+            mesh = topology.mesh.mesh
+            for d in range(topology.dp):
+                ranks = sorted(int(r) for r in mesh[:, d, :].flatten())
+                group = dist.new_group(ranks)  # every rank creates every group, in the same order
+                if topology.rank in ranks:
+                    self._model_group = group
 
     def get_model_parallel_rank(self) -> int:
-        return self.topology.tp_rank
+        return self.topology.tp_rank  # replicated parameters are counted on tensor rank 0 of every stage
 
     def get_model_parallel_world_size(self) -> int:
-        return self.topology.tp
+        return self.topology.tp * self.topology.pp
 
     def get_model_parallel_group(self):
-        return self.topology.group("tp")
+        return self._model_group
 
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.topology.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.topology.tp
+
+    def get_tensor_model_parallel_group(self):
+        return self.topology.group("tp")
 
     def get_data_parallel_rank(self) -> int:
         return self.topology.dp_rank

@@ -54,7 +54,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[st
         "train_batch_size": gbs,
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": float(t.grad_clip),  # 0 disables clipping in DeepSpeed too
+        # 0 disables clipping in DeepSpeed too. ZeRO-0 under our pipeline schedule clips itself (DeepSpeed's ZeRO-0
+        # norm would count a tied embedding's two stage copies twice).
+        "gradient_clipping": 0.0 if par.pp > 1 and par.zero_stage == 0 else float(t.grad_clip),
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {
             "enabled": t.precision == "fp16",

@@ -17,14 +17,18 @@ from megatron_lite.parity import compare_layouts, parse_layout, run_layout, run_
 TOLERANCE = 1e-5
 STEPS = 10
 RUN = ["optimizer.eps=1e-6", "training.global_batch_size=16", "training.micro_batch_size=2"]
-LAYOUTS = ["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "pp2-zb", "fsdp2-pp2-1f1b", "ddp2-pp2-1f1b", "tp2pp2-1f1b"]
+LAYOUTS = ["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "pp2-zb", "fsdp2-pp2-1f1b", "ddp2-pp2-1f1b", "zero1-pp2-1f1b",
+           "tp2pp2-1f1b"]
 GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activation=gelu_tanh", "model.bias=true",
               "model.num_kv_heads=null", "model.tie_embeddings=true"]
 
 
 @pytest.mark.parametrize(
     "variant, extra, layouts",
-    [("llama-style", [], LAYOUTS), ("gpt2-style, tied", GPT2_STYLE, ["pp2-1f1b", "pp2-interleaved", "fsdp2-pp2-1f1b"])],
+    [
+        ("llama-style", [], LAYOUTS),
+        ("gpt2-style, tied", GPT2_STYLE, ["pp2-1f1b", "pp2-interleaved", "fsdp2-pp2-1f1b", "zero0-pp2-1f1b"]),
+    ],
 )
 def test_pipeline_layouts_match_single(tiny_config, variant, extra, layouts):
     report = compare_layouts(tiny_config, layouts, steps=STEPS, overrides=[*RUN, *extra], timeout=300)
@@ -83,10 +87,14 @@ def test_each_stage_holds_only_its_layers_and_tied_copies_stay_bit_identical(tin
 SAVE_AT, TOTAL = 2, 4
 
 
-@pytest.mark.parametrize("resumed_as", ["single", "tp2pp2-1f1b", "fsdp2"])
-def test_pp2_checkpoint_resumes_on_another_layout(saved_runs, tiny_config, tmp_path, resumed_as):
+@pytest.mark.parametrize(
+    "saved_as, resumed_as",
+    [("pp2-1f1b", "single"), ("pp2-1f1b", "tp2pp2-1f1b"), ("pp2-1f1b", "fsdp2"), ("pp2-1f1b", "zero1-pp2-interleaved"),
+     ("zero1-pp2-1f1b", "single")],
+)
+def test_pp2_checkpoint_resumes_on_another_layout(saved_runs, tiny_config, tmp_path, saved_as, resumed_as):
     reference, _ = saved_runs("single", RUN, SAVE_AT)
-    saved_losses, ckpt = saved_runs("pp2-1f1b", RUN, SAVE_AT)
+    saved_losses, ckpt = saved_runs(saved_as, RUN, SAVE_AT)
     assert max(abs(a - b) for a, b in zip(saved_losses, reference)) < TOLERANCE
     resumed = run_layout(resumed_as, tiny_config, [*RUN, f"checkpoint.load={ckpt}"], timeout=300,
                          checkpoint_dir=tmp_path / "resumed").losses
@@ -94,9 +102,10 @@ def test_pp2_checkpoint_resumes_on_another_layout(saved_runs, tiny_config, tmp_p
     assert max(abs(a - b) for a, b in zip(resumed, reference[SAVE_AT:])) < TOLERANCE, (resumed, reference)
 
 
-def test_single_checkpoint_resumes_under_the_pipeline(saved_runs, tiny_config, tmp_path):
+@pytest.mark.parametrize("resumed_as", ["pp2-interleaved", "zero1-pp2-1f1b"])
+def test_single_checkpoint_resumes_under_the_pipeline(saved_runs, tiny_config, tmp_path, resumed_as):
     reference, ckpt = saved_runs("single", RUN, SAVE_AT)
-    resumed = run_layout("pp2-interleaved", tiny_config, [*RUN, f"checkpoint.load={ckpt}"], timeout=300,
+    resumed = run_layout(resumed_as, tiny_config, [*RUN, f"checkpoint.load={ckpt}"], timeout=300,
                          checkpoint_dir=tmp_path / "resumed").losses
     assert max(abs(a - b) for a, b in zip(resumed, reference[SAVE_AT:])) < TOLERANCE, (resumed, reference)
 
