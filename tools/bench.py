@@ -174,22 +174,44 @@ def run_train(a: argparse.Namespace) -> int:
     tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
     print(f"config {a.config} {' '.join(a.overrides)}; {a.steps} steps of {tokens_per_step} tokens, "
           f"first {a.warmup} not timed")
-    print(f"{'layout':>14} {'ranks':>5} {'tokens/s':>10} {'s/step':>8} {'peak mem (any rank)':>18}")
+    print(f"{'layout':>18} {'ranks':>5} {'tokens/s':>10} {'s/step':>8} {'peak mem (any rank)':>18} "
+          f"{'pipeline idle: measured / planner':>34}")
+    single_s = None
     for name in a.layouts.split(","):
         layout = parse_layout(name)
         run = run_layout(layout, a.config, overrides, timeout=a.timeout)
         tps = statistics.median(run.tokens_per_s[a.warmup:])
         mem = max(run.memory_gib)
         step_s = tokens_per_step / tps
-        print(f"{name:>14} {layout.world_size:>5} {tps:>10,.0f} {step_s:>8.3f} {mem:>14.2f} GiB")
+        single_s = step_s if name == "single" else single_s
+        print(f"{name:>18} {layout.world_size:>5} {tps:>10,.0f} {step_s:>8.3f} {mem:>14.2f} GiB "
+              f"{_bubble(layout, load_config(a.config, [*overrides, *layout.overrides]), step_s, single_s):>34}")
     return 0
+
+
+def _bubble(layout, cfg, step_s: float, single_s: float | None) -> str:
+    """For a pipeline layout: the share of the step not spent on this rank's share of the work (1 - (single-process
+    step / pp) / step, each rank on its own core; includes the stage-to-stage traffic), beside the planner's bubble."""
+    from megatron_lite.config import microbatches_per_rank
+    from megatron_lite.parallel.pipeline import virtual_stages
+    from megatron_lite.planning.steptime import bubble_fraction
+
+    pp = cfg.parallel.pp
+    if pp == 1:
+        return ""
+    dp = layout.world_size // (pp * cfg.parallel.tp)
+    m = microbatches_per_rank(cfg.global_batch_size, cfg.training.micro_batch_size, dp)
+    planned = bubble_fraction(pp, m, virtual_stages(cfg))
+    measured = f"{1 - single_s / pp / step_s:.0%}" if single_s and layout.world_size == pp else "-"
+    return f"{measured} / {planned:.0%}"
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="training tokens/s and peak memory per layout (in-process ranks, gloo on CPU)")
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--data", default="runs/quickstart/data/stdlib_docstrings", help="shard prefix to train on")
-    p.add_argument("--layouts", default="single,ddp2,zero1,zero2,zero3,fsdp2,tp2,tp2-sp,fsdp2-tp2")
+    p.add_argument("--layouts", default="single,ddp2,zero1,zero2,zero3,fsdp2,tp2,tp2-sp,fsdp2-tp2,pp2-1f1b,"
+                                         "pp2-interleaved")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     p.add_argument("--timeout", type=float, default=900.0)

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--micro-batch", type=positive_int)
         p.add_argument("--global-batch", type=positive_int, help="samples per optimizer step (default: the config's)")
         p.add_argument("--recompute", choices=("none", "selective", "full"))
-        p.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b")
+        p.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb"), default="1f1b")
         p.add_argument("--virtual-stages", type=positive_int, default=2, help="model chunks per rank (interleaved)")
         p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
         p.add_argument("--sequence-parallel", action="store_true")

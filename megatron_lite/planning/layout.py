@@ -20,7 +20,8 @@ from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.params import Shape, decoder_layer_shapes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")  # zb: interleaved zero-bubble
+INTERLEAVED = ("interleaved", "zb")  # schedules with several stages per rank
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -95,6 +96,9 @@ class Layout:
             raise PlanError(f"unknown engine '{self.engine}'; use deepspeed or fsdp")
         if not 0 <= self.zero <= 3:
             raise PlanError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.engine == "deepspeed" and self.tp > 1 and self.zero == 3:
+            raise PlanError("ZeRO-3 with tensor parallelism is not supported (training refuses it); use --zero 1 or 2, "
+                            "or --fsdp")
         if self.engine == "deepspeed" and self.pp > 1 and self.zero >= 2:
             raise PlanError(f"DeepSpeed's pipeline engine runs ZeRO 0/1 only, not --zero {self.zero} with --pp "
                             f"{self.pp}; use --fsdp with pipeline parallelism")
@@ -114,7 +118,13 @@ class Layout:
             if self.global_batch <= 0 or self.global_batch % (self.dp * self.micro_batch):
                 raise PlanError(f"--global-batch {self.global_batch} must be a positive multiple of "
                                 f"dp*micro_batch = {self.dp}*{self.micro_batch}")
-        if self.schedule == "interleaved" and self.pp > 1 and layers % (self.pp * self.virtual_stages):
+        m = self.num_microbatches
+        if self.global_batch is not None and self.pp > 1 and self.schedule == "1f1b" and m < self.pp:
+            raise PlanError(f"1f1b with --pp {self.pp} needs at least {self.pp} microbatches per step, got {m}")
+        if self.global_batch is not None and self.pp > 1 and self.schedule in INTERLEAVED and m % max(1, m // self.pp):
+            raise PlanError(f"the interleaved schedule cannot run {m} microbatches in equal rounds of about "
+                            f"--pp {self.pp}")
+        if self.schedule in INTERLEAVED and self.pp > 1 and layers % (self.pp * self.virtual_stages):
             raise PlanError(f"interleaved schedule: {layers} layers do not split into pp*virtual_stages = "
                             f"{self.pp}*{self.virtual_stages} equal chunks")
 

@@ -13,7 +13,7 @@ import dataclasses
 from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
-from megatron_lite.planning.layout import RECOMPUTE, Layout
+from megatron_lite.planning.layout import INTERLEAVED, RECOMPUTE, Layout
 from megatron_lite.planning.memory import estimate
 from megatron_lite.planning.steptime import (
     LAYER_OVERHEAD_S,
@@ -95,7 +95,7 @@ def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None =
                     for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
                         lay = dataclasses.replace(base, tp=tp, pp=pp, engine=engine, zero=zero, micro_batch=mb,
                                                   recompute=rc, offload=None)
-                        if pp == 1 and lay.schedule == "interleaved":
+                        if pp == 1 and lay.schedule in INTERLEAVED:
                             lay.schedule = "1f1b"
                         try:
                             lay.validate(spec)

@@ -41,7 +41,7 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.flops import sequence_flops
-from megatron_lite.planning.layout import DTYPE_BYTES, Layout, stage_layers, stage_shapes
+from megatron_lite.planning.layout import DTYPE_BYTES, INTERLEAVED, Layout, stage_layers, stage_shapes
 
 ModelSpec = ModelConfig | EncDecSpec
 
@@ -112,6 +112,12 @@ def stage_params(spec: ModelSpec, layout: Layout) -> int:
     return max(sum(math.prod(s) for _, s in stage_shapes(spec, layout.tp, layout.pp, st)) for st in range(layout.pp))
 
 
+def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """The share of a pipelined step spent idle: (pp - 1) / v microbatch slots out of m + (pp - 1) / v."""
+    idle = (pp - 1) / virtual_stages
+    return idle / (microbatches + idle)
+
+
 def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float = 0.5, net: Network | None = None,
               params: int | None = None, layer_overhead_s: float = LAYER_OVERHEAD_S) -> dict[str, float]:
     """Seconds per optimizer step of ``layout.global_batch`` sequences, by component (see the module docstring).
@@ -136,9 +142,9 @@ def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float = 0.5, ne
     tp_comm = 0.0 if t == 1 else m * layers * n_ar * 2 * (t - 1) / t * act / tp_bw
     pp_bw = net.intra_node if t * pp <= layout.gpus_per_node else net.inter_node
     pp_comm = 0.0 if pp == 1 else m * 2 * act / pp_bw
-    v = layout.virtual_stages if layout.schedule == "interleaved" else 1
-    per_microbatch = (compute + fixed + tp_comm + pp_comm) / m
-    bubble = (pp - 1) / v * per_microbatch
+    v = layout.virtual_stages if layout.schedule in INTERLEAVED else 1
+    share = bubble_fraction(pp, m, v)
+    bubble = share / (1 - share) * (compute + fixed + tp_comm + pp_comm)
     dp_bw = net.intra_node if layout.gpus <= layout.gpus_per_node else net.inter_node
     params = stage_params(spec, layout) if params is None else params
     dp_comm = _dp_bytes(layout, params, m) / dp_bw

@@ -14,17 +14,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _launch(launcher: list[str], tiny_config: str, run_dir: Path, *overrides: str) -> list[dict]:
+def _launch(launcher: list[str], tiny_config: str, run_dir: Path, *overrides: str, steps: int = 2,
+            world: int = 2) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [*launcher, str(REPO / "launch" / "pretrain.py"), "--config", tiny_config, "training.train_steps=2",
+    cmd = [*launcher, str(REPO / "launch" / "pretrain.py"), "--config", tiny_config, f"training.train_steps={steps}",
            f"logging.run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("done: step 2") == 1, proc.stdout[-3000:]  # rank 0 alone prints
-    assert proc.stdout.count("step      1/2 | loss") == 1, proc.stdout[-3000:]
-    assert (run_dir / "checkpoints" / "step_00000002" / "meta.json").is_file()
-    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
-    assert meta["saved_layout"]["world_size"] == 2
+    assert proc.stdout.count(f"done: step {steps}") == 1, proc.stdout[-3000:]  # rank 0 alone prints
+    assert proc.stdout.count(f"step      {steps}/{steps} | loss") == 1, proc.stdout[-3000:]
+    ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
+    assert (ckpt / "meta.json").is_file()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["saved_layout"]["world_size"] == world
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
@@ -43,3 +45,38 @@ def test_torchrun_two_ranks(tiny_config, tmp_path):
     records = _launch([*torchrun, "--nproc_per_node", "2"], tiny_config,
                       tmp_path / "fsdp", "parallel.engine=fsdp")
     assert [r["step"] for r in records] == [1, 2]
+
+
+def _torchrun() -> list[str]:
+    found = shutil.which("torchrun")
+    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
+
+
+PIPELINE = ["training.global_batch_size=16", "training.micro_batch_size=2", "parallel.pp=2"]
+
+
+@pytest.mark.slow
+def test_torchrun_four_ranks_with_pipeline_then_resume_with_tensor_parallelism(tiny_config, tmp_path):
+    """FSDP2 x PP2 on 4 ranks trains 2 steps and saves; the same run resumes as TP2 x PP2 and reaches step 4."""
+    run = tmp_path / "run"
+    first = _launch([*_torchrun(), "--nproc_per_node", "4"], tiny_config, run, *PIPELINE, "parallel.engine=fsdp",
+                    world=4)
+    assert [r["step"] for r in first] == [1, 2]
+    resumed = _launch([*_torchrun(), "--nproc_per_node", "4"], tiny_config, run, *PIPELINE, "parallel.engine=ddp",
+                      "parallel.tp=2", steps=4, world=4)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # metrics.jsonl holds both launches' records
+    assert resumed[2]["loss"] < resumed[0]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_deepspeed_launcher_four_ranks_with_pipeline_then_resume_on_two(tiny_config, tmp_path):
+    """ZeRO-1 x PP2 on 4 ranks through the deepspeed launcher, then the run resumes under ZeRO-2 on 2 ranks."""
+    run = tmp_path / "run"
+    first = _launch(["deepspeed", "--num_gpus", "4"], tiny_config, run, *PIPELINE, "parallel.engine=deepspeed",
+                    "parallel.zero_stage=1", "parallel.pp_schedule=interleaved", world=4)
+    assert [r["step"] for r in first] == [1, 2]
+    resumed = _launch(["deepspeed", "--num_gpus", "2"], tiny_config, run, "training.global_batch_size=16",
+                      "training.micro_batch_size=2", "parallel.engine=deepspeed", "parallel.zero_stage=2",
+                      steps=4, world=2)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]

@@ -124,3 +124,17 @@ def test_search_refuses_bad_rates(kw: dict, msg: str) -> None:
 def test_search_refuses_zero_gpus() -> None:
     with pytest.raises(PlanError, match="--gpus must be a positive integer, got 0"):
         search(GPT2, Layout(gpus=0), 80 * GiB, PEAK)
+
+
+def test_search_offers_only_layouts_training_can_run() -> None:
+    """No ZeRO-3 beside TP, no ZeRO-2/3 beside PP, and no 1F1B with fewer microbatches than stages."""
+    layouts = candidate_layouts(LLAMA, Layout(gpus=16, seq_len=8192, global_batch=8))
+    assert layouts
+    for lay in layouts:
+        assert not (lay.engine == "deepspeed" and lay.tp > 1 and lay.zero == 3), lay.name()
+        assert not (lay.engine == "deepspeed" and lay.pp > 1 and lay.zero >= 2), lay.name()
+        assert not (lay.pp > 1 and lay.schedule == "1f1b" and lay.num_microbatches < lay.pp), lay.name()
+    with pytest.raises(PlanError, match="ZeRO-3 with tensor parallelism is not supported"):
+        Layout(gpus=8, tp=2, zero=3, seq_len=2048).validate(LLAMA)
+    with pytest.raises(PlanError, match="1f1b with --pp 4 needs at least 4 microbatches per step, got 2"):
+        Layout(gpus=8, pp=4, seq_len=2048, global_batch=4).validate(LLAMA)
