@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 
-def stdlib_docstrings(limit_chars: int | None = None) -> list[str]:
-    """Every docstring of the standard library's modules, found with ``ast``: ~1.8M characters of real prose."""
+def stdlib_docstrings(limit_chars: int | None = None, per_module: bool = False) -> list[str]:
+    """Every docstring of the standard library's modules, found with ``ast``: ~1.8M characters of real prose.
+
+    ``per_module``: one long document per module (its docstrings joined by blank lines), ~2k documents of up to
+    ~100k characters, the shape of books rather than of web snippets."""
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -32,14 +35,19 @@ def stdlib_docstrings(limit_chars: int | None = None) -> list[str]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
+        module: list[str] = []
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 d = ast.get_docstring(node)
                 if d and len(d) > 20:
-                    docs.append(d)
+                    module.append(d)
                     total += len(d)
-                    if limit_chars and total >= limit_chars:
-                        return docs
+        if per_module and module:
+            docs.append("\n\n".join(module))
+        elif not per_module:
+            docs.extend(module)
+        if limit_chars and total >= limit_chars:
+            return docs
     return docs
 
 
@@ -72,13 +80,14 @@ def run_data(a: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     jsonl = work / "docstrings.jsonl"
     t = time.perf_counter()
-    docs = stdlib_docstrings()
+    docs = stdlib_docstrings(per_module=a.long_documents)
     docs = docs * a.repeat
     with open(jsonl, "w") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
     chars = sum(map(len, docs))
-    print(f"corpus: {len(docs):,} stdlib docstrings x{a.repeat}, {chars / 1e6:.2f}M characters "
+    kind = "modules' docstrings (one document per module)" if a.long_documents else "stdlib docstrings"
+    print(f"corpus: {len(docs):,} {kind} x{a.repeat}, {chars / 1e6:.2f}M characters "
           f"({time.perf_counter() - t:.1f} s to collect)")
     tok_dir = work / "tok"
     if not (tok_dir / "tokenizer.json").exists():
@@ -144,7 +153,9 @@ def add_data(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, help="repeat the docstring corpus this many times")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--encoders", nargs="+", default=["tokenizers", "tiktoken"], choices=["tokenizers", "tiktoken"])
+    p.add_argument("--encoders", nargs="+", default=["auto", "tokenizers", "tiktoken"],
+                   choices=["auto", "tokenizers", "tiktoken"], help="auto (the default command's) first")
+    p.add_argument("--long-documents", action="store_true", help="one document per module instead of per docstring")
     p.add_argument("--no-baseline", dest="baseline", action="store_false")
     p.add_argument("--trials", type=int, default=3, help="runs of each preprocessing measurement; the best is shown")
     p.add_argument("--seq-len", type=int, default=2048)

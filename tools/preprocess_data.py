@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_lite.data.errors import run_cli
@@ -28,8 +29,11 @@ The .bin dtype is uint16 when the largest token id + 1 is under 65,500, else int
 
 The progress bar counts bytes of the input files (records for --dataset); a streamed dataset of unknown size shows
 no ETA.
---encoder tiktoken applies a byte-level BPE with tiktoken instead of tokenizers. The two apply merges differently and
-can disagree on rare strings; the first 256 documents are encoded both ways and any difference stops the run.
+The encoder (--encoder auto, the default) is tiktoken for a byte-level BPE it can represent exactly (several times
+faster, docs/benchmarks.md), else tokenizers, with one line saying why. The two apply merges differently and can
+disagree on rare strings, so the first 256 documents are encoded both ways: a difference makes auto use tokenizers,
+and stops an explicit --encoder tiktoken. PREFIX.json beside the shards records the encoder and its check, the
+tokenizer's sha256, the inputs and their sizes, the counts and the command line.
 The output is written under a temporary name and renamed at the end; it is byte-identical for any --workers.
 Existing output is never replaced without --overwrite, and is kept if the run fails.
 """
@@ -52,10 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     out.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     out.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.bin/.idx")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1: one process, all threads)")
-    p.add_argument("--encoder", choices=["tokenizers", "tiktoken"], default="tokenizers",
-                   help="what applies the tokenizer: tokenizers (default, the reference) or tiktoken (1.6-2.7x "
-                        "faster for byte-level BPE in docs/benchmarks.md; checked against tokenizers on the first documents)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1, help="tokenizer processes (default: one per available core; 1: one "
+                   "process, all threads)")
+    p.add_argument("--encoder", choices=["auto", "tokenizers", "tiktoken"], default="auto",
+                   help="what applies the tokenizer: auto (default: tiktoken where it represents the tokenizer "
+                        "exactly and agrees with tokenizers on the first documents, else tokenizers), tokenizers "
+                        "(the reference), or tiktoken (stop if it disagrees)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, only the summary line")
     a = p.parse_args(argv)
     if not a.input and not a.dataset:

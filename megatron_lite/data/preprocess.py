@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -34,6 +35,7 @@ class PreprocessSummary:
     tokens: int
     skipped: int
     seconds: float
+    encoder: str = "encoder: tokenizers"  # the encoder line: which encoder applied the tokenizer, and why
 
     @property
     def tokens_per_second(self) -> float:
@@ -41,7 +43,7 @@ class PreprocessSummary:
 
     def line(self, prefix: str) -> str:
         s = (f"wrote {prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens, {self.seconds:.1f} s, "
-             f"{self.tokens_per_second:,.0f} tokens/s")
+             f"{self.tokens_per_second:,.0f} tokens/s; {self.encoder}")
         return s + (f", {self.skipped:,} bad records skipped" if self.skipped else "")
 
 
@@ -52,7 +54,8 @@ def _init_worker(tokenizer_path: str, append_eod: bool, dtype: str, encoder: str
     # One process per core already; keep each tokenizer single-threaded so processes do not fight over cores.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tok"] = load_tokenizer(tokenizer_path, encoder)
+    if "tok" not in _WORKER:  # a forked worker inherits the parent's tokenizer; a spawned one loads it (~0.1 s)
+        _WORKER["tok"] = load_tokenizer(tokenizer_path, encoder)
     _WORKER["eod"] = append_eod
     _WORKER["dtype"] = np.dtype(dtype)
 
@@ -104,39 +107,52 @@ def _chunks(docs: Iterable[str], stats: SourceStats) -> Iterator[tuple[list[str]
 CHECK_DOCS = 256  # documents at the start of the corpus on which another encoder must agree with tokenizers
 
 
-def check_encoder(tok: Tokenizer, texts: list[str]) -> None:
-    """Stop unless ``tok``'s encoder gives exactly the ids of ``tokenizers`` on ``texts`` (a no-op for tokenizers).
+def check_encoder(tok: Tokenizer, texts: list[str]) -> str:
+    """Check that ``tok``'s encoder gives exactly the ids of ``tokenizers`` on ``texts``; return what was found.
 
-    Run on the corpus's first documents, in the main process, so the outcome does not depend on ``workers``.
+    Run on the corpus's first documents, in the main process, so the outcome does not depend on ``workers``. A
+    difference stops an explicit ``--encoder tiktoken``; under ``auto`` the reference encoder takes over.
     """
     if tok.encoder == "tokenizers":
-        return
+        return "not needed (tokenizers is the reference)"
     for i, (got, want) in enumerate(zip(tok.encode_batch(texts), tok.reference_encode_batch(texts))):
         if got != want:
+            if tok.requested == "auto":
+                tok.use_reference(f"tiktoken gave different ids for document {i + 1} of {len(texts)} checked")
+                return f"differed on document {i + 1}: tokenizers used"
             raise DataError(f"{tok.file}: --encoder {tok.encoder} and tokenizers give different ids for document "
                             f"{i + 1} ({texts[i][:40]!r}...); use --encoder tokenizers for this tokenizer")
+    return f"identical to tokenizers on the first {len(texts)} documents"
 
 
-def _checked(chunks: Iterator[tuple[list[str], int]], tok: Tokenizer) -> Iterator[tuple[list[str], int]]:
-    """``chunks``, after checking the encoder on the first chunk's first documents."""
-    for i, (texts, done) in enumerate(chunks):
-        if i == 0:
-            check_encoder(tok, texts[:CHECK_DOCS])
-        yield texts, done
+def encoder_line(tok: Tokenizer, check: str) -> str:
+    """One line on which encoder applies the tokenizer, and why (printed and kept in the sidecar)."""
+    if tok.requested == "auto" and tok.fallback:
+        return f"encoder: tokenizers (auto: {tok.fallback})"
+    how = "auto" if tok.requested == "auto" else "--encoder"
+    return f"encoder: {tok.encoder} ({how}; {check})"
 
 
 def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, workers: int = 1,
                append_eod: bool = False, overwrite: bool = False, skip_bad_records: bool = False,
                json_key: str = "text", text_mode: str = "block", dataset: str | None = None, split: str = "train",
                progress: bool = True, log: Callable[[str], None] = print,
-               encoder: str = "tokenizers") -> PreprocessSummary:
+               encoder: str = "auto") -> PreprocessSummary:
     """Write ``output_prefix.bin/.idx`` from the inputs; see ``tools/preprocess_data.py --help``."""
     check_can_write(output_prefix, overwrite)
+    if not overwrite and Path(f"{output_prefix}.json").exists():
+        raise DataError(f"{output_prefix}.json already exists (pass --overwrite to replace it)")
     tok = load_tokenizer(tokenizer, encoder)
     dtype = token_dtype(tok)
     stats = SourceStats()
     docs = iter_documents(inputs, json_key=json_key, text_mode=text_mode, skip_bad_records=skip_bad_records,
                           stats=stats, dataset=dataset, split=split)
+    chunks = _chunks(docs, stats)
+    first = next(chunks, None)  # the encoder is settled on it before any worker starts
+    check = check_encoder(tok, first[0][:CHECK_DOCS]) if first else "no documents"
+    chosen = encoder_line(tok, check)
+    log(chosen)
+    chunks = itertools.chain([first] if first else [], chunks)
     bar = PreprocessProgress(stats.total, stats.unit, enabled=progress)
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
@@ -152,13 +168,20 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
     try:
         with IndexedDatasetWriter(output_prefix, dtype, overwrite=overwrite, vocab_size=tok.max_id + 1) as w:
             if workers <= 1:
-                for texts, done in _checked(_chunks(docs, stats), tok):
+                for texts, done in chunks:
                     emit(w, *_encode_chunk(texts, tok, append_eod, dtype), done)
             else:
-                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-                with ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str, encoder)) as pool:
+                fork = sys.platform.startswith("linux")
+                ctx = mp.get_context("fork" if fork else "spawn")
+                if fork:
+                    _WORKER["tok"] = tok  # inherited by the workers: no second load of the tokenizer
+                try:
+                    pool = ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str, tok.encoder))
+                finally:
+                    _WORKER.pop("tok", None)
+                with pool:
                     pending: deque = deque()
-                    for texts, done in _checked(_chunks(docs, stats), tok):
+                    for texts, done in chunks:
                         pending.append((pool.apply_async(_encode_chunk, (texts,)), done))
                         while len(pending) > 2 * workers:
                             res, d = pending.popleft()
@@ -172,6 +195,33 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
         ok = True
     finally:
         bar.close(keep=ok)
-    summary = PreprocessSummary(n_docs, n_tokens, stats.skipped, time.perf_counter() - t0)
+    summary = PreprocessSummary(n_docs, n_tokens, stats.skipped, time.perf_counter() - t0, chosen)
+    write_sidecar(output_prefix, tok, chosen, summary, inputs, dataset)
     log(summary.line(output_prefix))
     return summary
+
+
+def write_sidecar(prefix: str, tok: Tokenizer, encoder: str, summary: PreprocessSummary, inputs: list[str] | None,
+                  dataset: str | None) -> None:
+    """``PREFIX.json`` beside the shards: how they were made (tokenizer hash, encoder and its check, inputs with their
+    sizes, counts, the command line). Written atomically; never read by training."""
+    import hashlib
+    import json
+
+    files = [{"path": str(p), "bytes": os.path.getsize(p)} for p in (inputs or []) if os.path.isfile(p)]
+    record = {
+        "tokenizer": {"path": tok.file, "sha256": hashlib.sha256(Path(tok.file).read_bytes()).hexdigest()},
+        "encoder": {"used": tok.encoder, "requested": tok.requested, "line": encoder},
+        "inputs": files if inputs else [],
+        "dataset": dataset,
+        "documents": summary.documents,
+        "tokens": summary.tokens,
+        "skipped_records": summary.skipped,
+        "seconds": round(summary.seconds, 3),
+        "command": sys.argv,
+    }
+    path = f"{prefix}.json"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)

@@ -22,7 +22,7 @@ EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SENTINEL_FORMAT = "<extra_id_{}>"
 
-ENCODERS = ("tokenizers", "tiktoken")
+ENCODERS = ("auto", "tokenizers", "tiktoken")
 _SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt")
 
 # Names other tokenizers use for the same roles, tried in order after ours.
@@ -57,8 +57,21 @@ class Tokenizer:
             self.sentinel_ids.append(i)
         if encoder not in ENCODERS:
             raise DataError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
-        self.encoder = encoder
-        self._fast = tiktoken_encoding(self._tok.to_str(), self.file) if encoder == "tiktoken" else None
+        self.requested = encoder  # what was asked for; ``encoder`` is what applies it
+        self.fallback: str | None = None  # with auto: why the reference encoder is used, if it is
+        self._fast = None
+        if encoder in ("tiktoken", "auto"):
+            try:
+                self._fast = tiktoken_encoding(self._tok.to_str(), self.file)
+            except DataError as e:
+                if encoder == "tiktoken":
+                    raise
+                self.fallback = str(e).split(": ", 1)[-1].split(";")[0]
+        self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
+
+    def use_reference(self, why: str) -> None:
+        """Apply ``tokenizers`` from now on (auto, when the fast encoder disagreed with it), recording why."""
+        self._fast, self.encoder, self.fallback = None, "tokenizers", why
 
     def _lookup(self, configured, candidates) -> int | None:
         if isinstance(configured, dict):
@@ -150,6 +163,7 @@ def _resolve(path: Path) -> tuple[Path, dict]:
 def load_tokenizer(path: str | os.PathLike, encoder: str = "tokenizers") -> Tokenizer:
     """Load ``path`` (a tokenizer.json, or a directory with one); :class:`DataError` if it cannot be used.
 
-    ``encoder`` is what applies it: ``tokenizers`` (the reference) or ``tiktoken`` (faster, see ``fast_bpe``).
+    ``encoder`` is what applies it: ``tokenizers`` (the reference), ``tiktoken`` (faster, see ``fast_bpe``), or
+    ``auto`` (tiktoken where it can represent the tokenizer exactly, else tokenizers; ``fallback`` says why).
     """
     return Tokenizer(path, encoder)

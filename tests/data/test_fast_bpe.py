@@ -68,5 +68,57 @@ def test_tokenizers_tiktoken_cannot_represent_are_refused_by_name(tmp_path, toke
     with pytest.raises(DataError, match=r"lower\.json: --encoder tiktoken cannot represent this tokenizer "
                                          r"\(a normalizer\); use --encoder tokenizers"):
         load_tokenizer(tmp_path / "lower.json", "tiktoken")
-    with pytest.raises(DataError, match=r"encoder 'sentencepiece': expected one of tokenizers, tiktoken"):
+    with pytest.raises(DataError, match=r"encoder 'sentencepiece': expected one of auto, tokenizers, tiktoken"):
         load_tokenizer(tokenizer_dir, "sentencepiece")
+
+
+def _run(tmp_path, inputs, tokenizer, name, encoder="auto", workers=1):
+    lines: list[str] = []
+    prefix = tmp_path / name
+    preprocess(inputs, str(tokenizer), str(prefix), workers=workers, encoder=encoder, progress=False,
+               log=lines.append)
+    sidecar = json.loads(prefix.with_suffix(".json").read_text())
+    return lines, sidecar, prefix.with_suffix(".bin").read_bytes() + prefix.with_suffix(".idx").read_bytes()
+
+
+def test_auto_is_tiktoken_where_it_is_exact_and_records_how_the_shard_was_made(tmp_path, corpus, tokenizer_dir):
+    lines, sidecar, auto_bytes = _run(tmp_path, [str(corpus)], tokenizer_dir, "auto", workers=2)
+    _, _, reference = _run(tmp_path, [str(corpus)], tokenizer_dir, "ref", encoder="tokenizers")
+    assert auto_bytes == reference
+    assert lines[0].startswith("encoder: tiktoken (auto; identical to tokenizers on the first ")
+    assert lines[-1].endswith(f"tokens/s; {lines[0]}")  # the summary repeats the choice and the check
+    assert sidecar["encoder"] == {"used": "tiktoken", "requested": "auto", "line": lines[0]}
+    assert len(sidecar["tokenizer"]["sha256"]) == 64 and sidecar["documents"] > 0 and sidecar["tokens"] > 0
+    assert sidecar["inputs"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
+    assert isinstance(sidecar["command"], list)
+
+
+def test_auto_falls_back_for_a_tokenizer_tiktoken_cannot_represent(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordPiece
+
+    tok = Tokenizer(WordPiece({"[UNK]": 0, "hello": 1, "world": 2, "<|endoftext|>": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "wp.json"))
+    (tmp_path / "in.txt").write_text("hello world\n\nworld hello\n")
+    lines, sidecar, _ = _run(tmp_path, [str(tmp_path / "in.txt")], tmp_path / "wp.json", "out")
+    assert lines[0] == "encoder: tokenizers (auto: --encoder tiktoken cannot represent this tokenizer (model type " \
+                       "'WordPiece', expected BPE))"
+    assert sidecar["encoder"]["used"] == "tokenizers"
+
+
+def test_auto_falls_back_when_the_encoders_disagree_on_the_first_documents(tmp_path):
+    disagreeing_tokenizer(tmp_path / "tok.json")
+    (tmp_path / "in.txt").write_text("xyz\n\nabc abc\n")
+    lines, sidecar, auto_bytes = _run(tmp_path, [str(tmp_path / "in.txt")], tmp_path / "tok.json", "auto", workers=2)
+    _, _, reference = _run(tmp_path, [str(tmp_path / "in.txt")], tmp_path / "tok.json", "ref", encoder="tokenizers")
+    assert auto_bytes == reference
+    assert lines[0] == "encoder: tokenizers (auto: tiktoken gave different ids for document 2 of 2 checked)"
+    assert sidecar["encoder"]["used"] == "tokenizers"
+
+
+def test_an_existing_sidecar_is_not_replaced_without_overwrite(tmp_path, corpus, tokenizer_dir):
+    (tmp_path / "out.json").write_text("{}")
+    with pytest.raises(DataError, match=r"out\.json already exists \(pass --overwrite to replace it\)"):
+        preprocess([str(corpus)], str(tokenizer_dir), str(tmp_path / "out"), **QUIET)
+    assert (tmp_path / "out.json").read_text() == "{}"

@@ -184,6 +184,7 @@ def test_cli_overwrite_keeps_old_output_on_failure_and_replaces_both_on_success(
     out = tmp_path / "out"
     assert run_main("--input", corpus, "--tokenizer", tokenizer_dir, "--output-prefix", out) == 0
     old = (out.with_suffix(".bin").read_bytes(), out.with_suffix(".idx").read_bytes())
+    old_sidecar = out.with_suffix(".json").read_text()
     lines = corpus.read_text().splitlines()
     lines[150] = json.dumps({"body": "no text key"})
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
@@ -191,7 +192,8 @@ def test_cli_overwrite_keeps_old_output_on_failure_and_replaces_both_on_success(
              out, "--overwrite", "--no-progress")
     assert r.returncode == 2 and "bad.jsonl:151: record has no key 'text'" in r.stderr
     assert (out.with_suffix(".bin").read_bytes(), out.with_suffix(".idx").read_bytes()) == old
-    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx"]
+    assert out.with_suffix(".json").read_text() == old_sidecar  # the sidecar still describes the kept shards
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx", "out.json"]
     (tmp_path / "small.jsonl").write_text("\n".join(lines[:100]) + "\n")
     assert run_main("--input", tmp_path / "small.jsonl", "--tokenizer", tokenizer_dir, "--output-prefix", out,
                     "--overwrite") == 0
@@ -200,7 +202,8 @@ def test_cli_overwrite_keeps_old_output_on_failure_and_replaces_both_on_success(
     for suffix in (".bin", ".idx"):
         assert out.with_suffix(suffix).read_bytes() == (tmp_path / "fresh").with_suffix(suffix).read_bytes()
     assert IndexedDataset(out).num_documents == 100
-    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx"]
+    assert json.loads(out.with_suffix(".json").read_text())["documents"] == 100
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.bin", "out.idx", "out.json"]
 
 
 def test_cli_dataset_directory_matches_file_input(tmp_path, corpus, tokenizer_dir):
