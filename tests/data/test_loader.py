@@ -4,7 +4,7 @@ import torch
 from .conftest import data_cfg
 
 from megatron_lite.config import ConfigError
-from megatron_lite.data import DataError, GlobalBatchLoader, build_datasets
+from megatron_lite.data import GlobalBatchLoader, build_datasets
 
 
 @pytest.fixture
