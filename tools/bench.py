@@ -2,7 +2,8 @@
 """Measure parts of the framework on this machine.
 
 Subcommands: ``data`` (preprocessing and loader throughput), ``train`` (training throughput and peak memory per
-parallel layout, through the real trainer), ``startup`` (peak host memory per rank while the engine builds the model).
+parallel layout, through the real trainer), ``startup`` (peak host memory per rank while the engine builds the model),
+``speed`` (our training step against Hugging Face's for the same model, interleaved in one process).
 
 Add a subcommand by writing ``add_<name>(subparsers)`` that registers a parser with ``func=run_<name>``.
 """
@@ -322,12 +323,182 @@ def add_startup(sub) -> None:
     p.set_defaults(func=run_startup)
 
 
+SPEED_STYLES = {  # ~15-40M parameters at the default width: the CPU sizes of the comparison with Hugging Face
+    "llama": ["model.position=rotary", "model.norm=rmsnorm", "model.activation=swiglu", "model.bias=false",
+              "model.tie_embeddings=false", "model.num_kv_heads=2", "model.ffn_hidden_size=1024"],
+    "gpt2": ["model.position=learned", "model.norm=layernorm", "model.activation=gelu_tanh", "model.bias=true",
+             "model.tie_embeddings=true"],
+}
+
+
+def speed_config(style: str, a: argparse.Namespace):
+    from megatron_lite.config import load_config
+
+    return load_config(None, [
+        *SPEED_STYLES[style], f"model.vocab_size={a.vocab}", f"model.hidden_size={a.hidden}", f"model.num_layers={a.layers}",
+        f"model.num_heads={a.heads}", f"model.max_seq_len={a.seq_len}", f"data.seq_len={a.seq_len}",
+        f"training.global_batch_size={a.batch}", f"training.micro_batch_size={a.batch}", "training.grad_clip=1.0",
+        f"training.precision={a.precision}", f"training.device={a.device}", "optimizer.lr=1e-4",
+        "optimizer.weight_decay=0.1", *a.overrides,
+    ])  # fmt: skip
+
+
+class _Clock:
+    """Wall time of a step, synchronized with the device so that queued GPU work is counted."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def __call__(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def speed_compare(style: str, a: argparse.Namespace) -> dict:
+    """Our training step and Hugging Face's for the same model, interleaved in this process; medians and peaks."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from megatron_lite.convert import hf
+    from megatron_lite.engines import build_engine
+    from megatron_lite.families import get_family
+    from megatron_lite.planning.flops import training_flops_per_token
+    from megatron_lite.planning.layout import Layout
+    from megatron_lite.planning.memory import estimate
+    from megatron_lite.topology import Topology
+    from megatron_lite.training.metrics import host_peak_bytes, reset_host_peak
+
+    cfg = speed_config(style, a)
+    topology = Topology(device=torch.device("cuda" if a.device == "cuda" else "cpu"))
+    device = topology.device
+    family = get_family(cfg.model.family)
+    ours = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
+    arch = hf.hf_arch(cfg.model)
+    hf_cls = transformers.GPT2LMHeadModel if arch == "gpt2" else transformers.LlamaForCausalLM
+    # (special ids inside the vocabulary: GPT-2's config defaults to 50256)
+    hf_cfg = hf_cls.config_class(**hf.config_to_hf(cfg.model), attn_implementation="sdpa", bos_token_id=0,
+                                 eos_token_id=0)
+    theirs = hf_cls(hf_cfg).to(device)
+    theirs.load_state_dict(hf.to_hf({k: v.detach() for k, v in ours.model.state_dict().items()}, cfg.model))
+    theirs.train()
+    hf_optim = torch.optim.AdamW(theirs.parameters(), lr=cfg.optimizer.lr, betas=(cfg.optimizer.beta1,
+                                 cfg.optimizer.beta2), eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay,
+                                 fused=device.type == "cuda" or None)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.model.vocab_size, (a.batch, a.seq_len + 1), generator=gen)
+               for _ in range(a.warmup + a.steps)]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == "bf16"
+                else __import__("contextlib").nullcontext())
+
+    def hf_loss(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(device)
+        with autocast:
+            logits = theirs(input_ids=ids[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+    with torch.no_grad():  # the same model: both give the same loss for the same weights, before any step
+        theirs.eval()
+        first_hf = hf_loss(batches[0]).item()
+        theirs.train()
+    first_ours = ours.eval_loss([{"input_ids": batches[0][:, :-1], "labels": batches[0][:, 1:]}])
+
+    def hf_step(ids: torch.Tensor) -> None:
+        hf_optim.zero_grad(set_to_none=True)
+        hf_loss(ids).backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.training.grad_clip)
+        hf_optim.step()
+
+    def our_step(ids: torch.Tensor) -> None:
+        ours.train_step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}], lr=cfg.optimizer.lr)
+
+    clock = _Clock(device)
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    peaks = {"ours": 0, "hf": 0}
+    for i, ids in enumerate(batches):
+        for side, step in (("ours", our_step), ("hf", hf_step)) if i % 2 == 0 else (("hf", hf_step), ("ours", our_step)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            else:
+                before = reset_host_peak()
+            start = clock()
+            step(ids)
+            if i >= a.warmup:
+                times[side].append(clock() - start)
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else host_peak_bytes()
+                peaks[side] = max(peaks[side], peak - before)  # what the step adds: activations, gradients
+    tokens = a.batch * a.seq_len
+    flops_per_token = training_flops_per_token(cfg.model, a.seq_len, causal=False)
+    planned = estimate(cfg.model, Layout(seq_len=a.seq_len, micro_batch=a.batch, dtype=a.precision, engine="deepspeed",
+                                         zero=0, flash_attention=device.type == "cuda", overhead_bytes=0))
+    planned_step = planned["breakdown"]["activations"] + planned["breakdown"]["gradients"]
+    out = {"style": style, "params": sum(p.numel() for p in ours.model.parameters()), "first_loss_ours": first_ours,
+           "first_loss_hf": first_hf, "flops_per_token": flops_per_token, "planned_bytes": planned_step}
+    for side in ("ours", "hf"):
+        median = statistics.median(times[side])
+        out[side] = {"step_s": median, "tokens_per_s": tokens / median, "tflops": tokens / median * flops_per_token / 1e12,
+                     "peak_bytes": peaks[side]}
+    return out
+
+
+def run_speed(a: argparse.Namespace) -> int:
+    """Our trainer's step against Hugging Face's model for the same shapes, interleaved; one table."""
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    peak = 989e12 if a.device == "cuda" else None  # dense bf16 datasheet figure of H100/H200
+    mem = "step mem"
+    what = "allocated" if a.device == "cuda" else "resident"
+    print(f"{a.steps} timed steps after {a.warmup} warm-up, batch {a.batch} x seq {a.seq_len}, {a.precision}, "
+          f"{a.device}; median step; step mem: largest growth of {what} memory during one step (activations, "
+          "gradients), planned: the planner's activations + gradients; MFU against 989 TFLOP/s (GPU only)")
+    print(f"{'model':>8} {'params':>7} {'side':>5} {'first loss':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{mem:>10} {'planned':>9} {'ours/HF':>8}")
+    for style in a.styles.split(","):
+        r = speed_compare(style, a)
+        for side in ("ours", "hf"):
+            x = r[side]
+            mfu = f"{x['tflops'] * 1e12 / peak:.1%}" if peak else "-"
+            ratio = f"{r['ours']['tokens_per_s'] / r['hf']['tokens_per_s']:.2f}x" if side == "ours" else ""
+            planned = f"{r['planned_bytes'] / 2**30:.2f} GiB" if side == "ours" else ""
+            print(f"{style:>8} {r['params'] / 1e6:>6.1f}M {side:>5} {r['first_loss_' + side]:>10.5f} "
+                  f"{x['tokens_per_s']:>10,.0f} {x['tflops']:>8.3f} {mfu:>6} {x['peak_bytes'] / 2**30:>6.2f} GiB "
+                  f"{planned:>9} {ratio:>8}", flush=True)
+    return 0
+
+
+def add_speed(sub) -> None:
+    p = sub.add_parser("speed", help="our training step against Hugging Face's for the same model (tokens/s, MFU)")
+    p.add_argument("--styles", default="llama,gpt2", help="comma-separated: llama, gpt2")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for our side (the HF side follows the model)")
+    p.set_defaults(func=run_speed)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_data(sub)
     add_train(sub)
     add_startup(sub)
+    add_speed(sub)
     a = p.parse_args(argv)
     return a.func(a)
 

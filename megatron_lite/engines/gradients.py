@@ -39,15 +39,18 @@ def global_grad_norm(
     """
     shards, copies = shards or {}, copies or {}
     stage_ranks = topology.world_size // topology.pp
-    total = torch.zeros((), dtype=torch.float64, device=topology.device)
+    by_weight: dict[float, list[torch.Tensor]] = {}  # gradients grouped by the share of them this rank counts
     for name, p in named_params:
         if p.grad is None:
             continue
         grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         if grad.numel():
-            squares = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
             split = pieces(p) * (shards[name].size if name in shards else 1)
-            total += squares * (split / (stage_ranks * copies.get(name, 1)))
+            by_weight.setdefault(split / (stage_ranks * copies.get(name, 1)), []).append(grad)
+    total = torch.zeros((), dtype=torch.float64, device=topology.device)
+    for weight, grads in by_weight.items():
+        # per-tensor norms in the gradients' dtype with the multi-tensor kernel (as clip_grad_norm_), summed in fp64
+        total += torch.nn.utils.get_total_norm(grads, foreach=True).double().square() * weight
     if topology.is_distributed:
         dist.all_reduce(total)
     return total.sqrt()

@@ -193,14 +193,14 @@ class Attention(nn.Module):
         v = v.view(b, s, n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if n_kv != n_q:  # GQA / MQA: each kv head serves n_q / n_kv query heads
-            k = k.repeat_interleave(n_q // n_kv, dim=1)
-            v = v.repeat_interleave(n_q // n_kv, dim=1)
+        # GQA / MQA: each kv head serves n_q / n_kv query heads. SDPA does the grouping itself (enable_gqa) rather
+        # than copying the kv heads out, which saves the copy and its backward (a sum over the copies).
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=n_kv != n_q,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, n_q * self.head_dim))
 

@@ -1,0 +1,35 @@
+"""``tools/bench.py speed`` runs our training step beside Hugging Face's for the same model; kept covered on a tiny
+shape (the figures themselves are measured in docs/benchmarks.md, not asserted here)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import bench  # noqa: E402
+
+pytest.importorskip("transformers")
+
+TINY = dict(vocab=256, hidden=64, layers=2, heads=4, seq_len=32, batch=2, precision="fp32", device="cpu",
+            warmup=1, steps=2, overrides=[])
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_both_sides_are_the_same_model_and_are_timed(style):
+    r = bench.speed_compare(style, argparse.Namespace(**TINY))
+    assert r["first_loss_ours"] == pytest.approx(r["first_loss_hf"], abs=1e-5)  # same weights, same loss
+    for side in ("ours", "hf"):
+        assert r[side]["tokens_per_s"] > 0 and r[side]["step_s"] > 0 and r[side]["tflops"] > 0
+    assert r["params"] > 0 and r["flops_per_token"] > 6 * r["params"] * 0.5
+
+
+def test_the_command_prints_one_row_per_side(capsys):
+    argv = ["speed", "--styles", "gpt2", "--vocab", "256", "--hidden", "64", "--layers", "2", "--heads", "4",
+            "--seq-len", "32", "--batch", "2", "--warmup", "1", "--steps", "2"]
+    assert bench.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["gpt2"]]
+    assert [r[2] for r in rows] == ["ours", "hf"] and rows[0][-1].endswith("x")
