@@ -30,24 +30,30 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Shape and options of the network. Covers GPT-2 style and Llama style decoders."""
+    """Shape and options of the network. Covers GPT-2 and Llama style decoders, and T5 and original-Transformer
+    style encoder-decoders (``family: encoder_decoder``)."""
 
-    family: Literal["decoder"] = "decoder"
+    family: Literal["decoder", "encoder_decoder"] = "decoder"
     vocab_size: int = 50257
     pad_vocab_multiple: int = 128
     hidden_size: int = 768
     num_layers: int = 12
+    num_decoder_layers: int | None = None  # encoder_decoder: decoder layers (num_layers is the encoder's); None: same
     num_heads: int = 12
+    kv_channels: int | None = None  # encoder_decoder: width of one head; None: hidden_size / num_heads (T5 small: 64)
     num_kv_heads: int | None = None  # None: same as num_heads (MHA); 1: MQA; otherwise GQA
     ffn_hidden_size: int | None = None  # None: 4*hidden (gelu/relu) or the Llama rule for swiglu
     max_seq_len: int = 1024
-    position: Literal["learned", "sinusoidal", "rotary"] = "learned"
+    position: Literal["learned", "sinusoidal", "rotary", "relative"] = "learned"  # relative: T5's bucketed bias
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama-3.x long context: {rope_type: llama3, factor, low_freq_factor, ...}
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     norm_position: Literal["pre", "post"] = "pre"
-    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's approximation
+    # gelu_tanh: GPT-2's approximation; geglu: gated gelu_tanh (T5 v1.1, encoder_decoder only)
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     embedding_dropout: float = 0.0
@@ -55,12 +61,40 @@ class ModelConfig:
     residual_dropout: float = 0.0
     init_std: float = 0.02
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden_size), as the original Transformer does
+    scale_attn_logits: bool = True  # False: no 1/sqrt(head_dim) on attention logits (T5 folds it into its init)
+    scale_decoder_output: bool = False  # encoder_decoder: hidden_size^-0.5 before a tied head (the original T5)
+    decoder_start_token_id: int = 0  # encoder_decoder: first decoder input (T5 uses its pad id, 0)
     scaled_residual_init: bool = True  # std / sqrt(2 * num_layers) on residual output projections
     activation_checkpointing: bool = False
 
     def validate(self, where: str = "model") -> None:
         _positive(self, where, "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads", "max_seq_len")
-        if self.hidden_size % self.num_heads:
+        if self.family == "decoder":
+            encdec_only = {
+                "num_decoder_layers": self.num_decoder_layers is not None,
+                "kv_channels": self.kv_channels is not None,
+                "position": self.position == "relative", "activation": self.activation == "geglu",
+                "scale_attn_logits": not self.scale_attn_logits, "scale_decoder_output": self.scale_decoder_output,
+            }
+            for key in (k for k, used in encdec_only.items() if used):
+                raise ConfigError(f"{where}.{key}={getattr(self, key)!r} is only supported with "
+                                  f"{where}.family=encoder_decoder")
+        else:
+            if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
+                raise ConfigError(f"{where}.num_decoder_layers={self.num_decoder_layers} must be positive")
+            if self.kv_channels is not None and self.kv_channels <= 0:
+                raise ConfigError(f"{where}.kv_channels={self.kv_channels} must be positive")
+            if self.position == "rotary":
+                raise ConfigError(f"{where}.position=rotary is not supported with {where}.family=encoder_decoder; "
+                                  "use relative, sinusoidal or learned")
+            if self.kv_heads != self.num_heads:
+                raise ConfigError(f"{where}.num_kv_heads={self.num_kv_heads} must be null with "
+                                  f"{where}.family=encoder_decoder (multi-head attention only)")
+            if not 0 <= self.decoder_start_token_id < self.vocab_size:
+                raise ConfigError(f"{where}.decoder_start_token_id={self.decoder_start_token_id} must be a token id "
+                                  f"below {where}.vocab_size={self.vocab_size}")
+            _positive(self, where, "relative_attention_num_buckets", "relative_attention_max_distance")
+        if self.kv_channels is None and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"{where}.hidden_size={self.hidden_size} must be divisible by {where}.num_heads={self.num_heads}"
             )
@@ -91,7 +125,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """Decoder layers of an encoder-decoder (``num_layers`` counts the encoder's)."""
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     @property
     def padded_vocab_size(self) -> int:
@@ -118,6 +157,11 @@ class DataConfig:
     tokenizer: str | None = None  # tokenizer.json or HF tokenizer dir (used for the vocabulary size check and logs)
     reset_at_document: bool = False  # stop attention and reset positions at document boundaries
     packing: Literal["packed", "padded"] = "packed"  # padded: one document per sample, truncated and right-padded
+    # encoder-decoder objectives: T5 span corruption of the packed stream, or aligned source/target shards
+    objective: Literal["causal_lm", "span_corruption", "seq2seq"] = "causal_lm"
+    target_seq_len: int | None = None  # seq2seq: target tokens per sample; None: seq_len
+    noise_density: float = 0.15  # span_corruption: share of tokens hidden
+    mean_noise_span_length: float = 3.0  # span_corruption: mean tokens per hidden span
     cache_dir: str | None = None  # where sample indices are cached (per node); None: the data module's default
     prefetch: int = 2  # global batches prefetched by a background thread (0: synchronous)
 
@@ -126,6 +170,14 @@ class DataConfig:
         if self.prefetch < 0:
             raise ConfigError(f"{where}.prefetch={self.prefetch} must be >= 0")
         _check_split(self.split, f"{where}.split")
+        if not 0.0 < self.noise_density < 1.0:
+            raise ConfigError(f"{where}.noise_density={self.noise_density} must be in (0, 1)")
+        _positive(self, where, "mean_noise_span_length")
+        if self.target_seq_len is not None and self.target_seq_len <= 0:
+            raise ConfigError(f"{where}.target_seq_len={self.target_seq_len} must be positive")
+        if self.objective != "causal_lm" and (self.packing == "padded" or self.reset_at_document):
+            raise ConfigError(f"{where}.objective={self.objective} sets its own packing; leave {where}.packing "
+                              f"and {where}.reset_at_document at their defaults")
         if self.packing == "padded" and self.reset_at_document:
             raise ConfigError(
                 f"{where}.reset_at_document=true has no effect with {where}.packing=padded (a sample is one document)"
@@ -203,6 +255,8 @@ class TrainingConfig:
     eval_interval: int = 0  # 0: evaluate only at the end
     eval_samples: int = 64
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 disables
+    max_skipped_steps: int = 20  # non-finite (skipped) steps in a row before the run stops; 0: never stop
+    loss_spike_factor: float = 0.0  # log a loss above this factor x the recent mean; 0 disables
 
     def validate(self, where: str = "training") -> None:
         _positive(self, where, "train_steps", "global_batch_size", "micro_batch_size", "eval_samples")
@@ -212,7 +266,7 @@ class TrainingConfig:
             raise ConfigError(f"{where}.grad_clip={self.grad_clip} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"{where}.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        _non_negative(self, where, "eval_interval", "early_stopping_patience")
+        _non_negative(self, where, "eval_interval", "early_stopping_patience", "max_skipped_steps", "loss_spike_factor")
 
 
 @dataclass
@@ -222,10 +276,16 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # resume from <dir>/latest when it exists
     load: str | None = None  # a checkpoint directory to start from (weights, optimizer, data position)
+    # weights only, from our checkpoint or an HF model directory: a new optimizer, schedule and data position
+    # (fine-tuning, continued pretraining); <dir>/latest still wins when it exists
+    init_from: str | None = None
 
     def validate(self, where: str = "checkpoint") -> None:
         _non_negative(self, where, "interval")
         _positive(self, where, "keep_last")
+        if self.load and self.init_from:
+            raise ConfigError(f"{where}.load and {where}.init_from are both set: load resumes a run (weights, "
+                              "optimizer, data position), init_from takes weights only; give one")
 
 
 @dataclass
@@ -261,9 +321,10 @@ class ParallelConfig:
     dp_replicate: int = 1  # HSDP: replicas x shards; dp_shard = dp / dp_replicate
     fsdp_cpu_offload: bool = False
     deepspeed_overrides: dict = field(default_factory=dict)
+    timeout_s: float = 1800.0  # a collective waiting longer than this on a peer fails, naming the peer
 
     def validate(self, where: str = "parallel") -> None:
-        _positive(self, where, "tp", "pp", "dp_replicate")
+        _positive(self, where, "tp", "pp", "dp_replicate", "timeout_s")
         if not 0 <= self.zero_stage <= 3:
             raise ConfigError(f"{where}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
 
@@ -286,6 +347,15 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        encdec = self.model.family == "encoder_decoder"
+        if encdec != (self.data.objective != "causal_lm"):
+            raise ConfigError(
+                f"data.objective={self.data.objective} does not train model.family={self.model.family}; use "
+                + ("span_corruption or seq2seq" if encdec else "causal_lm (or model.family=encoder_decoder)")
+            )
+        if (self.data.target_seq_len or 0) > self.model.max_seq_len:
+            raise ConfigError(f"data.target_seq_len={self.data.target_seq_len} exceeds "
+                              f"model.max_seq_len={self.model.max_seq_len}")
         self.global_batch_size  # noqa: B018 -- raises when global_batch_tokens does not divide into samples
         return self
 

@@ -53,9 +53,36 @@ def collect_docstrings(out_file: Path) -> int:
     return count
 
 
+class QuickstartError(Exception):
+    """A step that cannot run or that failed: printed as one line, exit status 2 (or the step's own status)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def run(cmd: list[str], env: dict | None = None) -> None:
     print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    result = subprocess.run(cmd, cwd=ROOT, env=env)
+    if result.returncode:
+        script = next((c for c in cmd if c.endswith(".py")), cmd[0])
+        raise QuickstartError(f"{script} failed with exit status {result.returncode} (its output is above)",
+                              result.returncode)
+
+
+def find_launcher(name: str) -> str:
+    """A launcher script installed beside this interpreter (a venv's python run without activating the venv), else
+    on PATH; a one-line error saying what to do when neither has it."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise QuickstartError(
+        f"the {name} launcher is neither beside {sys.executable} nor on PATH: install it into this environment "
+        f"(pip install {name}), or use --launcher torchrun, or --ranks 1"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides, e.g. training.train_steps=100")
     a = p.parse_args(argv)
+    if a.ranks < 1:
+        p.error(f"--ranks={a.ranks} must be at least 1")
+    try:
+        return _pipeline(a)
+    except QuickstartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
 
+
+def _pipeline(a: argparse.Namespace) -> int:
+    py = sys.executable
+    if a.ranks == 1:  # found before anything is written: a missing launcher costs nothing
+        launch = [py]
+    elif a.launcher == "deepspeed":
+        launch = [find_launcher("deepspeed"), "--num_gpus", str(a.ranks)]
+    else:
+        launch = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks)]
     out = (ROOT / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
     started = time.time()
     corpus = out / "corpus" / "stdlib_docstrings.jsonl"
@@ -79,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[1/4] collected {n:,} docstrings ({corpus.stat().st_size / 1e6:.1f} MB) -> {corpus}", flush=True)
     else:
         print(f"[1/4] corpus exists: {corpus}")
-    py = sys.executable
     if not tokenizer.exists():
         print("[2/4] training the tokenizer", flush=True)
         run([py, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", str(a.vocab_size),
@@ -100,15 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         f"logging.run_dir={out / 'run'}",
         *a.overrides,
     ]
+    # the interpreter's own bin directory first, so a launcher finds the same environment's tools and python
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1" if a.ranks > 1 else "2"),
-               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
-    train = ["launch/pretrain.py", "--config", a.config, *overrides]
-    if a.ranks == 1:
-        cmd = [py, *train]
-    elif a.launcher == "deepspeed":
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(a.ranks), *train]
-    else:
-        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), *train]
+               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1", PATH=path)
+    cmd = [*launch, "launch/pretrain.py", "--config", a.config, *overrides]
     print(f"[4/4] training with {a.ranks} rank(s)", flush=True)
     run(cmd, env=env)
     summarize(out / "run", time.time() - started)

@@ -112,7 +112,7 @@ class DeepSpeedEngine(Engine):
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
         self._masters = self._unfused_masters()
         self._own_norm: float | None = None
-        self.copies = {name: 2 for pair in (self._parts.tied if self._parts else []) for name in pair}
+        self.copies = self._parts.copies if self._parts else {}
         if self._parts:  # our schedule over the stages, DeepSpeed for the data axis and the optimizer step
             self.pipeline = PipelineRunner(self._parts.stages, self._parts, cfg, topology,
                                            lambda out, tgt, train: task.loss(out, tgt, train)[0])
@@ -134,11 +134,10 @@ class DeepSpeedEngine(Engine):
             self._parts = split_model(model, self.cfg, self.topology)
             model = self._parts.holder
         materialize(model, rules, factory.seed, self.topology.device, self.shards, self.aliases)
-        if self._parts:  # the last stage's copy of a tied tensor: ZeRO's gradient norm counts the first stage's only
+        if self._parts:  # a later stage's copy of a tied tensor: ZeRO's gradient norm counts the first one's only
             params = dict(model.named_parameters())
-            for _, last in self._parts.tied:
-                if last in params:
-                    params[last].ds_pipe_replicated = True
+            for name in self._parts.replicas:
+                params[name].ds_pipe_replicated = True
         return model
 
     def _unfused_masters(self) -> dict[nn.Parameter, torch.Tensor]:
@@ -161,13 +160,16 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
         self._skipped_before = self.engine.skipped_steps
         self._own_norm = None
+        self._nonfinite = False
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the shared step has normalized the loss already
         if last and self.stage == 0 and not self._masters:
             # ZeRO-0 in fp32 clips but does not keep the norm; the averaged gradients are final here.
             self._own_norm = float(global_grad_norm(self.model.named_parameters(), self.topology, self.shards))
-        self.engine.step()  # steps the optimizer only at the accumulation boundary
+            self._nonfinite = not math.isfinite(self._own_norm)
+        with _optimizer_step_skipped(self.engine.optimizer, self._nonfinite):
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
 
     def _reduce_pipeline_gradients(self) -> None:
         """After our schedule: DeepSpeed averages the gradients over the data axis (ZeRO-1: into its partitions).
@@ -180,15 +182,17 @@ class DeepSpeedEngine(Engine):
         if self.stage == 0:
             named = list(self.model.named_parameters())
             self._own_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
+            self._nonfinite = not math.isfinite(self._own_norm)
             clip_gradients([p for _, p in named], self.cfg.training.grad_clip, self._own_norm)
 
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
         """DeepSpeed clipped (to the JSON's ``gradient_clipping``) and stepped inside the last ``engine.step()``."""
         if self.pipeline is not None:  # the schedule ran the backwards: step DeepSpeed at the boundary ourselves
-            self.engine.step()
+            with _optimizer_step_skipped(self.engine.optimizer, self._nonfinite):
+                self.engine.step()
         norm = self.engine.get_global_grad_norm() if self._own_norm is None else self._own_norm
         grad_norm = float(norm) if norm is not None else math.nan
-        return grad_norm, self.engine.skipped_steps > self._skipped_before
+        return grad_norm, self._nonfinite or self.engine.skipped_steps > self._skipped_before
 
     # ------------------------------------------------------------------------------------------------------------------
     # Logical checkpoints
@@ -505,3 +509,21 @@ def load_loss_scaler_state(optimizer: Any, state: dict[str, Any]) -> None:
     for key in LOSS_SCALER_KEYS:
         if key in state and hasattr(scaler, key):
             setattr(scaler, key, state[key])
+
+
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer: Any, skip: bool):
+    """Run DeepSpeed's step with the optimizer's own step left out when ``skip``.
+
+    ZeRO-0 in fp32 has no overflow check: a NaN or inf gradient would go into the weights and the AdamW moments. Our
+    norm is global, so every rank skips alike; DeepSpeed still does the rest of its step (its counters, zeroing the
+    gradients), so its accumulation boundaries stay where they were.
+    """
+    if not skip:
+        yield
+        return
+    optimizer.step = lambda *args, **kwargs: None  # shadows the class's step on this instance only
+    try:
+        yield
+    finally:
+        del optimizer.step

@@ -10,6 +10,7 @@ scaler when there is one.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class TorchEngine(Engine):
         if parts:
             self.pipeline = PipelineRunner(wrapped, parts, cfg, topology, lambda out, tgt, train: task.loss(
                 out, tgt, train)[0])
-        self.copies = {name: 2 for pair in (parts.tied if parts else []) for name in pair}
+        self.copies = parts.copies if parts else {}
         self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, no_decay)
         precision = cfg.training.precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
@@ -94,6 +95,10 @@ class TorchEngine(Engine):
             self.scaler.unscale_(self.optimizer)
         named = list(self.model.named_parameters())
         grad_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
+        if self.scaler is None and not math.isfinite(grad_norm):
+            # a NaN or inf gradient on any rank: the norm is global, so every rank skips this step alike
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, True
         clip_gradients([p for _, p in named], max_norm, grad_norm)
         if self.scaler is None:
             self.optimizer.step()

@@ -12,7 +12,11 @@ Layout of one checkpoint (see docs/formats.md)::
         rng/rank_00000.json       each rank's RNG states (torch, CUDA, numpy, python) as plain JSON
 
 A checkpoint is written into ``.tmp-step_XXXXXXXX`` and renamed when every rank has finished, so a crash leaves either
-the previous checkpoint or the new one, never half of one. Nothing is loaded with pickle.
+the previous checkpoint or the new one, never half of one; :func:`recover` removes what a crash left at the next start.
+A write that fails (a full disk, an I/O error) fails on every rank together, with one line naming the checkpoint and the
+cause, and leaves the previous checkpoint and ``latest`` untouched. Nothing is loaded with pickle: tensors come from
+safetensors, everything else from JSON or YAML through the safe loader, and a file that is not what it should be is
+refused with :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -30,19 +34,17 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config
 from megatron_lite.engines.base import Engine
+from megatron_lite.errors import CheckpointError, CheckpointMissing, CheckpointWriteError
 from megatron_lite.topology import Topology
+from megatron_lite.training.pause_points import pause_point
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+TMP_PREFIX = ".tmp-"
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _barrier(topology: Topology) -> None:
-    if topology.is_distributed:
-        dist.barrier()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -83,39 +85,131 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` under ``root`` (all ranks call this) and return its path."""
+    """Write a complete checkpoint for ``step`` under ``root`` (all ranks call this) and return its path.
+
+    Raises :class:`CheckpointWriteError` on every rank when any rank fails to write its part.
+    """
     topo = engine.topology
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    if topo.is_main:
-        if final.exists():
-            raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crashed save: never a complete checkpoint
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(topo)
-    engine.save(tmp)
-    engine_state = engine.extra_state()
-    (tmp / "rng").mkdir(exist_ok=True)
-    (tmp / "rng" / f"rank_{topo.rank:05d}.json").write_text(json.dumps(rng_state()))
-    _barrier(topo)
-    if topo.is_main:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "consumed_samples": int(trainer_state["consumed_samples"]),
-            "saved_layout": {"world_size": topo.world_size, "pp": topo.pp, "dp": topo.dp, "tp": topo.tp},
-            "trainer_state": trainer_state,
-            "engine_state": engine_state,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "config.yaml").write_text(config.to_yaml())
-        os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, final.name + "\n")
-        prune(root, keep_last, current=final)
-    _barrier(topo)
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
+    if _any_rank(topo, topo.is_main and final.exists()):
+        raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+    failure = _on_every_rank(topo, lambda: _make_tmp(root, tmp) if topo.is_main else None)
+    if failure is None:
+        failure = _on_every_rank(topo, lambda: _write_rank_part(tmp, engine))
+    if failure is None:
+        pause_point("save", step, topo.is_main)
+        engine_state = engine.extra_state()
+        failure = _on_every_rank(
+            topo, lambda: _finish(root, tmp, final, step, config, trainer_state, engine_state, keep_last, topo)
+            if topo.is_main else None
+        )
+    if failure is not None:
+        if topo.is_main:  # free what the partial save took; recover() would remove it at the next start anyway
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = root / LATEST
+        kept = f"{previous} still names {previous.read_text().strip()}" if previous.is_file() else "no earlier one"
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {failure}; {kept}")
     return final
+
+
+def _make_tmp(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():  # left by a crashed save: never a complete checkpoint
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+
+def _write_rank_part(tmp: Path, engine: Engine) -> None:
+    engine.save(tmp)
+    (tmp / "rng").mkdir(exist_ok=True)
+    (tmp / "rng" / f"rank_{engine.topology.rank:05d}.json").write_text(json.dumps(rng_state()))
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, config: Config, trainer_state: dict[str, Any],
+            engine_state: dict[str, Any], keep_last: int, topo: Topology) -> None:
+    """Rank 0, once every rank wrote its part: meta.json and config.yaml, the rename, then ``latest``."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "consumed_samples": int(trainer_state["consumed_samples"]),
+        "saved_layout": {"world_size": topo.world_size, "pp": topo.pp, "dp": topo.dp, "tp": topo.tp},
+        "trainer_state": trainer_state,
+        "engine_state": engine_state,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "config.yaml").write_text(config.to_yaml())
+    os.replace(tmp, final)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    prune(root, keep_last, current=final)
+
+
+def _on_every_rank(topology: Topology, work) -> str | None:
+    """Run ``work`` on this rank and agree on the outcome: None when every rank succeeded, else this rank's failure
+    in one line ("another rank failed ..." on the ranks that did not fail). Ends with every rank past the same point,
+    as a barrier would, so no rank waits forever for one that gave up."""
+    error: str | None = None
+    try:
+        work()
+    except BaseException as e:  # DCP wraps a rank's write error in a CheckpointException, a BaseException
+        if not _is_error(e):
+            raise
+        error = _describe_write_error(e)
+    if _any_rank(topology, error is not None) and error is None:
+        error = "another rank failed to write its part"
+    return error
+
+
+def _any_rank(topology: Topology, flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce of one number; also a barrier)."""
+    if not topology.is_distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=topology.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _describe_write_error(e: BaseException) -> str:
+    import errno
+
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            where = f" ({cause.filename})" if cause.filename else ""
+            reason = "no space left on the device" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+            return f"{reason}{where}"
+    return _root_message(e)
+
+
+def _is_error(e: BaseException) -> bool:
+    return not isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
+def _root_message(e: BaseException) -> str:
+    """The first line of the error itself, or of the first rank failure a DCP exception carries (its own message
+    only says which ranks failed)."""
+    causes = [c for c in _chain(e) if type(c).__name__ != "CheckpointException"]
+    cause = causes[0] if causes else e
+    return _first_line(cause)
+
+
+def _chain(e: BaseException):
+    """``e``, its causes and contexts, and the per-rank failures a DCP CheckpointException carries."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        todo += [cur.__cause__, cur.__context__]
+        failures = getattr(cur, "failures", None)
+        if isinstance(failures, dict):
+            for value in failures.values():
+                if isinstance(value, BaseException):
+                    todo.append(value)
+                elif isinstance(value, tuple) and value and isinstance(value[0], BaseException):
+                    todo.append(value[0])
 
 
 def prune(root: Path, keep_last: int, current: Path | None = None) -> None:
@@ -130,33 +224,84 @@ def prune(root: Path, keep_last: int, current: Path | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover(root: Path, log=print) -> None:
+    """Clean up after a crash, at start, on rank 0, while the run's lock is held (nothing else writes here).
+
+    Removes the ``.tmp-*`` directories of interrupted saves (never complete checkpoints) and the temporary file of
+    an interrupted ``latest`` update. A save killed between its rename and the update of ``latest`` leaves a
+    complete checkpoint newer than the one ``latest`` names: ``latest`` is moved to it, so the run resumes from the
+    newest complete state and never tries to write that step again.
+    """
+    if not root.is_dir():
+        return
+    for partial in sorted(root.glob(f"{TMP_PREFIX}step_*")):
+        log(f"removing {partial}: an interrupted save, never a complete checkpoint")
+        shutil.rmtree(partial, ignore_errors=True)
+    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+    pointer = root / LATEST
+    current = pointer.read_text().strip() if pointer.is_file() else ""
+    if current and not (root / current / "meta.json").is_file():
+        return  # a dangling pointer: find_latest reports it rather than guess
+    complete = sorted(p.name for p in root.glob("step_*") if (p / "meta.json").is_file())
+    if complete and complete[-1] > current:
+        log(f"{pointer} named {current or 'nothing'}, but {complete[-1]} is complete and newer: resuming from it")
+        _write_text_atomic(pointer, complete[-1] + "\n")
+
+
 def find_latest(root: Path) -> Path | None:
     """The checkpoint ``latest`` points to, or None when there is none yet."""
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    path = root / pointer.read_text(errors="replace").strip()
     if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, but {path}/meta.json is missing")
+        raise CheckpointMissing(f"{pointer} names {path.name}, but {path}/meta.json is missing")
     return path
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of a checkpoint, or a :class:`CheckpointError` naming it (JSON never runs code)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointMissing(f"{path} is missing: expected {what}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not {what}: {e}") from None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint: {meta_file} is missing")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise CheckpointMissing(f"{path} is not a checkpoint: {meta_file} is missing")
+    meta = read_json(meta_file, "a checkpoint's meta.json (JSON)")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{meta_file}: format_version {version!r}, expected {FORMAT_VERSION}")
     return meta
 
 
 def load_checkpoint(path: Path, engine: Engine) -> dict[str, Any]:
     """Load tensors (any saved layout) and this rank's RNG state; return the checkpoint's meta."""
     meta = read_meta(path)
-    engine.load(path)
+    try:
+        engine.load(path)
+    except CheckpointError:
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException; safetensors raises its own type
+        if not _is_error(e):
+            raise
+        raise CheckpointError(f"checkpoint {path}: cannot load its tensors: {_root_message(e)}") from e
     engine.load_extra_state(meta.get("engine_state", {}))  # absent in checkpoints written before it existed
     rng_file = path / "rng" / f"rank_{engine.topology.rank:05d}.json"
     if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()))
+        state = read_json(rng_file, "a rank's RNG state (JSON)")
+        try:
+            set_rng_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{rng_file}: not an RNG state written by this program ({e})") from None
     return meta
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

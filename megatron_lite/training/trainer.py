@@ -8,6 +8,7 @@ counters; everything else comes from the config.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,9 @@ from megatron_lite.data import GlobalBatchLoader, build_datasets
 from megatron_lite.engines import Engine, build_engine, engine_name
 from megatron_lite.families import get_family
 from megatron_lite.topology import Topology
-from megatron_lite.training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megatron_lite.errors import first_line
+from megatron_lite.training.checkpoint import find_latest, load_checkpoint, recover, save_checkpoint
+from megatron_lite.training.cluster import RankLog, apply_collective_timeout, banner, explain_lost_peer, gather_hosts
 from megatron_lite.training.metrics import (
     MetricsLogger,
     device_peak_flops,
@@ -28,7 +31,12 @@ from megatron_lite.training.metrics import (
     max_over_ranks,
     peak_memory_bytes,
 )
+from megatron_lite.training.nonfinite import StepHealth
+from megatron_lite.training.pause_points import pause_point
+from megatron_lite.training.preflight import check_data_fits_model
+from megatron_lite.training.run_lock import lock_run_dirs
 from megatron_lite.training.schedules import lr_at
+from megatron_lite.training.signals import StopRequest
 
 
 @dataclass
@@ -42,6 +50,7 @@ class TrainResult:
     checkpoint: Path | None = None
     run_dir: Path | None = None
     stopped_early: bool = False
+    stopped_by: str | None = None  # the signal (SIGTERM, SIGINT) that stopped the run after a checkpoint
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -79,11 +88,18 @@ class Trainer:
         seed_everything(cfg.training.seed, cfg.training.deterministic)
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        # one live run per directory; then, still alone in it, clean up what a crash left (training/run_lock.py)
+        self.locks = lock_run_dirs([self.run_dir, self.ckpt_root], topo, then=lambda: recover(self.ckpt_root, self.log))
+        self.rank_log = RankLog(self.run_dir, topo)
+        self.log = self._logger(log)
+        self.hosts = gather_hosts(topo)
+        self.health = StepHealth(cfg.training.max_skipped_steps, cfg.training.loss_spike_factor)
 
-        self.log(f"megatron_lite: {topo.describe()} engine={engine_name(cfg, topo)} device={topo.device}")
+        self.log(banner(topo, engine_name(cfg, topo), self.hosts))
         self.log("resolved config:\n" + cfg.to_yaml())
 
         t = cfg.training
+        check_data_fits_model(cfg)
         self.datasets = build_datasets(
             cfg.data,
             {"train": t.train_steps * self.global_batch, "valid": t.eval_samples, "test": t.eval_samples},
@@ -98,6 +114,7 @@ class Trainer:
         with torch.device("meta"):  # shapes only: the engine builds just this rank's part of the model
             self.n_params = sum(p.numel() for p in family.construct(cfg.model).parameters())
         self.engine: Engine = build_engine(cfg, family.factory(cfg, topo), topo, family.task(cfg, topo))
+        apply_collective_timeout(cfg.parallel.timeout_s)  # groups made by the mesh, the engine and the pipeline too
         # Dropout streams differ across data-parallel (and pipeline) ranks from here on, and agree across the ranks of
         # a tensor-parallel group, which hold the same replicated activations (parallel/random.py).
         torch.manual_seed(t.seed + topo.rank // topo.tp)
@@ -110,11 +127,23 @@ class Trainer:
 
         self.flops_per_token = _flops_per_token(cfg)
         self.peak_flops = device_peak_flops(cfg.logging, topo.device, t.precision)
-        self.metrics = MetricsLogger(cfg, self.run_dir, enabled=topo.is_main)
+        self.metrics = MetricsLogger(cfg, self.run_dir, enabled=topo.is_main, echo=self.log)
         self.log(
             f"model: {self.n_params:,} parameters, {self.flops_per_token:,.0f} training FLOPs/token; "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens; run dir {self.run_dir}"
         )
+
+    def _logger(self, console: Callable[[str], None]) -> Callable[[str], None]:
+        """Every rank writes its own log file; rank 0 also prints."""
+        if not self.topology.is_main:
+            return self.rank_log.write_line
+
+        def both(line: str) -> None:
+            console(line)
+            sys.stdout.flush()
+            self.rank_log.write_line(line)
+
+        return both
 
     def _resume(self) -> None:
         cfg = self.cfg.checkpoint
@@ -127,6 +156,10 @@ class Trainer:
         path = find_latest(self.ckpt_root) if cfg.resume else None
         if path is None and cfg.load:
             path = Path(cfg.load)
+        if path is None and cfg.init_from:  # weights only: step, schedule, data position and optimizer stay new
+            from megatron_lite.convert.init_from import init_weights
+
+            return init_weights(cfg.init_from, self.engine, self.cfg, self.ckpt_root, self.log)
         if path is None:
             return
         meta = load_checkpoint(path, self.engine)
@@ -157,6 +190,7 @@ class Trainer:
         ds = self.datasets.get("valid")
         if ds is None:
             return float("nan")
+        pause_point("eval", self.step, self.topology.is_main)
         loader = GlobalBatchLoader(
             ds, t.eval_samples, t.micro_batch_size, self.topology.dp_rank, self.topology.dp, 0, prefetch=0
         )
@@ -181,6 +215,22 @@ class Trainer:
         return patience > 0 and self.evals_without_improvement >= patience
 
     def run(self) -> TrainResult:
+        """Train to ``training.train_steps`` (or until stopped), holding the run directory's lock throughout."""
+        try:
+            with StopRequest(self.topology) as stop:
+                return self._run(stop)
+        except Exception as e:
+            self.rank_log.write_line(f"error: {first_line(e)}")
+            lost = explain_lost_peer(e, self.hosts, self.hosts[self.topology.rank], self.cfg.parallel.timeout_s)
+            if lost is not None:
+                self.rank_log.write_line(f"error: {lost}")
+                raise lost from e
+            raise
+        finally:
+            for lock in self.locks:
+                lock.release()
+
+    def _run(self, signalled: StopRequest) -> TrainResult:
         cfg, t, topo = self.cfg, self.cfg.training, self.topology
         result = TrainResult(run_dir=self.run_dir)
         loader = GlobalBatchLoader(
@@ -216,8 +266,11 @@ class Trainer:
             window_time += end - start
             window_wait += got_data - start
             window_steps += 1
+            pause_point("step", self.step, topo.is_main)
             result.losses.append(metrics.loss)
             result.steps.append(self.step)
+            if event := self.health.check(self.step, metrics.loss, metrics.grad_norm, metrics.skipped):
+                self.metrics.log({"step": self.step, "event": event[0], "message": event[1]}, console=event[1])
             if self.step % cfg.logging.log_interval == 0 or self.step == t.train_steps:
                 # the slowest rank sets the pace of a synchronous step: one all-reduce per log interval, not per step
                 slowest, waited, memory = max_over_ranks(
@@ -250,8 +303,12 @@ class Trainer:
                 self.log(f"early stopping: no validation improvement in {t.early_stopping_patience} evaluations")
                 result.stopped_early = True
                 break
+            if signalled.agreed():  # every rank stops after the same step (one tiny all-reduce per step)
+                result.stopped_by = signalled.name
+                self.log(f"{signalled.name}: stopping after step {self.step}, saving a checkpoint first")
+                break
         evaluated_now = bool(result.valid_losses) and result.valid_losses[-1][0] == self.step
-        if result.steps and not evaluated_now and self.datasets.get("valid") is not None:
+        if result.steps and not evaluated_now and self.datasets.get("valid") is not None and not result.stopped_by:
             self._record_eval(result)
         if saved_at != self.step and result.steps:
             result.checkpoint = self.save()
@@ -266,7 +323,7 @@ class Trainer:
 def _flops_per_token(cfg: Config) -> float:
     from megatron_lite.planning.flops import training_flops_per_token
 
-    return training_flops_per_token(cfg.model, cfg.data.seq_len, causal=False)
+    return training_flops_per_token(cfg.model, cfg.data.seq_len, causal=False, data=cfg.data)
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
