@@ -15,10 +15,10 @@ from torch import nn
 
 from megatron_lite.config import Config, ConfigError, ModelConfig
 from megatron_lite.engines.base import ModelFactory
-from megatron_lite.parallel.plans import DECODER_PLAN, TPPlan
+from megatron_lite.parallel.plans import DECODER_PLAN, ENCODER_DECODER_PLAN, TPPlan
 from megatron_lite.parallel.wrappers import prepare_model
 from megatron_lite.topology import Topology
-from megatron_lite.training.tasks import Task, causal_lm_task
+from megatron_lite.training.tasks import Task, causal_lm_task, seq2seq_task
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,17 @@ def _decoder(cfg: ModelConfig) -> nn.Module:
     return DecoderLM(cfg)
 
 
+def _encoder_decoder(cfg: ModelConfig) -> nn.Module:
+    from megatron_lite.models.encoder_decoder import EncoderDecoderLM
+
+    cfg.validate()
+    return EncoderDecoderLM(cfg)
+
+
 FAMILIES: dict[str, Family] = {
     "decoder": Family("decoder", _decoder, causal_lm_task, "megatron_lite.convert.hf", DECODER_PLAN),
+    "encoder_decoder": Family("encoder_decoder", _encoder_decoder, seq2seq_task, "megatron_lite.convert.t5",
+                              ENCODER_DECODER_PLAN),
 }
 
 

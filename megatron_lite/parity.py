@@ -12,8 +12,7 @@ Layout names are dash-separated parts, read left to right:
     zero<K>           DeepSpeed ZeRO stage K over 2 data-parallel ranks (change with dp<N>)
     offload           with zero<K>: offload optimizer state and parameters (stage 3) to the CPU
     dp<N>             the data-parallel size, for engines named without one
-    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2 (pp<N> parses, and running it
-                      fails with one line until pipeline parallelism exists)
+    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2
     sp                with tp<N>: sequence parallelism
     gpipe, 1f1b,      with pp<N>: the pipeline schedule (default 1f1b); interleaved and zb (interleaved zero-bubble)
     interleaved, zb   run v<N> stages per rank (default 2)

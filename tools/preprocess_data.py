@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "instead of --input")
     src.add_argument("--split", default="train", help="split of --dataset (default: train)")
     src.add_argument("--json-key", default="text", help="record key / column holding the text (default: text)")
+    src.add_argument("--target-key", metavar="KEY", help="also write the values of KEY to PREFIX_target.bin/.idx, "
+                     "aligned document by document with PREFIX (seq2seq pairs; JSON, parquet, csv and arrow inputs)")
     src.add_argument("--text-document", choices=["block", "file"], default="block",
                      help="for plain text: a blank-line-separated block (default) or a whole file is one document")
     src.add_argument("--skip-bad-records", action="store_true",
@@ -78,10 +80,16 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.dataset:
         quiet_datasets_logs()
-    preprocess(a.input, a.tokenizer, a.output_prefix, workers=a.workers, append_eod=a.append_eod,
-               overwrite=a.overwrite, skip_bad_records=a.skip_bad_records, json_key=a.json_key,
-               text_mode=a.text_document, dataset=a.dataset, split=a.split, progress=not a.no_progress,
-               encoder=a.encoder)
+    common = dict(workers=a.workers, append_eod=a.append_eod, overwrite=a.overwrite, text_mode=a.text_document,
+                  dataset=a.dataset, split=a.split, progress=not a.no_progress, encoder=a.encoder)
+    if a.target_key:
+        from megatron_lite.data.seq2seq import preprocess_pairs
+
+        preprocess_pairs(a.input, a.tokenizer, a.output_prefix, a.json_key, a.target_key,
+                         skip_bad_records=a.skip_bad_records, **common)
+        return 0
+    preprocess(a.input, a.tokenizer, a.output_prefix, skip_bad_records=a.skip_bad_records, json_key=a.json_key,
+               **common)
     return 0
 
 

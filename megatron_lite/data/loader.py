@@ -59,6 +59,10 @@ class GlobalBatchLoader:
         out = []
         for m in range(first, first + per_rank, self.micro_batch_size):
             items = [self.dataset[i] for i in range(m, m + self.micro_batch_size)]
+            if "tokens" not in items[0]:  # samples that already hold inputs and labels (encoder-decoder objectives)
+                mb = {k: torch.from_numpy(np.stack([x[k] for x in items])) for k in items[0]}
+                out.append({k: v.contiguous().pin_memory() for k, v in mb.items()} if self.pin_memory else mb)
+                continue
             tokens = torch.from_numpy(np.stack([x["tokens"] for x in items]))
             mb = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
             if "padding_mask" in items[0]:  # padded samples: no loss on padding, no attention to it

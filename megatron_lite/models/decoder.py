@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.init import InitRule, init_full_, to_empty_keeping_ties
+from megatron_lite.models.init import InitRule, build_initialized
 from megatron_lite.models.layers import (
     MLP,
     NORM_TYPES,
     Attention,
+    KVCache,
     SinusoidalPositions,
     build_attention_mask,
     make_norm,
@@ -50,12 +51,13 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         if self.pre_norm:  # x + f(norm(x)): GPT-2, Llama
-            x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask))
+            x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, causal=True, cache=cache))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
         # norm(x + f(x)): the original Transformer
-        x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask, causal=True, cache=cache)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
@@ -89,16 +91,19 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """``input_ids`` long [b, s], or float hidden states [b, s, h] when this module has no ``embed``.
 
         ``position_ids`` default to 0..s-1. With ``document_ids`` a token attends only to earlier tokens of the same
-        document; with ``padding_mask`` (True = real token) padded keys are never attended to.
+        document; with ``padding_mask`` (True = real token) padded keys are never attended to. ``cache`` (one
+        ``KVCache`` per layer, for generation) holds the keys and values of the positions before ``input_ids``.
         """
         b, s = input_ids.shape[:2]
         device = input_ids.device
         if position_ids is None:
-            position_ids = torch.arange(s, device=device).expand(b, s)
+            start = cache[0].length if cache else 0
+            position_ids = torch.arange(start, start + s, device=device).expand(b, s)
 
         if self.embed is not None:
             x = self.embed(input_ids)
@@ -116,14 +121,38 @@ class DecoderLM(nn.Module):
             rope = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, scaling, dtype=x.dtype)
         mask = build_attention_mask(s, document_ids, padding_mask, device=device)
 
-        for block in self.layers.values():
-            x = block(x, rope, mask)
+        for i, block in enumerate(self.layers.values()):
+            x = block(x, rope, mask) if cache is None else block(x, rope, mask, cache[i])
 
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is not None:
             x = self.lm_head(x)
         return x
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation of the prompts ``input_ids`` [b, s] (one length, no padding): [b, s + new].
+
+        The prompt runs once, then each step feeds only the last token, with the earlier keys and values cached. A row
+        that has produced ``eos_token_id`` keeps repeating it; generation stops early when every row has.
+        """
+        was_training = self.training
+        self.eval()
+        cache = [KVCache() for _ in self.layers]
+        out, step = input_ids, input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step, cache=cache)[:, -1, : self.cfg.vocab_size]
+            step = logits.argmax(-1, keepdim=True)
+            if eos_token_id is not None:
+                step = step.masked_fill(done[:, None], eos_token_id)
+                done |= step[:, 0] == eos_token_id
+            out = torch.cat((out, step), dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return out
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -160,19 +189,5 @@ class DecoderLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> DecoderLM:
-    """The whole model for ``cfg`` on ``device``, initialized from ``seed``; on "meta" only shapes exist.
-
-    Parameters are created on the meta device and then materialized once with their by-name initial values, the same
-    values every parallel layout starts from for the same seed (engines build their own shards this way).
-    """
-    cfg.validate()
-    if cfg.family != "decoder":
-        raise ValueError(f"build_model builds the decoder family, got family={cfg.family!r}")
-    with torch.device("meta"):
-        model = DecoderLM(cfg)
-    device = torch.device(device)
-    if device.type == "meta":
-        return model
-    to_empty_keeping_ties(model, device)
-    init_full_(model, model.init_rules(), seed)
-    return model
+    """The whole decoder for ``cfg`` on ``device``, initialized by name from ``seed`` (``init.build_initialized``)."""
+    return build_initialized(DecoderLM, "decoder", cfg, device, seed)

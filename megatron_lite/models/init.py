@@ -107,3 +107,22 @@ def init_full_(model: nn.Module, rules: dict[str, InitRule], seed: int) -> None:
     """Fill every (whole, unsharded) parameter of ``model`` with its initial value."""
     for name, p in model.named_parameters():
         initial_values(rules[name], name, p.numel(), seed, out=p.view(-1))
+
+
+def build_initialized(model_cls: type, family: str, cfg, device: str | torch.device = "cpu", seed: int = 0):
+    """``model_cls(cfg)`` on ``device`` with its by-name initial values from ``seed``; on "meta" only shapes exist.
+
+    Parameters are created on the meta device and then materialized once with their by-name initial values, the same
+    values every parallel layout starts from for the same seed (engines build their own shards this way).
+    """
+    cfg.validate()
+    if cfg.family != family:
+        raise ValueError(f"{model_cls.__name__} is the {family} family, got model.family={cfg.family!r}")
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    device = torch.device(device)
+    if device.type == "meta":
+        return model
+    to_empty_keeping_ties(model, device)
+    init_full_(model, model.init_rules(), seed)
+    return model

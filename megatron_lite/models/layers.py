@@ -163,15 +163,45 @@ def build_attention_mask(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class KVCache:
+    """Keys and values of one attention layer kept between generation steps, so each step projects only new tokens.
+
+    Self-attention appends the new tokens' keys and values; cross-attention (``static``) keeps the encoder's, projected
+    once on the first step.
+    """
+
+    def __init__(self, static: bool = False) -> None:
+        self.static = static
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None and not self.static:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    @property
+    def length(self) -> int:
+        """Positions held so far (0 before the first step)."""
+        return 0 if self.k is None else self.k.shape[2]
+
+
 class Attention(nn.Module):
-    """Multi-head, grouped-query or multi-query self-attention through ``F.scaled_dot_product_attention``."""
+    """Multi-head, grouped-query or multi-query attention through ``F.scaled_dot_product_attention``.
+
+    Self-attention by default; with ``kv`` the keys and values come from another sequence (cross-attention).
+    ``scale`` multiplies the logits (None: 1/sqrt(head_dim); T5 uses 1.0, having folded the factor into its init).
+    """
 
     def __init__(
-        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, dropout: float
+        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, dropout: float,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.dropout = dropout
+        self.scale = scale
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -182,27 +212,98 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        kv: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        """``x`` [b, s, h] attends to itself, or to ``kv`` [b, t, h] when given.
+
+        ``mask`` (bool, True = may attend, broadcast to [b, heads, s, t]) is used as given, so it must hold causality
+        itself where needed (``build_attention_mask`` builds it so); ``causal`` asks for causality when there is no
+        mask. ``bias`` (float, broadcast to [b, heads, s, t]) is added to the logits: T5's relative positions.
+        ``cache`` keeps keys and values between generation steps; the new queries are the last ``s`` positions.
+        """
+        q = self.q_proj(x)
         # Sizes come from the projections' outputs, not from ``x``: column-sharded projections give the local head
         # counts, and under sequence parallelism they see the whole sequence where ``x`` holds a slice of it.
         b, s = q.shape[:2]
-        n_q, n_kv = q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim
+        n_q = q.shape[-1] // self.head_dim
         q = q.view(b, s, n_q, self.head_dim).transpose(1, 2)  # [b, heads, s, d]
-        k = k.view(b, s, n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, n_kv, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None and cache.static and cache.k is not None:
+            k, v = cache.k, cache.v  # cross-attention during generation: the encoder's keys, projected once
+        else:
+            source = x if kv is None else kv
+            k, v = self.k_proj(source), self.v_proj(source)
+            t, n_kv = k.shape[1], k.shape[-1] // self.head_dim
+            k = k.view(b, t, n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, n_kv, self.head_dim).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cache is not None:
+                k, v = cache.update(k, v)
+        n_kv, t = k.shape[1], k.shape[2]
+        if causal and mask is None and (t != s or bias is not None):
+            # SDPA's causal path takes neither a bias nor queries that are the last s of t (cached) positions
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+        attn_mask = mask
+        if bias is not None:
+            bias = bias.to(q.dtype)
+            attn_mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
         # GQA / MQA: each kv head serves n_q / n_kv query heads. SDPA does the grouping itself (enable_gqa) rather
         # than copying the kv heads out, which saves the copy and its backward (a sum over the copies).
         out = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None,
+            attn_mask=attn_mask,
+            is_causal=causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=n_kv != n_q,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, n_q * self.head_dim))
+
+
+def relative_position_buckets(
+    relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each relative position ``key - query``: exact for small distances, logarithmic up to
+    ``max_distance``, one bucket for everything beyond. Bidirectional (encoder) buckets spend half of the buckets on
+    keys after the query; a causal decoder only ever sees keys before it.
+    """
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)
+    exact = num_buckets // 2
+    # log-spaced buckets from ``exact`` to ``max_distance``, the last one open-ended
+    far = exact + (
+        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    far = far.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """One learned scalar per (bucket, head), added to the attention logits (T5). A stack computes it once, before
+    its first layer, and every layer of the stack reuses it. ``weight`` is [buckets, heads]."""
+
+    def __init__(self, num_heads: int, num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(num_buckets, num_heads))
+
+    def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Bias [1, heads, q, k] for 1-D ``query_positions`` [q] and ``key_positions`` [k]."""
+        relative = key_positions[None, :] - query_positions[:, None]
+        buckets = relative_position_buckets(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return F.embedding(buckets, self.weight).permute(2, 0, 1)[None]
+
+    def extra_repr(self) -> str:
+        return f"buckets={self.num_buckets}, max_distance={self.max_distance}, bidirectional={self.bidirectional}"
 
 
 ACTIVATIONS = {
@@ -212,21 +313,29 @@ ACTIVATIONS = {
 }
 
 
+# Gated units: down(act(gate(x)) * up(x)). SwiGLU (Llama) and GEGLU with tanh-GELU (T5 v1.1's "gated-gelu").
+GATED_ACTIVATIONS = {
+    "swiglu": F.silu,
+    "geglu": ACTIVATIONS["gelu_tanh"],
+}
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: ``down(act(up(x)))``, or ``down(silu(gate(x)) * up(x))`` for SwiGLU."""
+    """Position-wise feed-forward: ``down(act(up(x)))``, or ``down(act(gate(x)) * up(x))`` for a gated unit."""
 
     def __init__(self, hidden_size: int, ffn_size: int, activation: str, bias: bool) -> None:
         super().__init__()
-        if activation != "swiglu" and activation not in ACTIVATIONS:
+        if activation not in GATED_ACTIVATIONS and activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}")
         self.activation = activation
+        gated = activation in GATED_ACTIVATIONS
         self.up_proj = nn.Linear(hidden_size, ffn_size, bias=bias)
-        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=bias) if activation == "swiglu" else None
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=bias) if gated else None
         self.down_proj = nn.Linear(ffn_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(GATED_ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(ACTIVATIONS[self.activation](self.up_proj(x)))
 
     def extra_repr(self) -> str:

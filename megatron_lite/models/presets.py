@@ -1,7 +1,8 @@
 """Named model sizes. Each has a twin in ``configs/models/<name>.yaml`` (a test keeps the two equal).
 
 GPT-2 shapes follow the released checkpoints; Llama shapes follow the published configs, including Llama 3.2's
-long-context rope rescaling.
+long-context rope rescaling. The encoder-decoder presets are T5 v1.1's released shapes (``google/t5-v1_1-*``) and the
+base model of "Attention Is All You Need" (its 37k shared BPE vocabulary).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def _llama(
     )  # fmt: skip
 
 
+def _t5_v1_1(hidden: int, layers: int, heads: int, ffn: int) -> ModelConfig:
+    return ModelConfig(
+        family="encoder_decoder", vocab_size=32128, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        kv_channels=64, ffn_hidden_size=ffn, max_seq_len=512, position="relative", norm="rmsnorm", norm_eps=1e-6,
+        norm_position="pre", activation="geglu", bias=False, tie_embeddings=False, scale_attn_logits=False,
+        init_std=1.0, scaled_residual_init=False,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, ModelConfig] = {
     "gpt2-124m": _gpt2(768, 12, 12),
     "gpt2-355m": _gpt2(1024, 24, 16),
@@ -45,6 +55,15 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-70b": _llama(32000, 8192, 80, 64, 8, 28672, 4096, 10000.0, tied=False),
     # A ~1M-parameter Llama-style model (GQA, rotary, RMSNorm, SwiGLU) for tests and debugging.
     "tiny": _llama(512, 128, 4, 4, 2, 512, 1024, 10000.0, tied=True),
+    "t5-v1_1-small": _t5_v1_1(512, 8, 6, 1024),
+    "t5-v1_1-base": _t5_v1_1(768, 12, 12, 2048),
+    "t5-v1_1-large": _t5_v1_1(1024, 24, 16, 2816),
+    "transformer-base": ModelConfig(
+        family="encoder_decoder", vocab_size=37000, hidden_size=512, num_layers=6, num_heads=8, ffn_hidden_size=2048,
+        max_seq_len=1024, position="sinusoidal", norm="layernorm", norm_eps=1e-6, norm_position="post",
+        activation="relu", bias=True, tie_embeddings=True, scale_embeddings=True, embedding_dropout=0.1,
+        attention_dropout=0.0, residual_dropout=0.1, scaled_residual_init=False,
+    ),  # fmt: skip
 }
 
 

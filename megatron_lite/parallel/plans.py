@@ -12,7 +12,9 @@ and which modules need more than a swap: ``sharded_rng`` modules draw random num
 dropout acts on split heads), so their masks must differ across ranks; under sequence parallelism ``sequence_params``
 modules (norms) run on sequence shards, so their parameters' gradients are summed over the group,
 ``sequence_dropout`` modules drop on sequence shards (sharded RNG), and ``sequence_split`` modules (positions) return
-only this rank's part of the sequence.
+only this rank's part of the sequence. ``head_split`` modules (T5's relative position bias, [1, heads, q, k]) keep
+their small table whole and return only this rank's heads; the split's backward gathers the heads' gradients, so
+every rank computes the same gradient for the table.
 
 ``apply_plan`` runs on the plain model on the meta device, right after it is built and before activation
 checkpointing, compile and the engine: the new layers are created on meta with this rank's shapes, so each rank
@@ -49,6 +51,7 @@ class TPPlan:
     sequence_params: tuple[str, ...] = ()
     sequence_dropout: tuple[str, ...] = ()
     sequence_split: tuple[str, ...] = ()
+    head_split: tuple[str, ...] = ()
 
     def placement(self, module_name: str) -> str | None:
         """The layer kind of ``module_name`` (``column``, ``row``, ``vocab``, ``kv``), or None: left whole."""
@@ -77,6 +80,26 @@ DECODER_PLAN = TPPlan(
 )
 
 
+_ENCDEC_ATTENTION = {
+    f"layers.*.{attn}.{proj}": kind
+    for attn in ("attn", "cross_attn")
+    for proj, kind in (("q_proj", "column"), ("k_proj", "kv"), ("v_proj", "kv"), ("o_proj", "row"))
+}
+
+ENCODER_DECODER_PLAN = TPPlan(
+    layers={
+        "embed": "vocab",  # shared by the encoder, the decoder and a tied head
+        **_ENCDEC_ATTENTION,  # self- and cross-attention split by heads alike
+        "layers.*.mlp.gate_proj": "column",
+        "layers.*.mlp.up_proj": "column",
+        "layers.*.mlp.down_proj": "row",
+        "lm_head": "column",
+    },
+    sharded_rng=("layers.*.attn", "layers.*.cross_attn"),
+    head_split=("encoder_pos_bias", "decoder_pos_bias"),
+)
+
+
 def check_tensor_parallel(cfg: Config, tp: int) -> None:
     """Refuse shapes the group cannot split, naming the key (decoder family)."""
     if tp == 1:
@@ -97,6 +120,9 @@ def check_tensor_parallel(cfg: Config, tp: int) -> None:
             f"the padded vocabulary ({m.padded_vocab_size} = model.vocab_size={m.vocab_size} rounded up to "
             f"model.pad_vocab_multiple={m.pad_vocab_multiple}) is not divisible by parallel.tp={tp}"
         )
+    if cfg.parallel.sequence_parallel and m.family == "encoder_decoder":
+        raise ConfigError("parallel.sequence_parallel is not supported for model.family=encoder_decoder; use "
+                          "parallel.tp alone")
     if cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
         raise ConfigError(
             f"parallel.sequence_parallel needs data.seq_len={cfg.data.seq_len} divisible by parallel.tp={tp}"
@@ -122,6 +148,8 @@ def apply_plan(model: nn.Module, plan: TPPlan, cfg: Config, topology: Topology) 
             _wrap_forward(module, lambda f, m=module: _with_summed_param_grads(f, m, group))
         if sp and _matches(name, plan.sequence_split):
             _wrap_forward(module, lambda f: _with_sequence_split(f, group))
+        if _matches(name, plan.head_split):
+            _wrap_forward(module, lambda f: _with_head_split(f, group))
     return model
 
 
@@ -213,5 +241,13 @@ def _with_sequence_split(forward: Callable, group) -> Callable:
     @functools.wraps(forward)
     def run(*args, **kwargs):
         return split_to_group(forward(*args, **kwargs), SEQUENCE_DIM, group)
+
+    return run
+
+
+def _with_head_split(forward: Callable, group) -> Callable:
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return split_to_group(forward(*args, **kwargs), 1, group)
 
     return run

@@ -2,8 +2,8 @@
 
 A task names the model's inputs, the target, and the loss as a *sum* over valid tokens with their count. It never
 calls the model: the shared step (``engines/base.py``) does, and so will a pipeline schedule, which needs
-``loss(output, target)`` on the last stage alone. The decoder's causal-LM task is the first; encoder-decoder
-objectives add their own.
+``loss(output, target)`` on the last stage alone. The decoder's causal-LM task is the first; the encoder-decoder's
+task feeds the shifted labels to the decoder and keeps the same loss.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import Config
+from megatron_lite.models.encoder_decoder import shift_right
 from megatron_lite.parallel.cross_entropy import vocab_parallel_loss_sum
 from megatron_lite.topology import Topology
 from megatron_lite.training.loss import token_loss_sum, valid_tokens
@@ -69,6 +70,32 @@ class CausalLMTask(Task):
             return token_loss_sum(output, target, smoothing, self.vocab_size)
         vocab = self.vocab_size if self.vocab_size is not None else output.shape[-1] * dist.get_world_size(self.group)
         return vocab_parallel_loss_sum(output, target, self.vocab_start, vocab, smoothing, self.group)
+
+
+class Seq2SeqTask(CausalLMTask):
+    """Encoder-decoder training (span corruption or seq2seq pairs): the decoder reads the labels shifted right behind
+    ``start_token_id`` (teacher forcing), and the loss is the causal-LM one over real target tokens (labels other
+    than -100), with the same smoothing, vocabulary padding and vocab-parallel handling."""
+
+    def __init__(self, start_token_id: int, label_smoothing: float = 0.0, vocab_size: int | None = None,
+                 group=None, vocab_start: int = 0) -> None:
+        super().__init__(label_smoothing, vocab_size, group, vocab_start)
+        self.start_token_id = start_token_id
+
+    def inputs(self, mb: Microbatch) -> dict[str, torch.Tensor]:
+        out = {"input_ids": mb["input_ids"], "decoder_input_ids": shift_right(mb["labels"], self.start_token_id)}
+        if "padding_mask" in mb:
+            out["padding_mask"] = mb["padding_mask"]
+        return out
+
+
+def seq2seq_task(cfg: Config, topology: Topology | None = None) -> Seq2SeqTask:
+    """The encoder-decoder's task for ``cfg``; vocab-parallel when ``topology`` splits the model over a tensor axis."""
+    start = cfg.model.decoder_start_token_id
+    if topology is None or topology.tp == 1:
+        return Seq2SeqTask(start, cfg.training.label_smoothing, cfg.model.vocab_size)
+    first = topology.tp_rank * cfg.model.padded_vocab_size // topology.tp
+    return Seq2SeqTask(start, cfg.training.label_smoothing, cfg.model.vocab_size, topology.group("tp"), first)
 
 
 def causal_lm_task(cfg: Config, topology: Topology | None = None) -> CausalLMTask:

@@ -66,3 +66,22 @@ def saved_runs(tiny_config, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def engine_and_batches(config: str, overrides: list[str], steps: int):
+    """This rank's engine for ``config`` (run inside forked ranks) and an iterator over ``steps`` global batches, for
+    tests that look inside the engine between steps."""
+    from megatron_lite.config import load_config
+    from megatron_lite.data import GlobalBatchLoader, build_datasets
+    from megatron_lite.engines import build_engine
+    from megatron_lite.families import get_family
+    from megatron_lite.topology import Topology
+
+    cfg = load_config(config, overrides)
+    topology = Topology.from_env(cfg.parallel, "cpu")
+    family = get_family(cfg.model.family)
+    engine = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
+    data = build_datasets(cfg.data, {"train": steps * cfg.global_batch_size}, log=lambda *_: None)["train"]
+    batches = iter(GlobalBatchLoader(data, cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp_rank,
+                                     topology.dp, 0, prefetch=0))
+    return engine, batches

@@ -45,19 +45,9 @@ def test_pipeline_layouts_match_single(tiny_config, variant, extra, layouts):
 
 def _train_and_report(rank: int, config: str, overrides: list[str], out: str) -> None:
     """Train 6 steps; after each, record this rank's parameter names and a hash of its tied copy (if any)."""
-    from megatron_lite.config import load_config
-    from megatron_lite.data import GlobalBatchLoader, build_datasets
-    from megatron_lite.engines import build_engine
-    from megatron_lite.families import get_family
-    from megatron_lite.topology import Topology
+    from tests.engines.conftest import engine_and_batches
 
-    cfg = load_config(config, overrides)
-    topology = Topology.from_env(cfg.parallel, "cpu")
-    family = get_family(cfg.model.family)
-    engine = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
-    data = build_datasets(cfg.data, {"train": 6 * cfg.global_batch_size}, log=lambda *_: None)["train"]
-    loader = iter(GlobalBatchLoader(data, cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp_rank,
-                                    topology.dp, 0, prefetch=0))
+    engine, loader = engine_and_batches(config, overrides, steps=6)
     copies = []
     for _ in range(6):
         engine.train_step(next(loader), lr=1e-2)
