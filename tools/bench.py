@@ -3,7 +3,8 @@
 
 Subcommands: ``data`` (preprocessing and loader throughput), ``train`` (training throughput and peak memory per
 parallel layout, through the real trainer), ``startup`` (peak host memory per rank while the engine builds the model),
-``speed`` (our training step against Hugging Face's for the same model, interleaved in one process).
+``speed`` (our training step against Hugging Face's for the same model, interleaved in one process), ``convert``
+(peak host memory of converting a large random checkpoint to Hugging Face and back).
 
 Add a subcommand by writing ``add_<name>(subparsers)`` that registers a parser with ``func=run_<name>``.
 """
@@ -492,6 +493,86 @@ def add_speed(sub) -> None:
     p.set_defaults(func=run_speed)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# convert: peak host memory of tools/convert_checkpoint.py on a large random checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_random_checkpoint(out: Path, preset: str, seed: int = 0) -> tuple[int, int]:
+    """A weights-only logical checkpoint of ``preset`` with random fp32 values, written tensor by tensor (the bench
+    never holds the model); returns (bytes, largest tensor's bytes)."""
+    import torch
+
+    from megatron_lite.config import Config
+    from megatron_lite.convert.checkpoint_io import expected_model_tensors, write_meta
+    from megatron_lite.convert.streaming import Entry, ShardedWriter
+    from megatron_lite.models.presets import get_preset
+
+    config = Config()
+    config.model = get_preset(preset)
+    config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+    expected = expected_model_tensors(config.model)
+    entries = [Entry(k, tuple(t.shape), torch.float32) for k, t in expected.items()]
+    out.mkdir(parents=True)
+    writer = ShardedWriter(out, entries, 2 * 2**30)
+    gen = torch.Generator().manual_seed(seed)
+    for e in entries:
+        writer.write(e.name, torch.randn(e.shape, generator=gen) * 0.02)
+    writer.close()
+    write_meta(out, config, {"kind": "random", "path": preset})
+    return sum(e.nbytes for e in entries), max(e.nbytes for e in entries)
+
+
+def _peak_rss_of(cmd: list[str]) -> tuple[float, float, str]:
+    """(peak RSS in GiB of the command, wall seconds, its last output line)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    last = proc.stdout.strip().splitlines()[-1]
+    value, unit = last.rsplit("peak RSS ", 1)[1].split()[:2]
+    return float(value) / (1024 if unit.startswith("MiB") else 1), wall, last
+
+
+def run_convert(a: argparse.Namespace) -> int:
+    root = Path(a.dir or tempfile.mkdtemp(prefix="bench-convert-"))
+    tool = str(Path(__file__).resolve().parent / "convert_checkpoint.py")
+    try:
+        t0 = time.perf_counter()
+        size, largest = write_random_checkpoint(root / "ours", a.preset)  # in this process; children measure their own
+        print(f"{a.preset}: random fp32 checkpoint of {size / 2**30:.2f} GiB (largest tensor {largest / 2**30:.2f} "
+              f"GiB) written in {time.perf_counter() - t0:.0f} s under {root}")
+        code = ("import megatron_lite.convert.hf_dir as h, megatron_lite.convert.deepspeed_native; "
+                "from megatron_lite.convert.streaming import peak_rss_bytes; "
+                "print('peak RSS', peak_rss_bytes() / 2**30, 'GiB')")
+        base, _, _ = _peak_rss_of([sys.executable, "-c", code])
+        print(f"baseline (python + torch + the converter's imports): peak RSS {base:.2f} GiB")
+        for name, cmd in (
+            ("ours -> hf", [tool, "--input", str(root / "ours"), "--to", "hf", "--output", str(root / "hf")]),
+            ("hf -> ours", [tool, "--from", "hf", str(root / "hf"), "--output", str(root / "back")]),
+        ):
+            peak, wall, _ = _peak_rss_of([sys.executable, *cmd, "--no-progress"])
+            print(f"{name}: peak RSS {peak:.2f} GiB ({peak / (size / 2**30):.0%} of the checkpoint; "
+                  f"{peak - base:.2f} GiB above the baseline, largest tensor {largest / 2**30:.2f} GiB), {wall:.0f} s")
+    finally:
+        if not a.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="peak host memory of converting a large random checkpoint to HF and back")
+    p.add_argument("--preset", default="llama-1b", help="model preset (configs/models; default llama-1b, 4.6 GiB)")
+    p.add_argument("--dir", help="work directory (default: a temporary one; needs ~3x the checkpoint's size)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints written")
+    p.set_defaults(func=run_convert)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -499,6 +580,7 @@ def main(argv=None) -> int:
     add_train(sub)
     add_startup(sub)
     add_speed(sub)
+    add_convert(sub)
     a = p.parse_args(argv)
     return a.func(a)
 

@@ -8,6 +8,9 @@ imported, so conversion tools stay light. Our decoder uses unfused, HF-Llama-sty
 - our embedding and lm_head have ``padded_vocab_size`` rows: padding rows are added as zeros on the way in and dropped
   on the way out.
 
+Each direction is a list of :class:`Rule` s (targets computed from a few sources), which ``to_hf``/``from_hf`` apply
+to whole state dicts and ``convert/hf_dir.py`` applies one rule at a time, streaming.
+
 Typical use::
 
     cfg = config_from_hf(hf_model.config.to_dict())
@@ -17,7 +20,8 @@ Typical use::
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -34,19 +38,27 @@ _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": 
 
 
 def hf_arch(cfg: ModelConfig) -> Arch:
-    """Which HF architecture ``cfg`` corresponds to, or a ValueError saying what does not fit either."""
+    """Which HF architecture ``cfg`` corresponds to, or a ValueError naming the option that neither can express."""
+    if cfg.family != "decoder":
+        raise ValueError(f"model.family={cfg.family!r}: GPT-2 and Llama are decoders (family decoder)")
     if cfg.scale_embeddings:
-        raise ValueError("no HF equivalent: GPT-2 and Llama do not scale token embeddings; set scale_embeddings to false")
+        raise ValueError("model.scale_embeddings=true has no HF equivalent: GPT-2 and Llama do not scale token "
+                         "embeddings")
     common = cfg.norm_position == "pre"
     if common and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.activation != "swiglu" and cfg.bias:
         if cfg.kv_heads != cfg.num_heads:
-            raise ValueError("GPT-2 has no grouped-query attention; set num_kv_heads to null")
+            raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} has no HF equivalent: GPT-2 has no grouped-query "
+                             "attention; set it to null")
         return "gpt2"
     if common and cfg.position == "rotary" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu":
+        for key in ("embedding_dropout", "residual_dropout"):
+            if getattr(cfg, key):
+                raise ValueError(f"model.{key}={getattr(cfg, key)} has no HF equivalent: Llama has attention "
+                                 "dropout only; set it to 0")
         return "llama"
     raise ValueError(
         "no HF equivalent: GPT-2 needs pre-norm + learned positions + layernorm + biases + a non-gated MLP; "
-        f"Llama needs pre-norm + rotary + rmsnorm + swiglu (got norm_position={cfg.norm_position}, "
+        f"Llama needs pre-norm + rotary + rmsnorm + swiglu (got model.norm_position={cfg.norm_position}, "
         f"position={cfg.position}, norm={cfg.norm}, activation={cfg.activation}, bias={cfg.bias})"
     )
 
@@ -123,8 +135,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
     raise ValueError(f"unsupported HF model_type {kind!r}; expected 'gpt2' or 'llama'")
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """HF ``config.json`` dict for ``cfg`` (GPT2LMHeadModel or LlamaForCausalLM), with the unpadded vocabulary."""
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def config_to_hf(cfg: ModelConfig, special_tokens: dict[str, int | None] | None = None) -> dict:
+    """HF ``config.json`` dict for ``cfg`` (GPT2LMHeadModel or LlamaForCausalLM), with the unpadded vocabulary.
+
+    ``special_tokens`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``, from the tokenizer) are written when
+    given; left out, HF fills in its own defaults (GPT-2's 50256), which may lie outside a smaller vocabulary.
+    """
+    config = _config_to_hf(cfg)
+    for key, value in (special_tokens or {}).items():
+        if key not in SPECIAL_TOKENS:
+            raise ValueError(f"special token {key!r}: expected one of {', '.join(SPECIAL_TOKENS)}")
+        if value is not None and not 0 <= value < cfg.vocab_size:
+            raise ValueError(f"{key}={value} lies outside the model's vocabulary of {cfg.vocab_size}")
+        config[key] = value
+    return config
+
+
+def _config_to_hf(cfg: ModelConfig) -> dict:
     arch = hf_arch(cfg)
     if arch == "gpt2":
         act = {v: k for k, v in _GPT2_ACT.items() if k != "gelu_pytorch_tanh"}[cfg.activation]
@@ -172,14 +202,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 # State dicts
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Per-layer names that differ only in spelling: ours -> HF (the GPT-2 Conv1D weights also need a transpose).
+# Per-layer module names that differ only in spelling: ours -> HF (the GPT-2 Conv1D weights also need a transpose).
 _LLAMA_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
+    "attn_norm": "input_layernorm",
     "attn.q_proj": "self_attn.q_proj",
     "attn.k_proj": "self_attn.k_proj",
     "attn.v_proj": "self_attn.v_proj",
     "attn.o_proj": "self_attn.o_proj",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm",
     "mlp.gate_proj": "mlp.gate_proj",
     "mlp.up_proj": "mlp.up_proj",
     "mlp.down_proj": "mlp.down_proj",
@@ -194,138 +224,182 @@ _GPT2_LAYER = {  # q/k/v are handled separately (fused c_attn)
 # HF buffers that are not weights (causal-mask and rotary caches in older checkpoints).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+# A conversion is a list of rules, each computing one or more target tensors from a few source tensors (a GPT-2
+# layer's q, k and v from its fused c_attn, or the reverse). Whole state dicts go through ``apply_rules``; the
+# checkpoint tool runs the same rules one at a time, so a conversion never holds more than a layer's attention.
 
 
-def _strip(sd: StateDict, prefix: str) -> StateDict:
-    """Drop ``prefix`` where present (HF checkpoints exist with and without it) and the non-weight buffers."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(_IGNORED_SUFFIXES):
-            continue
-        out[k[len(prefix):] if k.startswith(prefix) else k] = v
-    return out
+@dataclass(frozen=True)
+class Rule:
+    """``targets`` = ``fn(*sources)``; ``tied`` marks a target that is the same tensor as another (a tied head)."""
+
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    tied: bool = False
 
 
-def _check_consumed(left: StateDict, direction: str) -> None:
-    if left:
-        raise ValueError(f"{direction}: unexpected keys {sorted(left)[:8]}{' ...' if len(left) > 8 else ''}")
+def unchanged(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return ts
 
 
-def _final_norm_keys(cfg: ModelConfig) -> tuple[str, ...]:
-    """The final norm's tensors: a weight, and a bias for LayerNorm with biases (GPT-2)."""
-    return ("weight", "bias") if cfg.norm == "layernorm" and cfg.bias else ("weight",)
+def _transpose(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (t.t().contiguous(),)
 
 
-def _finish_from_hf(src: StateDict, out: StateDict, cfg: ModelConfig, hf_norm: str, direction: str) -> StateDict:
-    """The tail every ``*_from_hf`` shares: final norm, the head (the embedding when tied, else padded to the padded
-    vocabulary), and a check that no HF tensor was left unused."""
-    for key in _final_norm_keys(cfg):
-        out[f"final_norm.{key}"] = src.pop(f"{hf_norm}.{key}")
-    head = src.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else _pad_rows(head, cfg.padded_vocab_size)
-    _check_consumed(src, direction)
-    return out
+def _pad_to(rows: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    def pad(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if t.shape[0] > rows:
+            raise ValueError(f"a vocabulary tensor of {t.shape[0]} rows does not fit the padded vocabulary of {rows}")
+        if t.shape[0] == rows:
+            return (t,)
+        return (torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]),)
+    return pad
 
 
-def _finish_to_hf(src: StateDict, out: StateDict, cfg: ModelConfig, hf_norm: str, hf_embed: str,
-                  direction: str) -> StateDict:
-    """The tail every ``*_to_hf`` shares: final norm, the head (HF's embedding when tied, else unpadded), and a check
-    that none of our tensors was left unused."""
-    for key in _final_norm_keys(cfg):
-        out[f"{hf_norm}.{key}"] = src.pop(f"final_norm.{key}")
-    head = src.pop("lm_head.weight", None)
-    out["lm_head.weight"] = out[hf_embed] if cfg.tie_embeddings else head[: cfg.vocab_size].contiguous()
-    _check_consumed(src, direction)
-    return out
+def _unpad_to(rows: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    return lambda t: (t[:rows].contiguous(),)
 
 
-def _linear_from(src: StateDict, src_name: str, dst: StateDict, dst_name: str, bias: bool, transpose: bool) -> None:
-    w = src.pop(f"{src_name}.weight")
-    dst[f"{dst_name}.weight"] = w.t().contiguous() if transpose else w
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Our q, k, v [h, h] weights (or [h] biases) -> GPT-2's c_attn: [h, 3h] (Conv1D layout) or [3h]."""
+    fused = torch.cat([q, k, v])
+    return (fused.t().contiguous() if fused.dim() == 2 else fused,)
+
+
+def _split_qkv(fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """GPT-2's c_attn weight [h, 3h] (or bias [3h]) -> our q, k, v."""
+    parts = fused.chunk(3, dim=-1)
+    return tuple(p.t().contiguous() if p.dim() == 2 else p.clone() for p in parts)
+
+
+def _linear_rules(ours: str, theirs: str, bias: bool, transpose: bool, to_hf: bool) -> list[Rule]:
+    """A linear (or norm) module's weight, and its bias, in one direction."""
+    src, dst = (ours, theirs) if to_hf else (theirs, ours)
+    rules = [Rule((f"{dst}.weight",), (f"{src}.weight",), _transpose if transpose else unchanged)]
     if bias:
-        dst[f"{dst_name}.bias"] = src.pop(f"{src_name}.bias")
+        rules.append(Rule((f"{dst}.bias",), (f"{src}.bias",), unchanged))
+    return rules
+
+
+def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(our module, HF module, has bias) for every module but the embedding and head."""
+    pairs = []
+    for i in range(cfg.num_layers):
+        for ours, theirs in _LLAMA_LAYER.items():
+            is_norm = ours.endswith("norm")
+            pairs.append((f"layers.{i}.{ours}", f"model.layers.{i}.{theirs}", cfg.bias and not is_norm))
+    pairs.append(("final_norm", "model.norm", False))
+    return pairs
+
+
+def head_rules(cfg: ModelConfig, embed_ours: str, embed_hf: str, to_hf: bool) -> list[Rule]:
+    """The embedding (padded in ours, unpadded in HF) and the head (the embedding's tensor when tied)."""
+    v, padded = cfg.vocab_size, cfg.padded_vocab_size
+    if to_hf:
+        rules = [Rule((embed_hf,), (embed_ours,), _unpad_to(v))]
+        if cfg.tie_embeddings:  # our state holds the tied head under both names; HF's is the embedding's tensor
+            head = Rule(("lm_head.weight",), (embed_ours, "lm_head.weight"), lambda e, _: _unpad_to(v)(e), tied=True)
+        else:
+            head = Rule(("lm_head.weight",), ("lm_head.weight",), _unpad_to(v))
+    else:
+        rules = [Rule((embed_ours,), (embed_hf,), _pad_to(padded))]
+        head = Rule(("lm_head.weight",), (embed_hf if cfg.tie_embeddings else "lm_head.weight",), _pad_to(padded),
+                    tied=cfg.tie_embeddings)
+    return [*rules, head]
+
+
+def llama_rules(cfg: ModelConfig, to_hf: bool) -> list[Rule]:
+    """Rules between our names and ``LlamaForCausalLM``'s (``model.`` prefix), in either direction."""
+    rules = head_rules(cfg, "embed.weight", "model.embed_tokens.weight", to_hf)
+    for ours, theirs, bias in _llama_pairs(cfg):
+        rules += _linear_rules(ours, theirs, bias, transpose=False, to_hf=to_hf)
+    return rules
+
+
+def gpt2_rules(cfg: ModelConfig, to_hf: bool) -> list[Rule]:
+    """Rules between our names and ``GPT2LMHeadModel``'s (``transformer.`` prefix): Conv1D weights are [in, out],
+    and q, k, v are fused into ``c_attn`` in that order."""
+    rules = head_rules(cfg, "embed.weight", "transformer.wte.weight", to_hf)
+    rules += _linear_rules("pos_embed", "transformer.wpe", bias=False, transpose=False, to_hf=to_hf)
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}", f"transformer.h.{i}"
+        for kind in ("weight", "bias"):
+            qkv = tuple(f"{ours}.attn.{n}.{kind}" for n in ("q_proj", "k_proj", "v_proj"))
+            fused = (f"{theirs}.attn.c_attn.{kind}",)
+            rules.append(Rule(fused, qkv, _fuse_qkv) if to_hf else Rule(qkv, fused, _split_qkv))
+        for o, t in _GPT2_LAYER.items():
+            rules += _linear_rules(f"{ours}.{o}", f"{theirs}.{t}", True, transpose=not o.endswith("norm"), to_hf=to_hf)
+    rules += _linear_rules("final_norm", "transformer.ln_f", bias=True, transpose=False, to_hf=to_hf)
+    return rules
+
+
+def conversion_rules(cfg: ModelConfig, to_hf: bool, arch: Arch | None = None) -> list[Rule]:
+    """The rules from our names to HF's (``to_hf``) or back, for the architecture ``cfg`` describes."""
+    arch = arch or hf_arch(cfg)
+    return {"gpt2": gpt2_rules, "llama": llama_rules}[arch](cfg, to_hf)
+
+
+def hf_key_prefix(keys: Iterable[str], arch: Arch) -> str:
+    """HF checkpoints exist with and without the base model's prefix (``LlamaModel`` vs ``LlamaForCausalLM``): the
+    prefix to add to a stored name to get the one the rules use ("" when the names already carry it)."""
+    base = {"gpt2": "transformer.", "llama": "model."}[arch]
+    return "" if any(k.startswith(base) for k in keys) else base
+
+
+def is_ignored_hf_key(key: str, cfg: ModelConfig) -> bool:
+    """HF tensors that are no weights of ours: causal-mask and rotary caches of older checkpoints, and a tied head
+    (``save_pretrained`` leaves it out; where it is stored, it is the embedding)."""
+    return key.endswith(_IGNORED_SUFFIXES) or (cfg.tie_embeddings and key.endswith("lm_head.weight"))
+
+
+def apply_rules(rules: list[Rule], sd: StateDict, direction: str) -> StateDict:
+    """Run ``rules`` over a whole state dict; every source tensor must be used (an unused one is reported)."""
+    out: StateDict = {}
+    used: set[str] = set()
+    for rule in rules:
+        missing = [s for s in rule.sources if s not in sd]
+        if missing:
+            raise ValueError(f"{direction}: missing keys {missing[:4]}")
+        out.update(zip(rule.targets, rule.fn(*(sd[s] for s in rule.sources))))
+        used.update(rule.sources)
+    left = sorted(set(sd) - used)
+    if left:
+        raise ValueError(f"{direction}: unexpected keys {left[:8]}{' ...' if len(left) > 8 else ''}")
+    return out
+
+
+def _from_hf_dict(sd: StateDict, cfg: ModelConfig, arch: Arch) -> StateDict:
+    prefix = hf_key_prefix(sd, arch)
+    src = {prefix + k: v for k, v in sd.items() if not is_ignored_hf_key(k, cfg)}
+    return apply_rules(conversion_rules(cfg, to_hf=False, arch=arch), src, f"{arch}_from_hf")
 
 
 def llama_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     """``LlamaForCausalLM`` (or ``LlamaModel``) state dict -> ours."""
-    src = _strip(sd, "model.")
-    out: StateDict = {"embed.weight": _pad_rows(src.pop("embed_tokens.weight"), cfg.padded_vocab_size)}
-    for i in range(cfg.num_layers):
-        for ours, theirs in _LLAMA_LAYER.items():
-            if ours.endswith(".weight"):
-                out[f"layers.{i}.{ours}"] = src.pop(f"layers.{i}.{theirs}")
-            else:
-                _linear_from(src, f"layers.{i}.{theirs}", out, f"layers.{i}.{ours}", cfg.bias, transpose=False)
-    return _finish_from_hf(src, out, cfg, "norm", "llama_from_hf")
+    return _from_hf_dict(sd, cfg, "llama")
 
 
 def llama_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     """Our state dict -> ``LlamaForCausalLM`` names (``model.`` prefix), vocabulary unpadded."""
-    src = dict(sd)
-    v = cfg.vocab_size
-    out: StateDict = {"model.embed_tokens.weight": src.pop("embed.weight")[:v].contiguous()}
-    for i in range(cfg.num_layers):
-        for ours, theirs in _LLAMA_LAYER.items():
-            if ours.endswith(".weight"):
-                out[f"model.layers.{i}.{theirs}"] = src.pop(f"layers.{i}.{ours}")
-            else:
-                _linear_from(src, f"layers.{i}.{ours}", out, f"model.layers.{i}.{theirs}", cfg.bias, transpose=False)
-    return _finish_to_hf(src, out, cfg, "model.norm", "model.embed_tokens.weight", "llama_to_hf")
+    return apply_rules(llama_rules(cfg, to_hf=True), sd, "llama_to_hf")
 
 
 def gpt2_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     """``GPT2LMHeadModel`` (or ``GPT2Model``) state dict -> ours. Conv1D [in, out] weights are transposed."""
-    src = _strip(sd, "transformer.")
-    out: StateDict = {
-        "embed.weight": _pad_rows(src.pop("wte.weight"), cfg.padded_vocab_size),
-        "pos_embed.weight": src.pop("wpe.weight"),
-    }
-    h = cfg.hidden_size
-    for i in range(cfg.num_layers):
-        ours, theirs = f"layers.{i}", f"h.{i}"
-        qkv_w = src.pop(f"{theirs}.attn.c_attn.weight")  # [h, 3h]
-        qkv_b = src.pop(f"{theirs}.attn.c_attn.bias")
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[f"{ours}.attn.{name}.weight"] = qkv_w[:, j * h : (j + 1) * h].t().contiguous()
-            out[f"{ours}.attn.{name}.bias"] = qkv_b[j * h : (j + 1) * h].clone()
-        for o, t in _GPT2_LAYER.items():
-            is_norm = o.endswith("norm")
-            _linear_from(src, f"{theirs}.{t}", out, f"{ours}.{o}", bias=True, transpose=not is_norm)
-    return _finish_from_hf(src, out, cfg, "ln_f", "gpt2_from_hf")
+    return _from_hf_dict(sd, cfg, "gpt2")
 
 
 def gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     """Our state dict -> ``GPT2LMHeadModel`` names (``transformer.`` prefix), with fused c_attn and Conv1D layout."""
-    src = dict(sd)
-    v = cfg.vocab_size
-    out: StateDict = {
-        "transformer.wte.weight": src.pop("embed.weight")[:v].contiguous(),
-        "transformer.wpe.weight": src.pop("pos_embed.weight"),
-    }
-    for i in range(cfg.num_layers):
-        ours, theirs = f"layers.{i}", f"transformer.h.{i}"
-        names = ("q_proj", "k_proj", "v_proj")
-        qkv_w = torch.cat([src.pop(f"{ours}.attn.{n}.weight") for n in names])  # [3h, h]
-        out[f"{theirs}.attn.c_attn.weight"] = qkv_w.t().contiguous()
-        out[f"{theirs}.attn.c_attn.bias"] = torch.cat([src.pop(f"{ours}.attn.{n}.bias") for n in names])
-        for o, t in _GPT2_LAYER.items():
-            is_norm = o.endswith("norm")
-            _linear_from(src, f"{ours}.{o}", out, f"{theirs}.{t}", bias=True, transpose=not is_norm)
-    return _finish_to_hf(src, out, cfg, "transformer.ln_f", "transformer.wte.weight", "gpt2_to_hf")
+    return apply_rules(gpt2_rules(cfg, to_hf=True), sd, "gpt2_to_hf")
 
 
 def from_hf(sd: StateDict, cfg: ModelConfig, arch: Arch | None = None) -> StateDict:
     """HF state dict -> ours; ``arch`` defaults to the one ``cfg`` describes (see ``hf_arch``)."""
-    arch = arch or hf_arch(cfg)
-    return {"gpt2": gpt2_from_hf, "llama": llama_from_hf}[arch](sd, cfg)
+    return _from_hf_dict(sd, cfg, arch or hf_arch(cfg))
 
 
 def to_hf(sd: StateDict, cfg: ModelConfig, arch: Arch | None = None) -> StateDict:
     """Our state dict -> HF names and layouts; ``arch`` defaults to the one ``cfg`` describes."""
-    arch = arch or hf_arch(cfg)
-    return {"gpt2": gpt2_to_hf, "llama": llama_to_hf}[arch](sd, cfg)
+    return apply_rules(conversion_rules(cfg, to_hf=True, arch=arch), sd, "to_hf")

@@ -1,0 +1,125 @@
+"""``checkpoint.init_from``: start a run from another checkpoint's weights, with a new optimizer, schedule and data
+position (fine-tuning, continued pretraining on other data).
+
+The source is one of our checkpoints (any layout; its optimizer state is ignored) or a Hugging Face model directory.
+Rank 0 writes its weights, beside zero AdamW moments and step counts (which is exactly the state a fresh AdamW starts
+from), as a logical checkpoint in a temporary directory under the checkpoint root, which every rank can see; every
+engine then loads it the way it loads any checkpoint, resharding to its own layout, and the directory is removed.
+The zero moments are holes in a sparse file, so they cost neither time nor, on most filesystems, disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import Config
+from megatron_lite.convert.checkpoint_io import MODEL, OPTIM, check_model_tensors, expected_model_tensors
+from megatron_lite.convert.errors import ConvertError
+from megatron_lite.convert.streaming import Entry, ShardedWriter, TensorDir
+from megatron_lite.engines.base import Engine
+from megatron_lite.engines.logical import OPTIM_STATE_KEYS
+
+_SHARD_BYTES = 2**40  # one file: nothing reads it but DCP
+
+
+def _optimizer_entries(config: Config) -> list[Entry]:
+    """Zero AdamW state for every trainable parameter, under its first name (as every engine keeps it)."""
+    from megatron_lite.families import get_family
+
+    with torch.device("meta"):
+        model = get_family(config.model.family).construct(config.model)
+    entries = []
+    for name, p in model.named_parameters():
+        for key in OPTIM_STATE_KEYS:
+            entries.append(Entry(f"{OPTIM}{name}.{key}", () if key == "step" else tuple(p.shape), torch.float32))
+    return entries
+
+
+def write_weights_with_fresh_optimizer(source: Path, out: Path, config: Config) -> None:
+    """``source``'s weights (our checkpoint, or an HF directory converted on the way) and zero AdamW state, as a
+    logical checkpoint in ``out``; refused in one line when the weights do not fit ``config.model``."""
+    from megatron_lite.convert.checkpoint_io import resolve_checkpoint
+    from megatron_lite.convert.hf_dir import hf_model_config, hf_weight_rules
+
+    expected = expected_model_tensors(config.model)
+    if (source / "config.json").is_file() and not (source / "meta.json").is_file():
+        hf_cfg = hf_model_config(source)
+        _check_conventions(source, hf_cfg, config)
+        tensors = TensorDir(source)
+        rules, prefix = hf_weight_rules(source, hf_cfg, tensors)
+        planned = {MODEL + t: tuple(o.shape) for r in rules
+                   for t, o in zip(r.targets, r.fn(*(tensors.meta(s[len(prefix):]) for s in r.sources)))}
+        check_model_tensors(planned, config.model, f"checkpoint.init_from={source}")
+        order = list(planned)
+
+        def produce():
+            for rule in rules:
+                yield from zip(rule.targets, rule.fn(*(tensors.read(s[len(prefix):]) for s in rule.sources)))
+    else:
+        ckpt = resolve_checkpoint(source)
+        tensors = TensorDir(ckpt)
+        check_model_tensors({k: tensors.shape(k) for k in tensors.keys() if k.startswith(MODEL)}, config.model,
+                            f"checkpoint.init_from={ckpt}", tensors.shard_note())
+        order = list(expected)
+
+        def produce():
+            for key in order:
+                yield key[len(MODEL):], tensors.read(key)
+
+    # entries in the order the tensors are produced, so each is written as soon as it exists
+    model_entries = [Entry(k, tuple(expected[k].shape), expected[k].dtype) for k in order]
+    writer = ShardedWriter(out, model_entries + _optimizer_entries(config), _SHARD_BYTES)
+    for name, tensor in produce():
+        writer.write(MODEL + name, tensor)
+        del tensor  # before the next one is read
+    for entry in writer.entries[len(model_entries):]:
+        writer.write_zeros(entry.name)
+    writer.close()
+
+
+_CONVENTIONS = ("position", "norm", "norm_eps", "activation", "bias", "tie_embeddings", "rope_theta", "rope_scaling")
+
+
+def _check_conventions(source: Path, hf_cfg, config: Config) -> None:
+    """Same shapes are not enough: the HF model's norm, positions and activation must be the run's too."""
+    diff = [f"{k}={getattr(hf_cfg, k)!r} there, {getattr(config.model, k)!r} here" for k in _CONVENTIONS
+            if getattr(hf_cfg, k) != getattr(config.model, k)]
+    if diff:
+        raise ConvertError(f"checkpoint.init_from={source}: config.json describes another model than the run's "
+                           f"model section ({'; '.join(diff)})")
+
+
+def init_weights(source: str | Path, engine: Engine, config: Config, ckpt_root: Path,
+                 log: Callable[[str], None] = print) -> None:
+    """Load ``source``'s weights into ``engine`` (all ranks call this); the optimizer, schedule and data stay new."""
+    topo = engine.topology
+    tmp = Path(ckpt_root) / ".init_from"
+    error = ""  # ConvertError's message on rank 0, raised on every rank
+    if topo.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            write_weights_with_fresh_optimizer(Path(source), tmp, config)
+        except ConvertError as e:
+            error = str(e)
+    if topo.is_distributed:  # every rank learns of rank 0's failure, and raises the same line
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        if topo.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ConvertError(error)
+    try:
+        engine.load(tmp)
+    finally:
+        if topo.is_distributed:
+            dist.barrier()
+        if topo.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"initialized the weights from {source} (new optimizer state, schedule and data position)")
