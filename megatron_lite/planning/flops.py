@@ -12,13 +12,19 @@
 
 Not counted: norms, softmax, activations, rotary, the loss (all O(h) per token). Activation recomputation is *not* part
 of model FLOPs: MFU counts the model's work, not the extra forward.
+
+An encoder-decoder (``encdec_training_flops``) applies the same rule per stack: encoder parameters act on the input
+tokens, decoder parameters and the head on the target tokens, the cross-attention keys and values on the encoder's
+outputs, and the attention term counts encoder self-, decoder self- and cross-attention. The trainer's MFU takes its
+FLOPs per token from ``training_flops_per_token(model, data.seq_len, data=cfg.data)``, the one home of this rule
+for both families.
 """
 
 from __future__ import annotations
 
-from megatron_lite.config import ModelConfig
-from megatron_lite.planning.encdec import EncDecSpec
-from megatron_lite.planning.params import matmul_params
+from megatron_lite.config import DataConfig, ModelConfig
+from megatron_lite.planning.encdec import EncDecSpec, as_spec, encdec_lengths
+from megatron_lite.planning.params import encdec_stack_params, matmul_params
 
 
 def attention_flops_per_token(layers: int, heads: int, head_dim: int, keys: int, causal: bool) -> float:
@@ -34,11 +40,10 @@ def encdec_training_flops(spec: EncDecSpec, enc_len: int, dec_len: int, causal: 
     key/value projections, which act on the ``enc_len`` encoder outputs; the output head acts on ``dec_len``.
     ``causal`` halves only the decoder's self-attention term.
     """
-    d, inner = spec.d_model, spec.inner_dim
-    enc_n = spec.encoder_params()
-    cross_kv = spec.num_decoder_layers * 2 * d * inner
-    dec_n = spec.decoder_params() - cross_kv + spec.vocab_size * d
-    linear = 6.0 * (enc_n * enc_len + dec_n * dec_len + cross_kv * enc_len)
+    stacks = encdec_stack_params(spec)
+    cross_kv = stacks["cross_kv"]
+    dec_n = stacks["decoder"] - cross_kv + spec.padded_vocab_size * spec.d_model
+    linear = 6.0 * (stacks["encoder"] * enc_len + dec_n * dec_len + cross_kv * enc_len)
     return linear + encdec_attention_flops(spec, enc_len, dec_len, causal)
 
 
@@ -56,6 +61,7 @@ def sequence_flops(model_cfg: ModelConfig | EncDecSpec, seq_len: int, target_len
                    causal: bool = False) -> tuple[float, float]:
     """(training FLOPs, of which attention) of one sequence: ``seq_len`` tokens, or for an encoder-decoder
     ``seq_len`` input and ``target_len`` (default ``seq_len``) target tokens."""
+    model_cfg = as_spec(model_cfg)
     if isinstance(model_cfg, EncDecSpec):
         dec = target_len or seq_len
         return (encdec_training_flops(model_cfg, seq_len, dec, causal),
@@ -64,15 +70,33 @@ def sequence_flops(model_cfg: ModelConfig | EncDecSpec, seq_len: int, target_len
     return training_flops_per_token(model_cfg, seq_len, causal) * seq_len, attn * seq_len
 
 
-def training_flops_per_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int, causal: bool = False) -> float:
+def flops_per_processed_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int, target_len: int | None = None,
+                              causal: bool = False) -> float:
+    """Training FLOPs per token: a decoder's ``training_flops_per_token``; an encoder-decoder's FLOPs of a
+    ``seq_len``-input, ``target_len``-target pair (default ``seq_len``) per input or target token."""
+    model_cfg = as_spec(model_cfg)
+    if isinstance(model_cfg, EncDecSpec) and target_len not in (None, seq_len):
+        return encdec_training_flops(model_cfg, seq_len, target_len, causal) / (seq_len + target_len)
+    return training_flops_per_token(model_cfg, seq_len, causal)
+
+
+def training_flops_per_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int, causal: bool = False,
+                             data: DataConfig | None = None) -> float:
     """Forward + backward FLOPs per token: 6N + 12 L H Q T (see the module docstring for what N counts).
 
     For an encoder-decoder, ``seq_len`` is both the input and the target length and the result is per processed token
-    (input and target tokens together); use ``encdec_training_flops`` for other lengths.
+    (input and target tokens together); use ``encdec_training_flops`` for other lengths. With ``data`` (a training
+    run's data section) an encoder-decoder trains on the lengths that data makes (``encdec.encdec_lengths``), and the
+    result is the FLOPs of one such sample per ``seq_len`` token: the trainer counts ``data.seq_len`` tokens per
+    sample, so its tokens per step times this are the step's FLOPs. A decoder's figure does not depend on ``data``.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
+    model_cfg = as_spec(model_cfg)
     if isinstance(model_cfg, EncDecSpec):
+        if data is not None:
+            enc_len, dec_len = encdec_lengths(data)
+            return encdec_training_flops(model_cfg, enc_len, dec_len, causal) / seq_len
         return encdec_training_flops(model_cfg, seq_len, seq_len, causal) / (2 * seq_len)
     n = matmul_params(model_cfg)
     attn = attention_flops_per_token(model_cfg.num_layers, model_cfg.num_heads, model_cfg.head_dim, seq_len, causal)

@@ -1,7 +1,9 @@
 """Peak dense FLOP/s and memory per accelerator, looked up by a substring of the device name.
 
-Values are the vendors' datasheet numbers for dense (not 2:4 sparse) tensor-core math, per device. They are the MFU
-denominator: achievable matmul throughput is lower (an H100 SXM measures ~790 TFLOP/s in bf16 against 989 here).
+Memory is what the device reports (``nvidia-smi --query-gpu=memory.total``, in MiB) where that is known, not the
+marketing figure: an H200 sold as 141 GB reports 143771 MiB (140.4 GiB), an H100 "80GB" 81559 MiB (79.6 GiB).
+Peak FLOP/s are the vendors' datasheet numbers for dense (not 2:4 sparse) tensor-core math, per device. They are the
+MFU denominator: achievable matmul throughput is lower (an H100 SXM measures ~790 TFLOP/s in bf16 against 989 here).
 Override or extend with ``register_device`` (or ``logging.peak_flops`` in the training config).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GiB = 1024**3
+MiB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -26,17 +29,18 @@ class Device:
 # "H100 PCIe" wins over "H100". fp32 is the non-tensor-core rate; tf32 the tensor-core one.
 DEVICES: dict[str, Device] = {
     "H200": Device({"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "tf32": 494.5e12, "fp32": 66.9e12},
-                   141 * 10**9, "NVIDIA H200 datasheet (SXM), dense"),
+                   143771 * MiB, "NVIDIA H200 datasheet (SXM), dense; memory as nvidia-smi reports it (143771 MiB)"),
     "H100 PCIe": Device({"bf16": 756e12, "fp16": 756e12, "fp8": 1513e12, "tf32": 378e12, "fp32": 51.2e12},
                         80 * GiB, "NVIDIA H100 datasheet (PCIe), dense"),
     "H100": Device({"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "tf32": 494.5e12, "fp32": 66.9e12},
-                   80 * GiB, "NVIDIA H100 datasheet (SXM), dense"),
+                   81559 * MiB, "NVIDIA H100 datasheet (SXM), dense; memory as nvidia-smi reports it (81559 MiB)"),
     "GH200": Device({"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12, "tf32": 494.5e12, "fp32": 67e12},
                     96 * GiB, "NVIDIA GH200 datasheet, dense"),
     "B200": Device({"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "tf32": 1100e12, "fp32": 80e12},
                    180 * 10**9, "NVIDIA HGX B200 datasheet, dense (half the sparse figure)"),
     "A100": Device({"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-                   80 * GiB, "NVIDIA A100 datasheet, dense; the 40GB model has the same peak"),
+                   81920 * MiB, "NVIDIA A100 datasheet, dense; the 40GB model has the same peak; 80GB as "
+                   "nvidia-smi reports it (81920 MiB)"),
     "A10G": Device({"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12}, 24 * GiB, "AWS A10G, dense"),
     "A10": Device({"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}, 24 * GiB,
                   "NVIDIA A10 datasheet, dense"),

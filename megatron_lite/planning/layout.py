@@ -3,21 +3,22 @@
 Tensor parallelism splits each module as the family's plan says (``parallel/plans.py``, the plan training applies):
 column-parallel matrices (q, up, gate, the head; k and v when tp divides the kv heads) by output rows, row-parallel
 ones (o, down) by input columns, and the vocabulary tables by rows; norms, row-parallel biases, learned position
-tables and kv projections the group cannot split stay whole on every TP rank. (T5 uses Megatron's placements until
-its family has a plan.) Pipeline parallelism gives stage ``i``
-``L // pp`` layers plus one more for the first ``L % pp`` stages; the first stage holds the embeddings and the last the
-final norm and output head (a tied head costs a second copy of the table on the last stage when pp > 1).
+tables, T5's relative-position tables (each rank computes its heads' share of the bias from the whole table) and kv
+projections the group cannot split stay whole on every TP rank. Pipeline parallelism splits the blocks as training
+does (``rank_layers``); the first stage holds the embeddings and the last the final norm and output head (a tied head
+costs a second copy of the table on the last stage when pp > 1).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
-from megatron_lite.planning.params import Shape, decoder_layer_shapes
+from megatron_lite.planning.params import Shape, decoder_layer_shapes, encdec_layer_shapes, encdec_part_shapes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")  # zb: interleaved zero-bubble
@@ -47,6 +48,8 @@ class Layout:
     sequence_parallel: bool = False
     flash_attention: bool = True
     persistence_threshold: int = 100_000  # ZeRO-3: tensors below this many elements stay whole on every rank
+    prefetch_bucket: int = 50_000_000  # ZeRO-3: stage3_prefetch_bucket_size, elements gathered ahead
+    max_live_parameters: int = 1_000_000_000  # ZeRO-3: stage3_max_live_parameters
     overhead_bytes: int = 1 << 30  # CUDA context, cuBLAS / NCCL workspaces
 
     @property
@@ -81,33 +84,24 @@ class Layout:
             raise PlanError(f"--overhead-gib must be >= 0, got {self.overhead_bytes / 2**30:g}")
 
     def validate(self, spec: ModelConfig | EncDecSpec) -> None:
-        """Raise ``PlanError`` with one line for a layout that cannot run this model."""
+        """Raise ``PlanError`` with one line for a layout that cannot run this model.
+
+        The planner checks its own inputs here; whether training runs the layout is the engines' own config check
+        (``planning.runnable.refusal``), so that the planner refuses exactly what training refuses.
+        """
+        from megatron_lite.planning.runnable import refusal
+
         self.check_sizes()
         if self.gpus % (self.tp * self.pp):
             raise PlanError(f"--gpus {self.gpus} is not divisible by tp*pp = {self.tp}*{self.pp}")
-        heads = spec.num_heads
-        kv = spec.kv_heads if isinstance(spec, ModelConfig) else heads
-        if heads % self.tp or kv % self.tp:
-            raise PlanError(f"--tp {self.tp} must divide the number of attention heads ({heads}) and kv heads ({kv})")
-        layers = spec.num_layers
-        if self.pp > layers:
-            raise PlanError(f"--pp {self.pp} exceeds the number of layers ({layers})")
+        if self.pp > spec.num_layers:
+            raise PlanError(f"--pp {self.pp} exceeds the number of layers ({spec.num_layers})")
         if self.engine not in ("deepspeed", "fsdp"):
             raise PlanError(f"unknown engine '{self.engine}'; use deepspeed or fsdp")
         if not 0 <= self.zero <= 3:
             raise PlanError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
-        if self.engine == "deepspeed" and self.tp > 1 and self.zero == 3:
-            raise PlanError("ZeRO-3 with tensor parallelism is not supported (training refuses it); use --zero 1 or 2, "
-                            "or --fsdp")
-        if self.engine == "deepspeed" and self.pp > 1 and self.zero >= 2:
-            raise PlanError(f"DeepSpeed's pipeline engine runs ZeRO 0/1 only, not --zero {self.zero} with --pp "
-                            f"{self.pp}; use --fsdp with pipeline parallelism")
         if self.offload not in (None, "optimizer", "params"):
             raise PlanError(f"--offload must be optimizer or params, got {self.offload}")
-        if self.offload == "params" and not self.sharded:
-            raise PlanError("--offload params needs sharded parameters: --zero 3 or --fsdp")
-        if self.offload == "optimizer" and self.engine == "deepspeed" and self.zero == 0:
-            raise PlanError("DeepSpeed offloads the optimizer with ZeRO 1-3 only; add --zero 1, 2 or 3")
         if self.recompute not in RECOMPUTE:
             raise PlanError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute}")
         if self.schedule not in SCHEDULES:
@@ -118,15 +112,9 @@ class Layout:
             if self.global_batch <= 0 or self.global_batch % (self.dp * self.micro_batch):
                 raise PlanError(f"--global-batch {self.global_batch} must be a positive multiple of "
                                 f"dp*micro_batch = {self.dp}*{self.micro_batch}")
-        m = self.num_microbatches
-        if self.global_batch is not None and self.pp > 1 and self.schedule == "1f1b" and m < self.pp:
-            raise PlanError(f"1f1b with --pp {self.pp} needs at least {self.pp} microbatches per step, got {m}")
-        if self.global_batch is not None and self.pp > 1 and self.schedule in INTERLEAVED and m % max(1, m // self.pp):
-            raise PlanError(f"the interleaved schedule cannot run {m} microbatches in equal rounds of about "
-                            f"--pp {self.pp}")
-        if self.schedule in INTERLEAVED and self.pp > 1 and layers % (self.pp * self.virtual_stages):
-            raise PlanError(f"interleaved schedule: {layers} layers do not split into pp*virtual_stages = "
-                            f"{self.pp}*{self.virtual_stages} equal chunks")
+        reason = refusal(spec, self)
+        if reason:
+            raise PlanError(f"training refuses {self.name()}: {reason}")
 
 
 def stage_layers(num_layers: int, pp: int) -> list[int]:
@@ -134,18 +122,60 @@ def stage_layers(num_layers: int, pp: int) -> list[int]:
     return [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
 
 
-# The encoder-decoder family has no tensor-parallel plan of its own yet; these are the placements Megatron gives T5.
-_T5_PLACEMENTS = {"q": "column", "k": "column", "v": "column", "wi": "column", "wi_0": "column", "wi_1": "column",
-                  "o": "row", "wo": "row", "shared": "vocab", "lm_head": "vocab", "relative_attention_bias": "heads"}
+_SPLITS: dict[tuple, list[list[int]]] = {}
+
+
+def rank_layers(spec: ModelConfig | EncDecSpec, pp: int, layout: "Layout | None" = None) -> list[list[int]]:
+    """The layer indices each pipeline rank holds.
+
+    With a layout: training's own split (``parallel.pipeline.split_layers``: pp x v contiguous stages that balance
+    parameters, the embedding counted on the first and the head on the last; an encoder-decoder's blocks, encoder
+    first, each with its own count, the decoder's first with the embedding it needs; rank r holds stages r, r + pp,
+    ...). Otherwise (no layout, or a split training would refuse): as even as possible.
+    """
+    if pp == 1:
+        return [list(range(spec.num_layers))]
+    even = stage_layers(spec.num_layers, pp)
+    fallback = [list(range(sum(even[:r]), sum(even[:r + 1]))) for r in range(pp)]
+    if layout is None:
+        return fallback
+    v = layout.virtual_stages if layout.schedule in INTERLEAVED else 1
+    h, vocab = spec.hidden_size, spec.padded_vocab_size
+    first = vocab * h + (spec.max_seq_len * h if spec.position == "learned" else 0)
+    norm = (h * (2 if spec.norm == "layernorm" and spec.bias else 1)) if spec.norm_position == "pre" else 0
+    last = norm + vocab * h  # the head module, tied or not (split_model counts its parameters either way)
+    model: dict = {"num_layers": spec.num_layers}
+    data: dict = {}
+    if isinstance(spec, EncDecSpec):
+        sizes = [sum(math.prod(s) for _, s in encdec_layer_shapes(spec, i)) for i in range(spec.num_layers)]
+        sizes[spec.num_encoder_layers] += first  # the stage running the decoder's first block embeds its inputs
+        block: int | tuple[int, ...] = tuple(sizes)
+        model = {"family": "encoder_decoder", "num_layers": spec.num_encoder_layers,
+                 "num_decoder_layers": spec.num_decoder_layers}
+        data = {"objective": "seq2seq"}
+    else:
+        block = sum(math.prod(s) for _, s in decoder_layer_shapes(spec))
+    key = (spec.num_layers, pp, v, block, first, last)
+    if key not in _SPLITS:
+        from megatron_lite.config import ConfigError, config_from_dict
+        from megatron_lite.parallel.pipeline import split_layers
+
+        cfg = config_from_dict({"model": model, "data": data,
+                                "parallel": {"pp": pp, "pp_schedule": "interleaved" if v > 1 else "1f1b",
+                                             "pp_virtual_stages": v}})
+        try:
+            ranges = split_layers(cfg, list(block) if isinstance(block, tuple) else block, first, last)
+        except ConfigError:
+            return fallback
+        _SPLITS[key] = [sorted(i for st, r in enumerate(ranges) if st % pp == rank for i in r) for rank in range(pp)]
+    return _SPLITS[key]
 
 
 def _placement(spec: ModelConfig | EncDecSpec, module: str) -> str | None:
     """How tensor parallelism splits ``module``: the family's plan (``parallel/plans.py``), the one training uses."""
-    if isinstance(spec, EncDecSpec):
-        return _T5_PLACEMENTS.get(module.rsplit(".", 1)[-1])
-    from megatron_lite.parallel.plans import DECODER_PLAN
+    from megatron_lite.parallel.plans import DECODER_PLAN, ENCODER_DECODER_PLAN
 
-    return DECODER_PLAN.placement(module)
+    return (ENCODER_DECODER_PLAN if isinstance(spec, EncDecSpec) else DECODER_PLAN).placement(module)
 
 
 def _tp_slice(spec: ModelConfig | EncDecSpec, name: str, shape: Shape, tp: int) -> Shape:
@@ -165,25 +195,25 @@ def _tp_slice(spec: ModelConfig | EncDecSpec, name: str, shape: Shape, tp: int) 
     return shape
 
 
-def stage_shapes(spec: ModelConfig | EncDecSpec, tp: int, pp: int, stage: int) -> list[tuple[str, Shape]]:
-    """Named parameter shapes that one (TP rank, pipeline stage) holds."""
+def stage_shapes(spec: ModelConfig | EncDecSpec, tp: int, pp: int, stage: int,
+                 layout: "Layout | None" = None) -> list[tuple[str, Shape]]:
+    """Named parameter shapes that one (TP rank, pipeline rank) holds; with ``layout``, of training's own split."""
+    layers = rank_layers(spec, pp, layout)[stage]
     if isinstance(spec, EncDecSpec):
-        full = _encdec_stage(spec, pp, stage)
+        full = _encdec_stage(spec, pp, stage, layers)
     else:
-        full = _decoder_stage(spec, pp, stage)
+        full = _decoder_stage(spec, pp, stage, layers)
     return [(n, _tp_slice(spec, n, s, tp)) for n, s in full]
 
 
-def _decoder_stage(cfg: ModelConfig, pp: int, stage: int) -> list[tuple[str, Shape]]:
-    counts = stage_layers(cfg.num_layers, pp)
-    first = sum(counts[:stage])
+def _decoder_stage(cfg: ModelConfig, pp: int, stage: int, layers: list[int]) -> list[tuple[str, Shape]]:
     h, v = cfg.hidden_size, cfg.padded_vocab_size
     out: list[tuple[str, Shape]] = []
     if stage == 0:
         out.append(("embed.weight", (v, h)))
         if cfg.position == "learned":
             out.append(("pos_embed.weight", (cfg.max_seq_len, h)))
-    for i in range(first, first + counts[stage]):
+    for i in layers:
         out += decoder_layer_shapes(cfg, f"layers.{i}.")
     if stage == pp - 1:
         if cfg.norm_position == "pre":
@@ -195,23 +225,25 @@ def _decoder_stage(cfg: ModelConfig, pp: int, stage: int) -> list[tuple[str, Sha
     return out
 
 
-def _encdec_stage(spec: EncDecSpec, pp: int, stage: int) -> list[tuple[str, Shape]]:
-    counts = stage_layers(spec.num_layers, pp)
-    first = sum(counts[:stage])
+def _encdec_stage(spec: EncDecSpec, pp: int, stage: int, layers: list[int]) -> list[tuple[str, Shape]]:
+    """What a rank running blocks ``layers`` uses besides them, as training's split gives it: the shared table where
+    a stack's input is embedded (the first rank, and the one with the decoder's first block), each stack's
+    relative-position table wherever its blocks run, the encoder's final norm with its last block, and on the last
+    rank the final norm and the head (a tied head is a copy of the table there unless that rank embeds too)."""
     ne = spec.num_encoder_layers
-    table = ("shared.weight", (spec.vocab_size, spec.d_model))
-    out: list[tuple[str, Shape]] = [table] if stage == 0 else []
-    for i in range(first, first + counts[stage]):
-        if i < ne:
-            out += spec.encoder_layer_shapes(i)
-            if i == ne - 1:
-                out.append(("encoder.final_layer_norm.weight", (spec.d_model,)))
-        else:
-            if i == ne and stage > 0:  # the decoder embeds its inputs with the shared table
-                out.append(table)
-            out += spec.decoder_layer_shapes(i - ne)
+    part = functools.partial(encdec_part_shapes, spec)
+    embeds = stage == 0 or ne in layers
+    out: list[tuple[str, Shape]] = part("embed") if embeds else []
+    if any(i < ne for i in layers):
+        out += part("encoder_top")
+    if any(i >= ne for i in layers):
+        out += part("decoder_top")
+    for i in layers:
+        out += encdec_layer_shapes(spec, i)
+    if ne - 1 in layers:
+        out += part("encoder_end")
     if stage == pp - 1:
-        out.append(("decoder.final_layer_norm.weight", (spec.d_model,)))
-        if not spec.tie_embeddings or pp > 1:
-            out.append(("lm_head.weight", (spec.vocab_size, spec.d_model)))
+        out += part("decoder_end")
+        if not spec.tie_embeddings or not embeds:
+            out.append(("lm_head.weight", (spec.padded_vocab_size, spec.d_model)))
     return out

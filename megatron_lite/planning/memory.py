@@ -13,7 +13,8 @@ DeepSpeed, ZeRO 1/2: each parameter group is flattened into one buffer padded to
   stage 1 shares stage 2's bucketed reduction, so at the optimizer step both hold only the partition (measured).
 DeepSpeed, ZeRO 3: each tensor is split into ceil(numel/dp)-element partitions; tensors below the persistence
   threshold (1e5 elements by default) also stay whole on every rank. Gradients: the partitions. Optimizer: fp32
-  partitions, moments, and a step counter per group.
+  partitions, moments, and a step counter per group. Gathered while it runs: the largest module with its gradient,
+  plus the prefetch bucket (``stage3_prefetch_bucket_size``), capped at ``stage3_max_live_parameters``.
 FSDP2 (``fully_shard``): each tensor is split along dim 0 into dp chunks of ceil(d0/dp) rows (rank 0, the most loaded,
   holds a full chunk); parameters stay fp32 in the shard (the mixed-precision policy casts the gathered copy),
   gradients are fp32 shards, and torch AdamW keeps two moments and a 4-byte step counter per tensor.
@@ -23,8 +24,17 @@ Gradient accumulation (m = global_batch / (dp * micro_batch) > 1) changes what t
   parameter) until the last backward; FSDP2 here skips the reduce-scatter on all but the last microbatch
   (``set_requires_gradient_sync``), and FSDP2 then accumulates *unsharded* gradients in the reduce dtype (fp32: 4
   bytes per parameter of the rank's TP/PP slice). ZeRO 2/3 reduce every microbatch and keep only the partition.
-Offload moves the optimizer states (and, with ``params``, the sharded weights) to host memory; they are reported under
-``cpu`` and leave the GPU.
+The optimizer step (``step_gradients``): DeepSpeed hands the optimizer an fp32 gradient it makes for the step: of
+  each parameter group's partition in turn (ZeRO 1/2), of each sub-group (at most ``sub_group_size`` = 1e9 elements,
+  ZeRO 3), of every parameter (ZeRO 0's unfused optimizer in bf16/fp16). It lives only during the step, after the
+  activations and the gathered ZeRO-3/FSDP parameters are freed, so the estimate takes the larger of two peaks: the
+  last backward and the optimizer step, and says which (``peak_phase``).
+Offload (DeepSpeed 0.19; measured on 2 CPU ranks): with the optimizer offloaded, ZeRO 1/2 copy each reduced gradient
+  into the fp32 gradient of the host partition, and keep a 16-bit host copy of the partition for the updated
+  weights; ZeRO 3 allocates its gradient partition buffer on the host too, beside an fp32 gradient per sub-group. The
+  GPU keeps the 16-bit weights (ZeRO 1/2: all of them; ZeRO 3: the partition and the persistent tensors; with
+  ``params`` only the persistent ones). FSDP2's CPU offload (``params``) keeps the fp32 shards, their gradients and
+  the AdamW states on the host. All of it is reported under ``cpu`` (per GPU; ``cpu_bytes_per_node`` per node).
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import dataclasses
 import math
 
 from megatron_lite.config import ModelConfig, OptimizerConfig
-from megatron_lite.planning.encdec import EncDecSpec
-from megatron_lite.planning.layout import DTYPE_BYTES, Layout, stage_layers, stage_shapes
+from megatron_lite.planning.encdec import EncDecSpec, as_spec
+from megatron_lite.planning.layout import DTYPE_BYTES, Layout, rank_layers, stage_shapes
 from megatron_lite.planning.params import EMBEDDING_NAMES, Shape
 
 ModelSpec = ModelConfig | EncDecSpec
@@ -57,18 +67,28 @@ def _numel(shape: Shape) -> int:
 
 
 def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[str, int]:
-    """Bytes of weights, gradients and optimizer states that one rank holds (see the module docstring)."""
+    """Bytes of weights, gradients and optimizer states that one rank holds (see the module docstring).
+
+    ``step_gradients``: the fp32 gradient copy the optimizer step makes on the GPU (one group or sub-group at a time),
+    live only during the step. ``cpu``: what offload keeps in host memory for this rank.
+    """
     p = DTYPE_BYTES[layout.dtype]
     dp = layout.dp
     groups = param_groups(shapes)
     total = sum(_numel(s) for _, s in shapes)
     accumulating = layout.num_microbatches > 1
+    step = cpu = 0
     if layout.engine == "fsdp":
         local = sum(math.ceil(s[0] / dp) * _numel(s[1:]) for _, s in shapes)
         w, g, o = 4 * local, 4 * (total if accumulating else local), 8 * local + 4 * len(shapes)
+        if layout.offload == "params":  # CPUOffloadPolicy: sharded weights, gradients and AdamW states on the host
+            cpu = w + 4 * local + o
+            w, o = 0, 0
+            g = 4 * total if accumulating else 0
     elif layout.zero == 0:
         w, g = p * total, p * total
         o = 8 * total + 4 * len(shapes) + (4 * total if p != 4 else 0)
+        step = 4 * total if p != 4 else 0  # the unfused optimizer's fp32 copy of every gradient
     elif layout.zero in (1, 2):
         align = ALIGNMENT * dp
         padded = [math.ceil(sum(_numel(s) for _, s in grp) / align) * align for grp in groups]
@@ -76,6 +96,13 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
         w = p * sum(padded)
         g = p * (total if layout.zero == 1 and accumulating else part)
         o = 12 * part + 4 * len(groups)
+        step = 4 * max(n // dp for n in padded)  # flattened to fp32 for the step, one group at a time
+        if layout.offload:
+            # The reduced gradients go straight into the fp32 gradient of the host partition; the host also holds
+            # the fp32 master, the moments and a 16-bit copy of the partition the updated weights return through.
+            cpu = o + 4 * part + p * part
+            o, step = 0, 0
+            g = p * total if layout.zero == 1 and accumulating else 0
     else:
         parts = [sum(math.ceil(_numel(s) / dp) for _, s in grp) for grp in groups]
         part = sum(parts)
@@ -83,14 +110,16 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
         w = p * (part + persistent)
         g = p * part
         o = 12 * part + 4 * sum(math.ceil(n / SUB_GROUP) for n in parts)
-    out = {"weights": w, "gradients": g, "optimizer": o, "cpu": 0}
-    if layout.offload in ("optimizer", "params"):
-        out["cpu"] += out["optimizer"]
-        out["optimizer"] = 0
-    if layout.offload == "params":
-        out["cpu"] += out["weights"]
-        out["weights"] = 0
-    return out
+        step = 4 * max(min(n, SUB_GROUP) for n in parts)  # one sub-group's fp32 gradient at a time
+        if layout.offload:
+            # Offloading the optimizer moves the gradient partition buffer to the host as well, beside a persistent
+            # fp32 gradient per sub-group; offloading parameters moves the 16-bit partitions (not the persistent).
+            cpu = o + g + 4 * part
+            o, g, step = 0, 0, 0
+            if layout.offload == "params":
+                cpu += p * part
+                w = p * persistent
+    return {"weights": w, "gradients": g, "optimizer": o, "step_gradients": step, "cpu": cpu}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -189,10 +218,8 @@ def inflight_microbatches(layout: Layout, stage: int) -> float:
 
 def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
     """Peak activation bytes of one pipeline stage on one TP rank."""
-    counts = stage_layers(spec.num_layers, layout.pp)
-    first = sum(counts[:stage])
     n_enc = spec.num_encoder_layers if isinstance(spec, EncDecSpec) else 0
-    layer_ids = range(first, first + counts[stage])
+    layer_ids = rank_layers(spec, layout.pp, layout)[stage]
     kinds = [i >= n_enc for i in layer_ids]  # True: decoder layer
     if layout.recompute == "full":
         kept = sum(_layer_input_bytes(spec, layout, k) for k in kinds)
@@ -209,7 +236,7 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
     b, h = layout.micro_batch, spec.hidden_size
     if stage == layout.pp - 1:  # final norm and head inputs, logits in the training dtype and in fp32 for the loss
         s = (layout.target_len or layout.seq_len) if isinstance(spec, EncDecSpec) else layout.seq_len
-        vocab = spec.vocab_size if isinstance(spec, EncDecSpec) else spec.padded_vocab_size
+        vocab = spec.padded_vocab_size
         total += 2 * s * b * h * p + s * b * math.ceil(vocab / layout.tp) * (p + 4)
     return int(math.ceil(total))
 
@@ -220,38 +247,70 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
 
 
 def _gathered_bytes(spec: ModelSpec, layout: Layout, shapes: list[tuple[str, Shape]]) -> int:
-    """ZeRO-3 / FSDP: the largest layer gathered whole in the training dtype, twice (current and prefetched)."""
-    layers: dict[str, int] = {}
+    """Parameters gathered whole during forward and backward, in the training dtype, with their gradient.
+
+    FSDP2 gathers one block (``fully_shard`` unit) at a time and prefetches the next: the largest layer, twice.
+    DeepSpeed ZeRO-3 gathers module by module: the largest module (often the embedding or the head) with its
+    gradient before the reduce-scatter, plus up to ``stage3_prefetch_bucket_size`` elements prefetched, the gathered
+    parameters capped at ``stage3_max_live_parameters``.
+    """
+    p = DTYPE_BYTES[layout.dtype]
+    if layout.engine == "fsdp":
+        layers: dict[str, int] = {}
+        for name, shape in shapes:
+            key = name.split(".")[1] if name.startswith("layers.") else ".".join(name.split(".")[:3])
+            layers[key] = layers.get(key, 0) + math.prod(shape)
+        return 2 * max(layers.values()) * p
+    modules: dict[str, int] = {}
     for name, shape in shapes:
-        key = name.split(".")[1] if name.startswith("layers.") else ".".join(name.split(".")[:3])
-        layers[key] = layers.get(key, 0) + math.prod(shape)
-    return 2 * max(layers.values()) * DTYPE_BYTES[layout.dtype]
+        module = name.rpartition(".")[0]
+        if math.prod(shape) >= layout.persistence_threshold:  # persistent tensors are counted with the weights
+            modules[module] = modules.get(module, 0) + math.prod(shape)
+    largest = max(modules.values(), default=0)
+    live = min(largest + layout.prefetch_bucket, max(layout.max_live_parameters, largest))
+    return p * (live + largest)
 
 
 def estimate(spec: ModelSpec, layout: Layout, gpu_memory: int | None = None) -> dict:
     """Per-GPU bytes for the most-loaded rank, with a breakdown and whether it fits ``gpu_memory``."""
+    spec = as_spec(spec)
     layout.validate(spec)
     stages = []
     for stage in range(layout.pp):
-        shapes = stage_shapes(spec, layout.tp, layout.pp, stage)
+        shapes = stage_shapes(spec, layout.tp, layout.pp, stage, layout)
         states = model_state_bytes(shapes, layout)
         act = activation_bytes(spec, layout, stage)
-        overhead = layout.overhead_bytes + (_gathered_bytes(spec, layout, shapes) if layout.sharded else 0)
-        breakdown = {"weights": states["weights"], "gradients": states["gradients"], "optimizer": states["optimizer"],
-                     "activations": act, "overhead": overhead}
+        gathered = _gathered_bytes(spec, layout, shapes) if layout.sharded else 0
+        resident = states["weights"] + states["gradients"] + states["optimizer"] + layout.overhead_bytes
+        # Two peaks: the last backward (activations and gathered weights live) and the optimizer step (activations
+        # and gathered weights freed, the fp32 gradient copy made); the larger one is the stage's.
+        backward = resident + act + gathered
+        step = resident + states["step_gradients"]
+        # The breakdown is the backward peak's, plus what the optimizer step adds above it (``fp32_gradients``, 0
+        # when the backward is the higher one), so that it sums to the peak and always shows the activations.
+        breakdown = {"weights": states["weights"], "gradients": states["gradients"],
+                     "fp32_gradients": max(0, step - backward), "optimizer": states["optimizer"],
+                     "activations": act, "overhead": layout.overhead_bytes + gathered}
         stages.append({"stage": stage, "per_gpu_bytes": sum(breakdown.values()), "breakdown": breakdown,
+                       "peak_phase": "optimizer step" if step > backward else "backward",
+                       "phases": {"backward": backward, "optimizer_step": step, "activations": act,
+                                  "gathered": gathered, "fp32_gradients": states["step_gradients"],
+                                  "model_states": max(backward - act, step) - layout.overhead_bytes},
                        "cpu_bytes": states["cpu"], "params": sum(math.prod(s) for _, s in shapes)})
     worst = max(stages, key=lambda st: st["per_gpu_bytes"])
     out = {
         "layout": {"gpus": layout.gpus, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "engine": layout.engine,
                    "zero": layout.zero, "offload": layout.offload, "micro_batch": layout.micro_batch,
-                   "seq_len": layout.seq_len, "global_batch": layout.global_batch,
+                   "seq_len": layout.seq_len, "target_len": layout.target_len, "global_batch": layout.global_batch,
                    "num_microbatches": layout.num_microbatches,
                    "recompute": layout.recompute, "schedule": layout.schedule, "dtype": layout.dtype,
                    "sequence_parallel": layout.sequence_parallel, "flash_attention": layout.flash_attention},
         "per_gpu_bytes": worst["per_gpu_bytes"],
         "breakdown": worst["breakdown"],
+        "peak_phase": worst["peak_phase"],
+        "phases": worst["phases"],
         "cpu_bytes": worst["cpu_bytes"],
+        "cpu_bytes_per_node": worst["cpu_bytes"] * min(layout.gpus, layout.gpus_per_node),
         "most_loaded_stage": worst["stage"],
         "stages": stages,
         "gpu_memory": gpu_memory,

@@ -7,8 +7,9 @@ A tied output head is listed once (as ``embed.weight``), as ``nn.Module.paramete
 Conventions:
 - *embedding* parameters are the token table and the learned position table (lookups, no matmul);
 - an untied ``lm_head`` is *non-embedding* (it is a real matmul), as in ``DecoderLM.num_params``;
-- the decoder's token table has ``padded_vocab_size`` rows; published counts use the unpadded vocabulary, so the vocab
-  padding is reported separately (``vocab_padding_params``).
+- the token table has ``padded_vocab_size`` rows; published counts use the unpadded vocabulary, so the vocab
+  padding is reported separately (``vocab_padding_params``);
+- an encoder-decoder's relative-position tables are counted with their stack (non-embedding), as T5 reports them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.encdec import EncDecSpec, as_spec
 
 Shape = tuple[int, ...]
 ModelSpec = ModelConfig | EncDecSpec
@@ -48,18 +49,23 @@ def _norm(name: str, dim: int, kind: str, bias: bool) -> list[tuple[str, Shape]]
     return out
 
 
+def _attention(name: str, h: int, q: int, kv: int, bias: bool) -> list[tuple[str, Shape]]:
+    return (_linear(f"{name}.q_proj", h, q, bias) + _linear(f"{name}.k_proj", h, kv, bias)
+            + _linear(f"{name}.v_proj", h, kv, bias) + _linear(f"{name}.o_proj", q, h, bias))
+
+
+def _mlp(h: int, f: int, gated: bool, bias: bool) -> list[tuple[str, Shape]]:
+    shapes = _linear("mlp.up_proj", h, f, bias)
+    if gated:
+        shapes += _linear("mlp.gate_proj", h, f, bias)
+    return shapes + _linear("mlp.down_proj", f, h, bias)
+
+
 def decoder_layer_shapes(cfg: ModelConfig, prefix: str = "") -> list[tuple[str, Shape]]:
     """One decoder block, in the order ``Block.named_parameters()`` yields them."""
     h, d, b = cfg.hidden_size, cfg.head_dim, cfg.bias
-    q, kv, f = cfg.num_heads * d, cfg.kv_heads * d, cfg.ffn_size
-    shapes = _norm("attn_norm", h, cfg.norm, b)
-    shapes += _linear("attn.q_proj", h, q, b) + _linear("attn.k_proj", h, kv, b)
-    shapes += _linear("attn.v_proj", h, kv, b) + _linear("attn.o_proj", q, h, b)
-    shapes += _norm("mlp_norm", h, cfg.norm, b)
-    shapes += _linear("mlp.up_proj", h, f, b)
-    if cfg.activation == "swiglu":
-        shapes += _linear("mlp.gate_proj", h, f, b)
-    shapes += _linear("mlp.down_proj", f, h, b)
+    shapes = _norm("attn_norm", h, cfg.norm, b) + _attention("attn", h, cfg.num_heads * d, cfg.kv_heads * d, b)
+    shapes += _norm("mlp_norm", h, cfg.norm, b) + _mlp(h, cfg.ffn_size, cfg.activation == "swiglu", b)
     return [(prefix + n, s) for n, s in shapes]
 
 
@@ -78,10 +84,63 @@ def decoder_shapes(cfg: ModelConfig) -> list[tuple[str, Shape]]:
     return shapes
 
 
+def encdec_layer_shapes(spec: EncDecSpec, i: int) -> list[tuple[str, Shape]]:
+    """Block ``i`` of ``EncoderDecoderLM`` (encoder blocks first, then decoder blocks), in parameter order: self-
+    attention and MLP, with cross-attention between them in a decoder block."""
+    h, inner, b, norm = spec.d_model, spec.inner_dim, spec.bias, spec.norm
+    shapes = _norm("attn_norm", h, norm, b) + _attention("attn", h, inner, inner, b)
+    if i >= spec.num_encoder_layers:
+        shapes += _norm("cross_norm", h, norm, b) + _attention("cross_attn", h, inner, inner, b)
+    shapes += _norm("mlp_norm", h, norm, b) + _mlp(h, spec.d_ff, spec.gated, b)
+    return [(f"layers.{i}.{n}", s) for n, s in shapes]
+
+
+def encdec_part_shapes(spec: EncDecSpec, part: str) -> list[tuple[str, Shape]]:
+    """The parameters outside the blocks: ``embed`` (token and learned position tables), ``encoder_top`` and
+    ``decoder_top`` (a stack's relative-position table, computed once and shared by its blocks), ``encoder_end``
+    and ``decoder_end`` (a pre-norm stack's final norm), ``head`` (an untied output head)."""
+    h, buckets = spec.d_model, (spec.relative_attention_num_buckets, spec.num_heads)
+    relative, pre = spec.position == "relative", spec.norm_position == "pre"
+    parts = {
+        "embed": [("embed.weight", (spec.padded_vocab_size, h))]
+        + ([("pos_embed.weight", (spec.max_seq_len, h))] if spec.position == "learned" else []),
+        "encoder_top": [("encoder_pos_bias.weight", buckets)] if relative else [],
+        "decoder_top": [("decoder_pos_bias.weight", buckets)] if relative else [],
+        "encoder_end": _norm("encoder_norm", h, spec.norm, spec.bias) if pre else [],
+        "decoder_end": _norm("final_norm", h, spec.norm, spec.bias) if pre else [],
+        "head": [] if spec.tie_embeddings else [("lm_head.weight", (spec.padded_vocab_size, h))],
+    }
+    return parts[part]
+
+
+def encdec_shapes(spec: EncDecSpec) -> list[tuple[str, Shape]]:
+    """Every distinct parameter of ``EncoderDecoderLM`` with its shape, in ``named_parameters()`` order."""
+    shapes = [x for part in ("embed", "encoder_top", "decoder_top") for x in encdec_part_shapes(spec, part)]
+    for i in range(spec.num_layers):
+        shapes += encdec_layer_shapes(spec, i)
+    return shapes + [x for part in ("encoder_end", "decoder_end", "head") for x in encdec_part_shapes(spec, part)]
+
+
+def encdec_stack_params(spec: EncDecSpec) -> dict[str, int]:
+    """Parameters of each stack apart from the embedding and the head: its blocks, its relative-position table and
+    its final norm; ``cross_kv``: the decoder's cross-attention key and value projections (they act on the encoder's
+    output, so their FLOPs scale with the input length)."""
+    ne = spec.num_encoder_layers
+    blocks = [sum(_numel(s) for _, s in encdec_layer_shapes(spec, i)) for i in range(spec.num_layers)]
+    top = {part: sum(_numel(s) for _, s in encdec_part_shapes(spec, part))
+           for part in ("encoder_top", "decoder_top", "encoder_end", "decoder_end")}
+    cross = sum(_numel(s) for i in range(ne, spec.num_layers) for n, s in encdec_layer_shapes(spec, i)
+                if ".cross_attn.k_proj." in n or ".cross_attn.v_proj." in n)
+    return {"encoder": sum(blocks[:ne]) + top["encoder_top"] + top["encoder_end"],
+            "decoder": sum(blocks[ne:]) + top["decoder_top"] + top["decoder_end"], "cross_kv": cross,
+            "encoder_layer": blocks[0], "decoder_layer": blocks[ne]}
+
+
 def model_shapes(spec: ModelSpec) -> list[tuple[str, Shape]]:
     """Named parameter shapes for either family."""
+    spec = as_spec(spec)
     if isinstance(spec, EncDecSpec):
-        return spec.shapes()
+        return encdec_shapes(spec)
     return decoder_shapes(spec)
 
 
@@ -92,19 +151,22 @@ def _numel(shape: Shape) -> int:
     return n
 
 
-EMBEDDING_NAMES = ("embed.weight", "pos_embed.weight", "shared.weight")
+EMBEDDING_NAMES = ("embed.weight", "pos_embed.weight")
 
 
 def count_params(spec: ModelSpec) -> ParamCounts:
     """Total, embedding, non-embedding and per-layer counts from the closed form."""
+    spec = as_spec(spec)
     shapes = model_shapes(spec)
     total = sum(_numel(s) for _, s in shapes)
     embedding = sum(_numel(s) for n, s in shapes if n in EMBEDDING_NAMES)
     if isinstance(spec, EncDecSpec):
-        per_layer = {"encoder": spec.encoder_layer_params(), "decoder": spec.decoder_layer_params()}
-        padding = 0
-        heads = 0 if spec.tie_embeddings else spec.vocab_size * spec.d_model
-        breakdown = {"embedding": embedding, "encoder": spec.encoder_params(), "decoder": spec.decoder_params(),
+        stacks = encdec_stack_params(spec)
+        per_layer = {"encoder": stacks["encoder_layer"], "decoder": stacks["decoder_layer"]}
+        rows = spec.padded_vocab_size - spec.vocab_size
+        padding = rows * spec.d_model * (1 if spec.tie_embeddings else 2)
+        heads = sum(_numel(s) for _, s in encdec_part_shapes(spec, "head"))
+        breakdown = {"embedding": embedding, "encoder": stacks["encoder"], "decoder": stacks["decoder"],
                      "lm_head": heads}
     else:
         per_layer = {"decoder": sum(_numel(s) for _, s in decoder_layer_shapes(spec))}
@@ -128,8 +190,9 @@ def matmul_params(spec: ModelSpec) -> int:
     projection counted once even when it shares storage with the token embedding. Token and learned-position tables are
     lookups and are left out.
     """
+    spec = as_spec(spec)
     counts = count_params(spec)
     if isinstance(spec, EncDecSpec):
-        return counts.non_embedding + (spec.vocab_size * spec.d_model if spec.tie_embeddings else 0)
+        return counts.non_embedding + (spec.padded_vocab_size * spec.d_model if spec.tie_embeddings else 0)
     head = spec.padded_vocab_size * spec.hidden_size if spec.tie_embeddings else 0
     return counts.non_embedding + head

@@ -1,8 +1,8 @@
 """Published architectures by name, for planning and for checking counts against the published numbers.
 
 Names found in ``megatron_lite.models.presets`` (the model code's own presets) win; the table here covers the reference
-architectures whose published parameter counts the tests check, and the encoder-decoder family, whose model code is
-not in the package yet.
+architectures whose published parameter counts the tests check, among them the original T5 (v1.0: ReLU, tied head),
+beside the model code's T5 v1.1 presets. An encoder-decoder comes back as the planner's ``EncDecSpec``.
 
 GPT-2 presets keep the model code's default vocab padding (50257 -> 50304 rows with ``pad_vocab_multiple=128``); the
 published GPT-2 counts use the unpadded 50257 rows, i.e. ``pad_vocab_multiple=1``.
@@ -15,7 +15,7 @@ import difflib
 import importlib
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.encdec import EncDecSpec, as_spec
 from megatron_lite.planning.errors import PlanError
 
 
@@ -75,7 +75,7 @@ def get_preset(name: str) -> ModelConfig | EncDecSpec:
     """A fresh copy of the named architecture; ``PlanError`` naming the closest match when unknown."""
     model = _model_presets()
     if name in model:
-        return dataclasses.replace(model[name])
+        return as_spec(dataclasses.replace(model[name]))
     key = ALIASES.get(name, name)
     if key in REFERENCE_PRESETS:
         return dataclasses.replace(REFERENCE_PRESETS[key])

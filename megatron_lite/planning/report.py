@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.planning.encdec import EncDecSpec
-from megatron_lite.planning.flops import training_flops_per_token
+from megatron_lite.planning.encdec import EncDecSpec, as_spec
+from megatron_lite.planning.flops import flops_per_processed_token
 from megatron_lite.planning.params import EMBEDDING_NAMES, count_params, matmul_params
 
 ModelSpec = ModelConfig | EncDecSpec
@@ -13,24 +13,16 @@ ModelSpec = ModelConfig | EncDecSpec
 def meta_counts(spec: ModelSpec) -> dict[str, int] | None:
     """Total and embedding counts of the real model class on the meta device (no memory, no init).
 
-    A ``ModelConfig`` is built by its family's constructor from the registry (``megatron_lite/families.py``), the
-    one the trainer uses. Encoder-decoder: HF ``T5ForConditionalGeneration`` when transformers is installed (the
-    package's own encoder-decoder is not available yet); None otherwise.
+    The model is built by its family's constructor from the registry (``megatron_lite/families.py``), the one the
+    trainer uses; an encoder-decoder spec from the ``ModelConfig`` that builds its shape.
     """
     import torch
 
-    if isinstance(spec, EncDecSpec):
-        try:
-            from transformers import T5Config, T5ForConditionalGeneration
-        except ImportError:
-            return None
-        with torch.device("meta"):
-            model = T5ForConditionalGeneration(T5Config(**spec.to_hf_config()))
-    else:
-        from megatron_lite.families import get_family
+    from megatron_lite.families import get_family
 
-        with torch.device("meta"):
-            model = get_family(spec.family).construct(spec)
+    cfg = spec.to_model_config() if isinstance(spec, EncDecSpec) else spec
+    with torch.device("meta"):
+        model = get_family(cfg.family).construct(cfg)
     named = dict(model.named_parameters())  # deduplicates tied tensors, keeping the first name
     total = sum(p.numel() for p in named.values())
     embedding = sum(p.numel() for n, p in named.items() if n in EMBEDDING_NAMES)
@@ -43,15 +35,26 @@ DECODER_CONVENTION = "PaLM: 6N + 12*L*H*Q*T (causal: 6N + 6*L*H*Q*T); N = params
 # cross-attention layer, divided by the 2T processed tokens.
 ENCDEC_CONVENTION = ("encoder-decoder, per processed token (T input + T target tokens): 3N + 6*H*Q*T*(L_enc + 2*L_dec) "
                      "(causal decoder: 3N + 6*H*Q*T*(L_enc + 1.5*L_dec)); N = params_flops")
+# Input of S and target of T tokens: encoder weights act on S tokens, decoder weights and the head on T, the
+# cross-attention K/V projections on the S encoder outputs.
+ENCDEC_CONVENTION_ST = ("encoder-decoder, per processed token (S input + T target tokens): [6*N_S*S + 6*N_T*T + "
+                        "12*H*Q*(L_enc*S^2 + L_dec*T^2 + L_dec*T*S)] / (S + T) (causal decoder: 6*H*Q*L_dec*T^2); "
+                        "N_S: encoder and cross-attention K/V, N_T: the rest of the decoder and the head")
 
 
-def flops_convention(spec: ModelSpec) -> str:
-    """The formula behind ``flops_per_token``, for the family: PaLM's per-token rule, or its encoder-decoder form."""
-    return ENCDEC_CONVENTION if isinstance(spec, EncDecSpec) else DECODER_CONVENTION
+def flops_convention(spec: ModelSpec, seq_len: int | None = None, target_len: int | None = None) -> str:
+    """The formula behind ``flops_per_token``, for the family: PaLM's per-token rule, or its encoder-decoder form
+    (the short one when input and target have the same length)."""
+    if not isinstance(spec, EncDecSpec):
+        return DECODER_CONVENTION
+    return ENCDEC_CONVENTION if target_len in (None, seq_len) else ENCDEC_CONVENTION_ST
 
 
-def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = True) -> dict:
-    """Everything ``plan.py model`` prints, as a JSON-ready dict."""
+def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = True,
+                 target_len: int | None = None) -> dict:
+    """Everything ``plan.py model`` prints, as a JSON-ready dict. ``target_len``: an encoder-decoder's target
+    tokens per sample (default ``seq_len``); FLOPs are then per processed (input or target) token."""
+    spec = as_spec(spec)
     counts = count_params(spec)
     out: dict = {
         "name": name,
@@ -63,17 +66,14 @@ def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = Tru
         "params_breakdown": counts.breakdown,
         "params_flops": matmul_params(spec),
         "seq_len": seq_len,
-        "flops_per_token": training_flops_per_token(spec, seq_len, causal=False),
-        "flops_per_token_causal": training_flops_per_token(spec, seq_len, causal=True),
-        "flops_convention": flops_convention(spec),
+        "flops_per_token": flops_per_processed_token(spec, seq_len, target_len, causal=False),
+        "flops_per_token_causal": flops_per_processed_token(spec, seq_len, target_len, causal=True),
+        "flops_convention": flops_convention(spec, seq_len, target_len),
     }
-    if isinstance(spec, ModelConfig):
-        out.update(vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size,
-                   vocab_padding_params=counts.vocab_padding,
-                   params_total_unpadded=counts.total - counts.vocab_padding)
-    else:
-        out.update(vocab_size=spec.vocab_size, padded_vocab_size=spec.vocab_size, vocab_padding_params=0,
-                   params_total_unpadded=counts.total)
+    if isinstance(spec, EncDecSpec):
+        out["target_len"] = target_len or seq_len
+    out.update(vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size,
+               vocab_padding_params=counts.vocab_padding, params_total_unpadded=counts.total - counts.vocab_padding)
     if meta:
         found = meta_counts(spec)
         out["params_meta"] = None if found is None else found["total"]

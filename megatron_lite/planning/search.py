@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.planning.encdec import EncDecSpec
+from megatron_lite.planning.encdec import EncDecSpec, as_spec
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.layout import INTERLEAVED, RECOMPUTE, Layout
 from megatron_lite.planning.memory import estimate
@@ -72,19 +72,19 @@ def _engines(pp: int, dp: int, fixed: Constraints) -> list[tuple[str, int]]:
 
 
 def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None = None) -> list[Layout]:
-    """Every valid (tp, pp, engine/ZeRO, micro-batch, recompute) for the model, the GPU count and ``fixed``.
+    """Every (tp, pp, engine/ZeRO, micro-batch, recompute) that training runs (``Layout.validate``, which asks the
+    engines' config check) for the model, the GPU count and ``fixed``.
 
     Raises ``PlanError`` naming the first reason when no layout is valid at all (e.g. a fixed --tp that does not
     divide the heads).
     """
     fixed = fixed or Constraints()
     base.check_sizes()
-    heads = spec.num_heads
-    kv = spec.kv_heads if isinstance(spec, ModelConfig) else heads
     out: list[Layout] = []
     first_error: str | None = None
+    # tp dividing the heads; the rest (kv heads, FFN, vocabulary) is the engine check's, in validate()
     tps = [fixed.tp] if fixed.tp else [t for t in _divisors(base.gpus)
-                                       if t <= base.gpus_per_node and not heads % t and not kv % t]
+                                       if t <= base.gpus_per_node and not spec.num_heads % t]
     for tp in tps:
         pps = [fixed.pp] if fixed.pp else [p for p in _divisors(max(base.gpus // tp, 1)) if p <= spec.num_layers]
         for pp in pps:
@@ -109,7 +109,7 @@ def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None =
     return out
 
 
-def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: float = 0.5,
+def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: float | None = None,
            net: Network | None = None, top: int = 10, fixed: Constraints | None = None,
            layer_overhead_s: float = LAYER_OVERHEAD_S) -> list[dict]:
     """The ``top`` fitting layouts, fastest step of the same global batch first (ties: less memory first).
@@ -117,6 +117,7 @@ def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: flo
     ``base`` carries what is not enumerated (GPU count, sequence length, dtype, schedule, global batch); a missing
     global batch gets ``default_global_batch``.
     """
+    spec = as_spec(spec)
     if gpu_memory <= 0:
         raise PlanError(f"--gpu-memory must be positive, got {gpu_memory}")
     if top < 1:

@@ -6,9 +6,10 @@ one stage costs
 
     t_mb = compute_mb + fixed_mb + tp_mb + pp_mb
 
-- compute_mb: the microbatch's share of the training FLOPs (causal attention, as flash kernels compute; plus one
-  extra forward of the layers with full recomputation, or of the attention scores with selective recomputation),
-  divided by peak FLOP/s * ``mfu`` (the fraction of peak that large matmuls attain);
+- compute_mb: the microbatch's share of the training FLOPs (causal attention, as flash kernels compute, or all the
+  scores without flash; plus one extra forward of the layers with full recomputation, or of the attention scores
+  with selective recomputation), divided by peak FLOP/s * the matmul efficiency: ``mfu`` when given, else the
+  calibrated ``matmul_efficiency`` of the model (larger hidden sizes run closer to peak);
 - fixed_mb: ``layer_overhead_s`` per layer of the stage (x 4/3 with full recomputation, which reruns the forward): the
   fixed cost of every kernel launch and wave tail, which does not shrink with the microbatch. This is what makes
   larger micro-batches faster per token;
@@ -17,10 +18,10 @@ one stage costs
 - pp_mb: one s*b*h send forward and one backward at the stage boundary.
 
 The step is the m microbatches, the pipeline bubble of (pp - 1) / v more microbatch slots (v = virtual stages of the
-interleaved schedule, else 1; Narayanan et al. 2021), and the data-parallel traffic of the engine, none of it
-overlapped (an upper bound that penalizes chatty layouts):
+interleaved schedule, else 1; Narayanan et al. 2021), and the part of the engine's data-parallel traffic that is not
+hidden under compute (``exposed_dp_comm``: FSDP2 and ZeRO-3 overlap it, ZeRO 0-2 as configured here do not):
 
-    step = m * t_mb + (pp - 1) / v * t_mb + dp_comm
+    step = m * t_mb + (pp - 1) / v * t_mb + exposed(dp_comm)
 
 dp_comm (Ψ = parameters of the rank's TP/PP slice, p = bytes of the training dtype, ring factor (d - 1)/d):
 - DeepSpeed ZeRO 0: one gradient all-reduce at the accumulation boundary: 2 Ψ p;
@@ -41,7 +42,7 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.flops import sequence_flops
-from megatron_lite.planning.layout import DTYPE_BYTES, INTERLEAVED, Layout, stage_layers, stage_shapes
+from megatron_lite.planning.layout import DTYPE_BYTES, INTERLEAVED, Layout, rank_layers, stage_shapes
 
 ModelSpec = ModelConfig | EncDecSpec
 
@@ -63,11 +64,27 @@ class Network:
                 raise PlanError(f"--{name} must be a positive number of bytes/s, got {value:g}")
 
 
-def check_rates(peak: float, mfu: float, layer_overhead_s: float) -> None:
+# The fraction of peak FLOP/s the matmuls of a training step attain, as a function of the hidden size h (larger
+# GEMMs run closer to peak): EFFICIENCY_AT_4096 + EFFICIENCY_PER_DOUBLING * log2(h / 4096), within
+# EFFICIENCY_RANGE. Fitted (least squares on log step time) to 14 published measured runs on A100s with stated
+# layouts: Narayanan et al. 2021 Table 1, Korthikanti et al. 2022 Tables 3 and 5, torchtitan's FSDP2 runs on 64
+# A100s (docs/plan.md lists each run, the prediction and the error; tests/planning/test_calibration.py checks them).
+EFFICIENCY_AT_4096 = 0.525
+EFFICIENCY_PER_DOUBLING = 0.055
+EFFICIENCY_RANGE = (0.3, 0.8)
+
+
+def matmul_efficiency(spec: ModelSpec) -> float:
+    """The calibrated fraction of peak for this model's matmuls (see ``EFFICIENCY_AT_4096``)."""
+    e = EFFICIENCY_AT_4096 + EFFICIENCY_PER_DOUBLING * math.log2(spec.hidden_size / 4096)
+    return min(max(e, EFFICIENCY_RANGE[0]), EFFICIENCY_RANGE[1])
+
+
+def check_rates(peak: float, mfu: float | None, layer_overhead_s: float) -> None:
     """One-line errors for the step model's own inputs."""
     if not (peak > 0 and math.isfinite(peak)):
         raise PlanError(f"--peak-flops must be a positive number, got {peak:g}")
-    if not 0 < mfu <= 1:
+    if mfu is not None and not 0 < mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {mfu:g}")
     if not (layer_overhead_s >= 0 and math.isfinite(layer_overhead_s)):
         raise PlanError(f"--layer-overhead-us must be >= 0, got {layer_overhead_s * 1e6:g}")
@@ -81,12 +98,13 @@ def tokens_per_sample(spec: ModelSpec, layout: Layout) -> int:
 
 
 def _training_flops(spec: ModelSpec, layout: Layout) -> float:
-    """FLOPs of one sequence on the GPUs: causal model FLOPs plus what recomputation repeats."""
+    """FLOPs of one sequence on the GPUs: model FLOPs plus what recomputation repeats. A causal flash kernel computes
+    half the attention scores; attention that materializes the scores (``--no-flash``) computes all of them."""
     target = layout.target_len or layout.seq_len
-    flops, attn = sequence_flops(spec, layout.seq_len, target, causal=True)
+    flops, attn = sequence_flops(spec, layout.seq_len, target, causal=layout.flash_attention)
     if layout.recompute == "full":  # one more forward of the layers (a third of their training FLOPs), not the head
         if isinstance(spec, EncDecSpec):
-            head = 6.0 * spec.vocab_size * spec.d_model * target
+            head = 6.0 * spec.padded_vocab_size * spec.d_model * target
         else:
             head = 6.0 * spec.padded_vocab_size * spec.hidden_size * layout.seq_len
         flops += (flops - head) / 3
@@ -109,7 +127,25 @@ def _dp_bytes(layout: Layout, params: int, m: int) -> float:
 
 def stage_params(spec: ModelSpec, layout: Layout) -> int:
     """Parameters of the most loaded (TP rank, pipeline stage): what one data-parallel group reduces."""
-    return max(sum(math.prod(s) for _, s in stage_shapes(spec, layout.tp, layout.pp, st)) for st in range(layout.pp))
+    return max(sum(math.prod(s) for _, s in stage_shapes(spec, layout.tp, layout.pp, st, layout))
+               for st in range(layout.pp))
+
+
+def overlaps_dp_comm(layout: Layout) -> bool:
+    """Whether the engine runs its data-parallel collectives beside compute: FSDP2 (prefetched all-gathers, and
+    reduce-scatters issued as each block's backward ends) and DeepSpeed ZeRO-3 (``overlap_comm`` is on by default
+    for stage 3). DeepSpeed ZeRO 0-2 as configured here (``overlap_comm`` off, its default below stage 3) reduce after
+    the backward, and all-gather the updated weights after the step."""
+    return layout.engine == "fsdp" or layout.zero == 3
+
+
+def exposed_dp_comm(layout: Layout, dp_total: float, overlap_window: float, layers: int) -> float:
+    """The part of the data-parallel traffic the step waits for: all of it without overlap; with overlap, what does
+    not fit under the compute of the step, and at least one layer's share (the last reduce-scatter, the first
+    all-gather), which nothing can hide."""
+    if not overlaps_dp_comm(layout) or dp_total == 0:
+        return dp_total
+    return max(dp_total - overlap_window, dp_total / max(layers, 1))
 
 
 def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
@@ -118,7 +154,7 @@ def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> floa
     return idle / (microbatches + idle)
 
 
-def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float = 0.5, net: Network | None = None,
+def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float | None = None, net: Network | None = None,
               params: int | None = None, layer_overhead_s: float = LAYER_OVERHEAD_S) -> dict[str, float]:
     """Seconds per optimizer step of ``layout.global_batch`` sequences, by component (see the module docstring).
 
@@ -129,11 +165,12 @@ def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float = 0.5, ne
     net = net or Network()
     net.check()
     check_rates(peak, mfu, layer_overhead_s)
+    efficiency = matmul_efficiency(spec) if mfu is None else mfu
     s, b, t, pp = layout.seq_len, layout.micro_batch, layout.tp, layout.pp
     m = layout.num_microbatches
     tokens = layout.global_batch * tokens_per_sample(spec, layout)
-    compute = layout.global_batch * _training_flops(spec, layout) / (layout.gpus * peak * mfu)
-    layers = max(stage_layers(spec.num_layers, pp))
+    compute = layout.global_batch * _training_flops(spec, layout) / (layout.gpus * peak * efficiency)
+    layers = max(len(ids) for ids in rank_layers(spec, pp, layout))
     passes = 4 / 3 if layout.recompute == "full" else 1.0
     fixed = m * layers * layer_overhead_s * passes
     act = s * b * spec.hidden_size * DTYPE_BYTES[layout.dtype]
@@ -147,13 +184,16 @@ def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float = 0.5, ne
     bubble = share / (1 - share) * (compute + fixed + tp_comm + pp_comm)
     dp_bw = net.intra_node if layout.gpus <= layout.gpus_per_node else net.inter_node
     params = stage_params(spec, layout) if params is None else params
-    dp_comm = _dp_bytes(layout, params, m) / dp_bw
+    dp_total = _dp_bytes(layout, params, m) / dp_bw
+    dp_comm = exposed_dp_comm(layout, dp_total, compute + fixed, layers)
     total = compute + fixed + tp_comm + pp_comm + bubble + dp_comm
     model_flops = layout.global_batch * sequence_flops(spec, s, layout.target_len, causal=False)[0]
     mfu_achieved = model_flops / total / (layout.gpus * peak)
     return {"step_time_s": total, "compute_s": compute, "fixed_s": fixed, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
-            "bubble_s": bubble, "dp_comm_s": dp_comm, "global_batch": layout.global_batch, "microbatches": m,
-            "tokens_per_step": tokens, "tokens_per_s": tokens / total, "mfu": mfu_achieved}
+            "bubble_s": bubble, "dp_comm_s": dp_comm, "dp_comm_total_s": dp_total, "global_batch": layout.global_batch,
+            "microbatches": m, "tokens_per_step": tokens, "tokens_per_s": tokens / total, "mfu": mfu_achieved,
+            "matmul_efficiency": efficiency}
 
 
-__all__ = ["LAYER_OVERHEAD_S", "Network", "check_rates", "stage_params", "step_time", "tokens_per_sample"]
+__all__ = ["LAYER_OVERHEAD_S", "Network", "check_rates", "exposed_dp_comm", "matmul_efficiency", "stage_params",
+           "step_time", "tokens_per_sample"]

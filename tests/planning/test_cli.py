@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +53,8 @@ def test_memory_json_and_table(capsys: pytest.CaptureFixture) -> None:
                        "--gpu-memory", "80GiB", "--json")
     r = json.loads(out)
     assert code == 0 and isinstance(r["per_gpu_bytes"], int) and isinstance(r["fits"], bool)
-    assert set(r["breakdown"]) == {"weights", "gradients", "optimizer", "activations", "overhead"}
+    assert set(r["breakdown"]) == {"weights", "gradients", "fp32_gradients", "optimizer", "activations", "overhead"}
+    assert sum(r["breakdown"].values()) == r["per_gpu_bytes"]
     assert all(isinstance(v, int) for v in r["breakdown"].values())
     code, out, _ = run(capsys, "memory", "--preset", "llama2-7b", "--gpus", "8", "--fsdp", "--gpu-memory", "80GiB")
     assert code == 0 and "GiB" in out and "fits" in out
@@ -69,7 +72,8 @@ def test_search(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize("argv,msg", [
     (["model", "--preset", "gpt5"], "unknown preset"),
     (["memory", "--preset", "llama2-7b", "--gpus", "8", "--tp", "3"], "not divisible"),
-    (["memory", "--preset", "llama2-7b", "--gpus", "12", "--tp", "3"], "must divide"),
+    (["memory", "--preset", "llama2-7b", "--gpus", "12", "--tp", "3"],
+     "num_heads=32 is not divisible by parallel.tp=3"),
     (["compute", "--flops=-1e20"], "positive"),
     (["compute", "--tokens", "0"], "positive"),
     (["search", "--preset", "gpt2-124m", "--gpus", "8", "--gpu-memory", "0"], "positive"),
@@ -196,4 +200,159 @@ def test_t5_preset_end_to_end(capsys: pytest.CaptureFixture) -> None:
     r = json.loads(out)
     assert code == 0 and r["fits"] is True and len(r["stages"]) == 2
     code, out, _ = run(capsys, "search", "--preset", "t5-small", "--gpus", "8", "--gpu-memory", "16GiB", "--top", "3")
-    assert code == 0 and "1,024 x 1,024" in out and len(out.strip().splitlines()) == 3 + 3
+    assert code == 0 and "1,024 x 1,024" in out and len(out.strip().splitlines()) == 4 + 3  # with a defaults line
+
+
+@pytest.mark.parametrize("name,total", [("t5-v1_1-small", 76_961_152), ("t5-v1_1-base", 247_577_856),
+                                        ("t5-v1_1-large", 783_150_080), ("transformer-base", 63_143_936)])
+def test_encdec_configs_plan(capsys: pytest.CaptureFixture, name: str, total: int) -> None:
+    """configs/models/<t5 or transformer>.yaml: model counts what the model builds (the closed form agreeing with
+    the meta-device model, which used to fail the command), on the lengths the config's data section makes."""
+    config = str(ROOT / "configs" / "models" / f"{name}.yaml")
+    code, out, err = run(capsys, "model", "--config", config, "--json")
+    r = json.loads(out)
+    assert code == 0, err
+    assert r["family"] == "encoder_decoder" and r["params_total"] == r["params_meta"] == total and r["counts_agree"]
+    span = name.startswith("t5")  # span corruption of 512 inputs; the Transformer's pairs default to seq_len
+    assert (r["seq_len"], r["target_len"]) == ((512, 114) if span else (1024, 1024))
+
+
+def test_encdec_config_memory_and_search(capsys: pytest.CaptureFixture) -> None:
+    config = str(ROOT / "configs" / "models" / "t5-v1_1-small.yaml")
+    code, out, _ = run(capsys, "model", "--config", config)
+    assert code == 0 and "FLOPs/token @ input 512 + target 114" in out and "(S input + T target tokens)" in out
+    code, out, err = run(capsys, "memory", "--config", config, "--gpus", "2", "--tp", "2", "--json")
+    r = json.loads(out)
+    assert code == 0, err
+    assert r["layout"]["tp"] == 2 and r["fits"] is True
+    code, out, err = run(capsys, "memory", "--config", config, "--gpus", "2", "--tp", "2", "--sequence-parallel")
+    assert code == 2 and "parallel.sequence_parallel is not supported for model.family=encoder_decoder" in err
+    code, out, err = run(capsys, "memory", "--config", config, "--gpus", "4", "--tp", "4")
+    assert code == 2 and "model.num_heads=6 is not divisible by parallel.tp=4" in err
+    code, out, err = run(capsys, "memory", "--config", config, "--gpus", "2", "--target-len", "200", "--json")
+    assert code == 0 and (json.loads(out)["layout"]["seq_len"], json.loads(out)["layout"]["target_len"]) == (512, 200)
+    code, out, err = run(capsys, "model", "--preset", "gpt2-124m", "--target-len", "8")
+    assert code == 2 and "--target-len is for encoder-decoder models" in err
+    code, out, err = run(capsys, "search", "--config", config, "--gpus", "8", "--gpu-memory", "16GiB", "--top", "3")
+    assert code == 0, err
+    assert "input 512 + target 114: global batch 1,672 x 626" in out  # ~1M tokens of 512 + 114 per sample
+    code, out, err = run(capsys, "search", "--config", config, "--gpus", "8", "--gpu-memory", "16GiB", "--top", "500",
+                         "--json")
+    rows = json.loads(out)
+    assert code == 0 and rows and {r["layout"]["tp"] for r in rows} <= {1, 2}  # tp 4 and 8 do not divide 6 heads
+
+
+def test_model_only_config_plans_with_the_model_not_training_defaults(capsys: pytest.CaptureFixture) -> None:
+    """configs/models/*.yaml set only model:. The trainer's defaults (fp32, seq 1024, global batch 8) are not the
+    plan: the planner uses bf16 and the model's own context, and says so."""
+    code, out, err = run(capsys, "memory", "--config", str(ROOT / "configs/models/llama2-7b.yaml"), "--gpus", "16",
+                         "--zero", "1", "--json")
+    r = json.loads(out)
+    assert code == 0, err  # was: "--global-batch 8 must be a positive multiple ..." with no --global-batch given
+    assert (r["layout"]["dtype"], r["layout"]["seq_len"], r["layout"]["global_batch"]) == ("bf16", 4096, 16)
+    assert "seq 4096 (the model's max_seq_len)" in r["defaults"] and "dtype bf16" in r["defaults"]
+    code, out, _ = run(capsys, "search", "--config", str(ROOT / "configs/models/llama2-7b.yaml"), "--gpus", "8",
+                       "--top", "2")
+    assert code == 0 and "bf16, seq 4096" in out.splitlines()[0] and "defaults: seq 4096" in out  # was fp32
+    code, out, _ = run(capsys, "model", "--config", str(ROOT / "configs/models/llama2-70b.yaml"), "--json")
+    assert code == 0 and json.loads(out)["seq_len"] == 4096  # was 1024
+
+
+def test_config_settings_win_over_planner_defaults(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"base: {ROOT / 'configs/models/llama2-7b.yaml'}\ndata:\n  seq_len: 2048\n"
+                   "training:\n  precision: fp32\n  global_batch_size: 64\n")
+    code, out, _ = run(capsys, "memory", "--config", str(cfg), "--gpus", "8", "--zero", "1", "--json")
+    r = json.loads(out)
+    assert code == 0 and (r["layout"]["dtype"], r["layout"]["seq_len"], r["layout"]["global_batch"]) == \
+        ("fp32", 2048, 64)
+    assert r["defaults"] == ["micro-batch 1"]
+
+
+def test_compute_counts_attention_like_mfu(capsys: pytest.CaptureFixture) -> None:
+    """With a model, time is tokens x (6N + 12 L H Q T) / (gpus x peak x MFU), the convention MFU is quoted in;
+    6PD is kept as the labelled Chinchilla view. For Llama-3 8B at 8192 tokens 6PD is ~17% short."""
+    from megatron_lite.planning.flops import training_flops_per_token
+    from megatron_lite.planning.presets import get_preset
+
+    code, out, _ = run(capsys, "compute", "--preset", "llama3-8b", "--tokens", "1T", "--gpus", "64", "--mfu", "0.4",
+                       "--json")
+    r = json.loads(out)
+    fpt = training_flops_per_token(get_preset("llama3-8b"), 8192)
+    assert code == 0 and r["flops_per_token"] == fpt and r["flops_model"] == pytest.approx(1e12 * fpt)
+    assert r["days"] == pytest.approx(1e12 * fpt / (64 * 989e12 * 0.4) / 86400)
+    assert r["flops"] == pytest.approx(6 * r["params"] * 1e12)  # the Chinchilla view
+    assert r["flops_model"] / r["flops"] - 1 > 0.15  # what 6PD left out
+    code, out, _ = run(capsys, "compute", "--params", "8B", "--tokens", "1T", "--gpus", "64")
+    assert code == 0 and "6PD: no attention term" in out
+
+
+def test_compute_deadline(capsys: pytest.CaptureFixture) -> None:
+    """--gpus N --days D: the budget is N x peak x MFU x D; without a model, its compute-optimal model and tokens;
+    with one, the tokens it trains by then and the days its compute-optimal tokens take."""
+    budget = 1024 * 989e12 * 0.4 * 30 * 86400
+    code, out, _ = run(capsys, "compute", "--gpus", "1024", "--days", "30", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["budget_flops"] == pytest.approx(budget) and r["flops"] == pytest.approx(budget)
+    assert r["compute_optimal"] and r["days"] == pytest.approx(30)
+    code, out, _ = run(capsys, "compute", "--gpus", "1024", "--hours", "720", "--json")
+    assert json.loads(out)["params"] == pytest.approx(r["params"])
+    code, out, _ = run(capsys, "compute", "--gpus", "1024", "--days", "30", "--preset", "llama3-8b", "--json")
+    m = json.loads(out)
+    assert code == 0 and m["flops_model"] == pytest.approx(budget) and m["days"] == pytest.approx(30)
+    assert m["tokens"] == pytest.approx(budget / m["flops_per_token"])
+    assert m["days_for_optimal_tokens"] == pytest.approx(30 * m["optimal_tokens"] / m["tokens"])
+    assert m["optimum_for_budget"]["params"] == pytest.approx(r["params"])
+    code, out, _ = run(capsys, "compute", "--gpus", "1024", "--days", "30")
+    assert code == 0 and "deadline" in out and "30.00 days" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["compute", "--days", "3"], "--days/--hours need --gpus N"),
+    (["compute", "--gpus", "8", "--days", "3", "--hours", "2"], "give --days or --hours, not both"),
+    (["compute", "--gpus", "8", "--days", "3", "--flops", "1e22"], "give --flops or a deadline"),
+    (["compute", "--preset", "llama3-8b", "--params", "7B"], "give --params or a model"),
+    (["compute", "--params", "7B", "--seq-len", "2048"], "--seq-len needs a model"),
+])
+def test_compute_bad_combinations(argv: list[str], msg: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_seq_len_past_the_position_table_warns(capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, "memory", "--preset", "gpt2-124m", "--seq-len", "2048")
+    assert code == 0 and "fits" in out
+    assert err.strip() == ("plan.py: warning: --seq-len 2048 exceeds the model's position table of 1024 tokens: "
+                           "training refuses data.seq_len > model.max_seq_len; raise model.max_seq_len to plan this "
+                           "length")
+    code, out, err = run(capsys, "memory", "--preset", "gpt2-124m", "--seq-len", "1024")
+    assert code == 0 and err == ""
+
+
+def test_memory_units_are_plain(capsys: pytest.CaptureFixture) -> None:
+    assert plan.parse_bytes("80GB") == 80 * 10**9 and plan.parse_bytes("80G") == plan.parse_bytes("80GiB") == 80 * 2**30
+    text = plan.build_parser()._subparsers._group_actions[0].choices["memory"].format_help()
+    assert "80GB is decimal" in " ".join(text.split()) and "80G or 80GiB binary" in " ".join(text.split())
+    code, out, _ = run(capsys, "memory", "--preset", "gpt2-124m", "--gpu-memory", "80GB")
+    assert code == 0 and "74.51 GiB" in out  # 80e9 bytes, printed in GiB
+
+
+def test_readme_plan_commands_run(capsys: pytest.CaptureFixture) -> None:
+    """Every ``python tools/plan.py ...`` command the README shows runs and prints a table."""
+    commands = re.findall(r"`python tools/plan\.py ([^`]+)`", (ROOT / "README.md").read_text())
+    assert commands
+    for command in commands:
+        code, out, err = run(capsys, *shlex.split(command))
+        assert code == 0 and out.strip(), (command, err)
+
+
+def test_model_only_config_with_a_short_context_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A model: section alone with max_seq_len 512: the trainer's default data.seq_len (1024) is not applied (the
+    load failed with "data.seq_len=1024 exceeds model.max_seq_len=512")."""
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model:\n  hidden_size: 64\n  num_layers: 2\n  num_heads: 4\n  max_seq_len: 512\n")
+    code, out, err = run(capsys, "model", "--config", str(cfg), "--json")
+    assert code == 0, err
+    assert json.loads(out)["seq_len"] == 512
+    code, out, err = run(capsys, "model", "--config", str(cfg), "--override", "model.max_seq_len=256", "--json")
+    assert code == 0 and json.loads(out)["seq_len"] == 256, err

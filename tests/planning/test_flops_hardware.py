@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from megatron_lite.config import ModelConfig
+import pytest
+import torch
+
+from megatron_lite.config import ModelConfig, config_from_dict, load_config
+from megatron_lite.planning.encdec import as_spec, encdec_lengths
 from megatron_lite.planning.flops import encdec_training_flops, training_flops_per_token
 from megatron_lite.planning.hardware import device_memory, peak_flops, register_device
 from megatron_lite.planning.params import count_params
@@ -52,6 +56,52 @@ def test_encdec_convention_line_gives_the_number() -> None:
     assert model_report(REFERENCE_PRESETS["gpt2-124m"], 1024, meta=False)["flops_convention"].startswith("PaLM: 6N")
 
 
+TINY_T5 = dict(family="encoder_decoder", vocab_size=256, hidden_size=64, num_layers=2, num_decoder_layers=3,
+               num_heads=4, kv_channels=16, ffn_hidden_size=96, max_seq_len=32, position="relative", norm="rmsnorm",
+               activation="geglu", bias=False, tie_embeddings=False, scale_attn_logits=False)
+
+
+def test_trainer_uses_the_encdec_rule_for_t5_runs() -> None:
+    """T5 v1.1 small on span corruption of 512 inputs: the trainer's FLOPs/token are the planner's encoder-decoder
+    FLOPs of a (512 input, 114 target) sample per data.seq_len token, far below the decoder formula on 512 tokens."""
+    from megatron_lite.training.trainer import _flops_per_token
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "models" / "t5-v1_1-small.yaml")
+    spec = as_spec(cfg.model)
+    assert encdec_lengths(cfg.data) == (512, 114)
+    assert _flops_per_token(cfg) == pytest.approx(encdec_training_flops(spec, 512, 114) / 512, rel=1e-12)
+    assert _flops_per_token(cfg) < 0.75 * 2 * training_flops_per_token(spec, 512)  # the 512 + 512 reading
+
+
+@pytest.mark.parametrize("data", [{"objective": "seq2seq", "seq_len": 32, "target_seq_len": 12},
+                                  {"objective": "span_corruption", "seq_len": 32}])
+def test_trainer_encdec_flops_match_the_counted_matmuls(data: dict) -> None:
+    """The trainer's figure times the tokens it counts per step equals the matmul FLOPs torch counts in a forward and
+    backward of the real model on the lengths the data makes, once the 6 FLOPs per token that the convention gives
+    the norm scales and relative-position tables (parameters, but not matmuls) are taken back out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_lite.models.encoder_decoder import build_encoder_decoder
+    from megatron_lite.training.trainer import _flops_per_token
+
+    cfg = config_from_dict({"model": TINY_T5, "data": data})
+    s, t = encdec_lengths(cfg.data)
+    model = build_encoder_decoder(cfg.model, "cpu")
+    batch = 2
+    x, y = torch.randint(0, 256, (batch, s)), torch.randint(0, 256, (batch, t))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # fused kernels go uncounted
+        model(x, y).float().sum().backward()
+    ne = cfg.model.num_layers
+    not_matmul = 0
+    for name, p in model.named_parameters():
+        if "norm" in name or "pos_bias" in name:
+            encoder = name.startswith("encoder_") or (name.startswith("layers.") and int(name.split(".")[1]) < ne)
+            not_matmul += p.numel() * (s if encoder else t)
+    expected = _flops_per_token(cfg) * cfg.data.seq_len * batch - 6 * not_matmul * batch
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+
+
 def test_peak_flops_lookup() -> None:
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H200") == 989e12
@@ -61,7 +111,15 @@ def test_peak_flops_lookup() -> None:
     assert peak_flops("NVIDIA GH200 480GB") == 989e12
     assert peak_flops("cpu") is None
     assert peak_flops("Tesla V100-SXM2-32GB", "bf16") is None
-    assert device_memory("h100") == 80 * 1024**3
+
+
+
+def test_device_memory_is_what_the_device_reports() -> None:
+    """nvidia-smi --query-gpu=memory.total: 'NVIDIA H200, 143771 MiB', 'NVIDIA H100 80GB HBM3, 81559 MiB',
+    'NVIDIA A100-SXM4-80GB, 81920 MiB' (the figures those GPUs print; the H200 is sold as 141 GB, 131.3 GiB)."""
+    assert device_memory("NVIDIA H200") == 143771 * 2**20  # 140.4 GiB, more than the 141e9 bytes it was listed as
+    assert device_memory("NVIDIA H100 80GB HBM3") == 81559 * 2**20
+    assert device_memory("NVIDIA A100-SXM4-80GB") == 81920 * 2**20
 
 
 def test_register_device_overrides() -> None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.layout import Layout, stage_shapes
-from megatron_lite.planning.memory import estimate, inflight_microbatches, layer_activation_bytes, model_state_bytes
+from megatron_lite.planning.memory import (
+    estimate,
+    inflight_microbatches,
+    layer_activation_bytes,
+    model_state_bytes,
+    param_groups,
+)
 from megatron_lite.planning.params import count_params
 from megatron_lite.planning.presets import REFERENCE_PRESETS
 
@@ -59,10 +66,10 @@ def test_full_recompute_activations_exactly(flash: bool, dtype: str, p: int) -> 
     assert _gpt3_layer(2, False) == S * B * H * (34 + 5 * A * S / H)
     lay = Layout(seq_len=S, micro_batch=B, recompute="full", flash_attention=flash, dtype=dtype)
     head = 2 * S * B * H * p + S * B * V * (p + 4)
-    assert estimate(GPT3_LIKE, lay)["breakdown"]["activations"] == L * p * S * B * H + _gpt3_layer(p, flash) + head
+    assert estimate(GPT3_LIKE, lay)["phases"]["activations"] == L * p * S * B * H + _gpt3_layer(p, flash) + head
     # 1F1B on 2 stages, 4 microbatches: stage 0 keeps its 12 layer inputs for min(pp - 0, m) = 2 microbatches
     piped = dataclasses.replace(lay, gpus=2, pp=2, global_batch=4 * B)
-    stage0 = estimate(GPT3_LIKE, piped)["stages"][0]["breakdown"]["activations"]
+    stage0 = estimate(GPT3_LIKE, piped)["stages"][0]["phases"]["activations"]
     assert stage0 == 2 * (L // 2) * p * S * B * H + _gpt3_layer(p, flash)
 
 
@@ -95,20 +102,54 @@ def test_model_states_scale_like_zero_paper() -> None:
     spec = REFERENCE_PRESETS["llama2-7b"]
     shapes = stage_shapes(spec, 1, 1, 0)
     psi = count_params(spec).total
-    z0 = model_state_bytes(shapes, Layout(gpus=64, zero=0))
-    assert sum(z0.values()) == pytest.approx(16 * psi, rel=1e-6)
+
+    def resident(**kw) -> int:
+        r = model_state_bytes(shapes, Layout(gpus=64, **kw))
+        return r["weights"] + r["gradients"] + r["optimizer"]
+
+    assert resident(zero=0) == pytest.approx(16 * psi, rel=1e-6)
     # DeepSpeed ZeRO 1/2 in bf16: whole bf16 weights; gradients, fp32 master and moments partitioned
     for zero, expected in ((1, 2 + 14 / 64), (2, 2 + 14 / 64), (3, 16 / 64)):
-        got = sum(model_state_bytes(shapes, Layout(gpus=64, zero=zero)).values())
-        assert got == pytest.approx(expected * psi, rel=1e-3), zero
-    fsdp = sum(model_state_bytes(shapes, Layout(gpus=64, engine="fsdp")).values())
-    assert fsdp == pytest.approx(16 / 64 * psi, rel=1e-3)
+        assert resident(zero=zero) == pytest.approx(expected * psi, rel=1e-3), zero
+    assert resident(engine="fsdp") == pytest.approx(16 / 64 * psi, rel=1e-3)
+    # The optimizer step's fp32 gradient copy: of everything (ZeRO 0's unfused optimizer), of the partition of the
+    # largest parameter group (ZeRO 1/2 flatten one group at a time: the decay group, all but embeddings and norms),
+    # of the largest sub-group's partition (ZeRO 3; the whole group here, under sub_group_size).
+    decay = sum(math.prod(shape) for _, shape in param_groups(shapes)[0])
+    assert model_state_bytes(shapes, Layout(gpus=64, zero=0))["step_gradients"] == 4 * psi
+    for zero in (1, 2, 3):
+        step = model_state_bytes(shapes, Layout(gpus=64, zero=zero))["step_gradients"]
+        assert step == pytest.approx(4 * decay / 64, rel=1e-6), zero
 
 
 def test_offload_moves_states_to_host() -> None:
     spec = REFERENCE_PRESETS["llama2-7b"]
     r = estimate(spec, Layout(gpus=8, zero=3, offload="params"))
-    assert r["breakdown"]["weights"] == 0 and r["breakdown"]["optimizer"] == 0 and r["cpu_bytes"] > 0
+    persistent = sum(math.prod(s) for _, s in stage_shapes(spec, 1, 1, 0) if math.prod(s) < 100_000)  # the norms
+    assert r["breakdown"]["weights"] == 2 * persistent and r["breakdown"]["optimizer"] == 0
+    assert r["breakdown"]["gradients"] == 0 and r["cpu_bytes"] > 0
+
+
+def test_offload_puts_the_gradients_where_deepspeed_and_fsdp_do() -> None:
+    """Llama-3 8B on 8 GPUs, bf16. DeepSpeed 0.19 ZeRO-3 with the optimizer offloaded allocates its gradient
+    partition buffer on the host (``stage3.py``: ``self.device`` is the CPU, ``grad_partitions_flat_buffer`` is
+    made there) beside an fp32 gradient per sub-group; ZeRO-2 copies the reduced gradients into the host partition's
+    fp32 gradient; FSDP2's CPUOffloadPolicy keeps the fp32 gradient shards on the host. None stays on the GPU (it
+    kept a 1.87 GiB partition before), and each is counted on the host."""
+    spec = REFERENCE_PRESETS["llama3-8b"]
+    shapes = stage_shapes(spec, 1, 1, 0)
+    psi = count_params(spec).total
+    z3 = estimate(spec, Layout(gpus=8, zero=3, offload="params"))
+    assert z3["breakdown"]["gradients"] == 0 and z3["breakdown"]["fp32_gradients"] == 0
+    part = sum(math.ceil(math.prod(s) / 8) for _, s in shapes)
+    steps = 4 * len(param_groups(shapes))
+    assert z3["cpu_bytes"] == (2 + 2 + 4 + 4 + 8) * part + steps  # weights, grads, fp32 grads, master, moments
+    z2 = model_state_bytes(shapes, Layout(gpus=8, zero=2, offload="optimizer"))
+    assert z2["gradients"] == 0 and z2["step_gradients"] == 0
+    assert z2["cpu"] == pytest.approx((4 + 4 + 8 + 2) * psi / 8, rel=1e-4)  # master, fp32 grads, moments, bf16 copy
+    fsdp = model_state_bytes(shapes, Layout(gpus=8, engine="fsdp", offload="params"))
+    assert (fsdp["weights"], fsdp["gradients"], fsdp["optimizer"]) == (0, 0, 0)
+    assert fsdp["cpu"] == pytest.approx((4 + 4 + 8) * psi / 8, rel=1e-3)  # fp32 shard, its gradient, moments
 
 
 def test_tp_and_pp_split_the_weights() -> None:
@@ -128,12 +169,28 @@ def test_fits() -> None:
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(gpus=8, tp=3), "not divisible"),
-    (dict(gpus=6, tp=6), "must divide the number of attention heads"),
-    (dict(gpus=4, pp=2, zero=2), "ZeRO 0/1 only"),
-    (dict(gpus=2, zero=1, offload="params"), "needs sharded parameters"),
+    (dict(gpus=6, tp=6), "training refuses .*: model.num_heads=32 is not divisible by parallel.tp=6"),
+    (dict(gpus=4, pp=2, zero=2), "supports ZeRO stage 0 or 1 only"),
+    (dict(gpus=2, zero=1, offload="params"), "offload_params needs parallel.zero_stage=3"),
     (dict(gpus=4, global_batch=3), "multiple of"),
     (dict(gpus=0), "positive"),
 ])
 def test_impossible_layouts(kw: dict, msg: str) -> None:
     with pytest.raises(PlanError, match=msg):
         estimate(REFERENCE_PRESETS["llama2-7b"], Layout(**kw))
+
+
+def test_two_peaks_backward_and_optimizer_step() -> None:
+    """ZeRO 0 in bf16 on a short sequence: the unfused optimizer's fp32 copy of every gradient (4Ψ) outweighs the
+    activations, so the optimizer step is the peak; the breakdown keeps the backward's items (activations included)
+    and adds what the step puts above them, summing to the peak."""
+    spec = REFERENCE_PRESETS["llama2-7b"]
+    r = estimate(spec, Layout(gpus=1, seq_len=128))
+    b, ph = r["breakdown"], r["phases"]
+    assert r["peak_phase"] == "optimizer step" and b["activations"] == ph["activations"] > 0
+    assert b["fp32_gradients"] == ph["optimizer_step"] - ph["backward"] > 0
+    assert ph["fp32_gradients"] == 4 * count_params(spec).total
+    assert sum(b.values()) == r["per_gpu_bytes"] == ph["optimizer_step"]
+    long = estimate(spec, Layout(gpus=8, zero=1, seq_len=4096, micro_batch=4))  # activations dominate
+    assert long["peak_phase"] == "backward" and long["breakdown"]["fp32_gradients"] == 0
+    assert sum(long["breakdown"].values()) == long["per_gpu_bytes"] == long["phases"]["backward"]

@@ -54,7 +54,8 @@ def test_pipeline_bubble_is_pp_minus_one_microbatch_slots() -> None:
     assert r["microbatches"] == 16
     assert r["bubble_s"] == pytest.approx(3 * per_mb)
     inter = step_time(GPT2, dataclasses.replace(lay, schedule="interleaved", virtual_stages=3), PEAK)
-    assert inter["bubble_s"] == pytest.approx(r["bubble_s"] / 3)
+    inter_mb = (inter["compute_s"] + inter["fixed_s"] + inter["tp_comm_s"] + inter["pp_comm_s"]) / 16
+    assert inter["bubble_s"] == pytest.approx(3 * inter_mb / 3)  # (pp - 1) / v slots, each rank's layers per slot
     parts = ("compute_s", "fixed_s", "tp_comm_s", "pp_comm_s", "bubble_s", "dp_comm_s")
     assert r["step_time_s"] == pytest.approx(sum(r[k] for k in parts))
 
@@ -83,7 +84,12 @@ def test_data_parallel_traffic_per_engine() -> None:
     rounds = {("deepspeed", 0): 2, ("deepspeed", 1): 2, ("deepspeed", 2): 5, ("deepspeed", 3): 12, ("fsdp", 0): 8 + 2}
     for (engine, zero), n in rounds.items():  # FSDP: 2m all-gathers in bf16 and one fp32 reduce-scatter (= 2 rounds)
         r = step_time(GPT2, dataclasses.replace(lay, engine=engine, zero=zero), PEAK)
-        assert r["dp_comm_s"] == pytest.approx(n * unit), (engine, zero)
+        assert r["dp_comm_total_s"] == pytest.approx(n * unit), (engine, zero)
+        if engine == "fsdp" or zero == 3:  # overlapped with compute: what does not fit under it, at least one layer's
+            hidden = r["compute_s"] + r["fixed_s"]
+            assert r["dp_comm_s"] == pytest.approx(max(n * unit - hidden, n * unit / 12)), (engine, zero)
+        else:  # ZeRO 0-2 reduce after the backward and gather after the step
+            assert r["dp_comm_s"] == r["dp_comm_total_s"], (engine, zero)
 
 
 def test_fixed_choices_constrain_the_search() -> None:
@@ -134,7 +140,7 @@ def test_search_offers_only_layouts_training_can_run() -> None:
         assert not (lay.engine == "deepspeed" and lay.tp > 1 and lay.zero == 3), lay.name()
         assert not (lay.engine == "deepspeed" and lay.pp > 1 and lay.zero >= 2), lay.name()
         assert not (lay.pp > 1 and lay.schedule == "1f1b" and lay.num_microbatches < lay.pp), lay.name()
-    with pytest.raises(PlanError, match="ZeRO-3 with tensor parallelism is not supported"):
+    with pytest.raises(PlanError, match="parallel.zero_stage=3 with parallel.tp=2 is not supported"):
         Layout(gpus=8, tp=2, zero=3, seq_len=2048).validate(LLAMA)
-    with pytest.raises(PlanError, match="1f1b with --pp 4 needs at least 4 microbatches per step, got 2"):
+    with pytest.raises(PlanError, match="1f1b needs at least parallel.pp=4 microbatches per step, got 2"):
         Layout(gpus=8, pp=4, seq_len=2048, global_batch=4).validate(LLAMA)
