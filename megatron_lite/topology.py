@@ -132,7 +132,7 @@ class Topology:
             return topo
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
         from torch.distributed.device_mesh import init_device_mesh
 
         topo.mesh = init_device_mesh(dev.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))

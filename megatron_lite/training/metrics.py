@@ -16,7 +16,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -84,8 +84,9 @@ def resolve_wandb_mode(mode: str) -> str:
 class MetricsLogger:
     """Writes metrics from rank 0 only; other ranks hold a logger that does nothing."""
 
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, echo: Callable[[str], None] | None = None) -> None:
         self.enabled = enabled
+        self.echo = echo or (lambda line: print(line, flush=True))  # the trainer's log: console and rank log file
         self.jsonl = None
         self.wandb_run = None
         if not enabled:
@@ -111,7 +112,7 @@ class MetricsLogger:
             return
         record = {"time": time.time(), **record}
         if console:
-            print(console, flush=True)
+            self.echo(console)
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -27,11 +25,10 @@ def read_records(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, corpus):
     """6 steps, logging every 2 and evaluating every 3; returns (records, console text, result)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        res = run_tiny(tmp_path_factory.mktemp("metrics") / "run", corpus, "training.train_steps=6",
-                       "logging.log_interval=2", "training.eval_interval=3")
-    return read_records(res.run_dir), out.getvalue(), res
+    lines: list[str] = []  # the trainer's console: metrics lines go through its log callback
+    res = run_tiny(tmp_path_factory.mktemp("metrics") / "run", corpus, "training.train_steps=6",
+                   "logging.log_interval=2", "training.eval_interval=3", log=lines)
+    return read_records(res.run_dir), "\n".join(lines), res
 
 
 def test_one_train_record_per_log_interval(logged) -> None:

@@ -1,0 +1,22 @@
+"""Two hosts made from network namespaces, and the tiny corpus and config of the engine tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engines.conftest import corpus, tiny_config  # noqa: F401  (fixtures shared with the engine tests)
+from tests.multinode.hosts import Hosts, can_make_hosts
+
+REASON = can_make_hosts()
+
+
+@pytest.fixture
+def hosts():
+    """Two fresh hosts; their processes, namespaces and links are removed even when the test fails."""
+    if REASON:
+        pytest.skip(f"two hosts cannot be made on this machine: {REASON}")
+    made = Hosts.make()
+    try:
+        yield made
+    finally:
+        made.close()
