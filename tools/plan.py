@@ -25,7 +25,7 @@ from megatron_lite.config import ConfigError, ModelConfig, load_config
 from megatron_lite.planning.encdec import EncDecSpec, as_spec, encdec_lengths
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.hardware import device_memory, known_devices, peak_flops
-from megatron_lite.planning.layout import Layout
+from megatron_lite.planning.layout import RECOMPUTE_POLICIES, Layout
 from megatron_lite.planning.memory import estimate
 from megatron_lite.planning.presets import get_preset
 from megatron_lite.planning.flops import flops_per_processed_token
@@ -527,13 +527,13 @@ def cmd_search(args: argparse.Namespace) -> tuple[list, str, str | None]:
         need = smallest_footprint(spec, base, fixed)
         return rows, f"{head}\nno layout fits: the smallest needs {_gib(need)} per GPU", None
     lines = [head, "ranked by the estimated time of that step (docs/plan.md, search); only layouts training runs",
-             f"{'tp':>3}{'pp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<10}{'GiB/GPU':>9}"
+             f"{'tp':>3}{'pp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<13}{'GiB/GPU':>9}"
              f"{'step':>10}{'tok/s':>12}{'MFU':>7}"]
     for x in rows:
         lay = x["layout"]
         eng = "fsdp" if lay["engine"] == "fsdp" else f"zero{lay['zero']}"
         lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}"
-                     f"{lay['num_microbatches']:>6}  {lay['recompute']:<10}{x['per_gpu_bytes'] / GiB:>9.1f}"
+                     f"{lay['num_microbatches']:>6}  {lay['recompute']:<13}{x['per_gpu_bytes'] / GiB:>9.1f}"
                      f"{_duration(x['step_time_s']):>10}{x['tokens_per_s']:>12,.0f}{x['mfu']:>7.1%}")
     return rows, "\n".join(lines), None
 
@@ -566,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--offload", choices=("optimizer", "params"))
         p.add_argument("--micro-batch", type=positive_int)
         p.add_argument("--global-batch", type=positive_int, help="samples per optimizer step (default: the config's)")
-        p.add_argument("--recompute", choices=("none", "selective", "full"))
+        p.add_argument("--recompute", choices=RECOMPUTE_POLICIES,
+                       help="none; selective (Megatron: recompute the attention scores); selective-op (torchtitan's "
+                            "op policy: save every other matmul output and the attention output); full")
         p.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb"),
                        help="pipeline schedule (default: the config's parallel.pp_schedule, else 1f1b)")
         p.add_argument("--virtual-stages", type=positive_int, help="model chunks per rank (interleaved; default 2)")

@@ -23,7 +23,10 @@ from megatron_lite.planning.params import Shape, decoder_layer_shapes, encdec_la
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")  # zb: interleaved zero-bubble
 INTERLEAVED = ("interleaved", "zb")  # schedules with several stages per rank
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "full")  # what search enumerates
+# ... and what a layout may name: "selective-op" is torchtitan's op-level policy (planning/memory.py), given to plan or
+# compare with such runs; search leaves it out.
+RECOMPUTE_POLICIES = RECOMPUTE + ("selective-op",)
 
 
 @dataclass
@@ -102,8 +105,11 @@ class Layout:
             raise PlanError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.offload not in (None, "optimizer", "params"):
             raise PlanError(f"--offload must be optimizer or params, got {self.offload}")
-        if self.recompute not in RECOMPUTE:
-            raise PlanError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute}")
+        if self.recompute not in RECOMPUTE_POLICIES:
+            raise PlanError(f"--recompute must be one of {', '.join(RECOMPUTE_POLICIES)}, got {self.recompute}")
+        if self.recompute == "selective-op" and isinstance(spec, EncDecSpec):
+            raise PlanError("--recompute selective-op is a decoder policy (a block's matmuls in Llama order); "
+                            "use none, selective or full for an encoder-decoder")
         if self.schedule not in SCHEDULES:
             raise PlanError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}")
         if self.dtype not in DTYPE_BYTES:

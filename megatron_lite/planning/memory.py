@@ -49,6 +49,10 @@ from megatron_lite.planning.params import EMBEDDING_NAMES, Shape
 
 ModelSpec = ModelConfig | EncDecSpec
 ALIGNMENT = 2  # DeepSpeed ZeRO 1/2: nccl_start_alignment_factor
+# The cross-entropy on fp32 logits (``training/loss.py``) peaks as its backward begins: the log-softmax output it saved,
+# the gradient arriving for it and the gradient it returns, three fp32 tensors of the logits' size (the 16-bit logits
+# are freed once cast). 4 bytes per logit (the fp32 copy only) left out two of them.
+LOSS_LOGIT_BYTES = 12
 SUB_GROUP = 1_000_000_000  # DeepSpeed ZeRO 3: default sub_group_size (elements per fp32 flat sub-group)
 
 
@@ -189,6 +193,54 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool 
     return (rep / t if layout.sequence_parallel else rep) + shard / t
 
 
+def op_policy_matmuls(spec: ModelConfig, layout: Layout) -> list[tuple[str, float, int, bool]]:
+    """A decoder block's matmuls under torchtitan's op-level selective checkpointing ("op" SAC).
+
+    torchtitan's policy (``parallelize_llama.py``, ``_save_list``) saves the output of every ``aten.mm`` in a block
+    except every second one (counted per block and forward), the flash / memory-efficient attention outputs and the
+    sequence-parallel reduce-scatters, and recomputes everything else. Its Llama block runs the projections in the
+    order q, k, v, o, w1 (gate), w3 (up), w2 (down), so q, v, gate and down are saved and k, o, up recomputed. A linear
+    with a bias is ``aten.addmm``, which the list does not hold: with ``model.bias`` no projection output is saved.
+
+    Returns (name, output elements per token on one TP rank, weight elements on that rank, saved) in that order.
+    """
+    t, h, f, d = layout.tp, spec.hidden_size, spec.ffn_size, spec.head_dim
+    q, kv = spec.num_heads * d / t, spec.kv_heads * d / t
+    order = [("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q)]
+    if spec.activation == "swiglu":
+        order += [("gate", f / t, h), ("up", f / t, h)]
+    else:
+        order += [("up", f / t, h)]
+    order += [("down", h, f / t)]
+    return [(name, out, int(out * inner), i % 2 == 0 and not spec.bias) for i, (name, out, inner) in enumerate(order)]
+
+
+def _op_policy_bytes(spec: ModelConfig, layout: Layout) -> tuple[float, float]:
+    """(saved, of which a plain backward also keeps) bytes of one block for one microbatch under the op policy.
+
+    Saved: the block's input (the checkpoint's argument; split over TP with sequence parallelism), the saved matmul
+    outputs, the attention output with its float32 log-sum-exp (flash and memory-efficient kernels only: attention
+    that materializes the scores is recomputed), and with sequence parallelism the two reduce-scatter outputs. Of
+    these, the o and down outputs and the reduce-scatters are tensors a block without checkpointing does not keep;
+    the rest it keeps too, so the layer recomputed in backward adds only its other activations.
+    """
+    p = DTYPE_BYTES[layout.dtype]
+    tokens = layout.seq_len * layout.micro_batch
+    t, h = layout.tp, spec.hidden_size
+    x = tokens * h * p / (t if layout.sequence_parallel else 1)
+    saved = shared = x
+    for name, out, _, keep in op_policy_matmuls(spec, layout):
+        if keep:
+            saved += tokens * out * p
+            shared += 0 if name in ("o", "down") else tokens * out * p
+    if layout.flash_attention:
+        attn = tokens * spec.num_heads * spec.head_dim / t * p + 4 * tokens * spec.num_heads / t
+        saved, shared = saved + attn, shared + attn
+    if layout.sequence_parallel and t > 1:
+        saved += 2 * tokens * h / t * p
+    return saved, shared
+
+
 def _layer_input_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool) -> float:
     """Full recomputation keeps only each layer's input (s*b*h values; split over TP with sequence parallel)."""
     s = layout.seq_len
@@ -227,6 +279,11 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
         # (the s*s scores too when attention is not flash), once: one layer at a time.
         rerun = dataclasses.replace(layout, recompute="none")
         working = max(layer_activation_bytes(spec, rerun, k) for k in set(kinds))
+    elif layout.recompute == "selective-op":
+        saved, shared = _op_policy_bytes(spec, layout)
+        kept = len(kinds) * saved
+        # The block being recomputed in backward rematerializes what the policy did not save, one block at a time.
+        working = layer_activation_bytes(spec, dataclasses.replace(layout, recompute="none")) - shared
     else:
         per_layer = {k: layer_activation_bytes(spec, layout, k) for k in set(kinds)}
         kept = sum(per_layer[k] for k in kinds)
@@ -234,10 +291,10 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
     total = kept * inflight_microbatches(layout, stage) + working
     p = DTYPE_BYTES[layout.dtype]
     b, h = layout.micro_batch, spec.hidden_size
-    if stage == layout.pp - 1:  # final norm and head inputs, logits in the training dtype and in fp32 for the loss
+    if stage == layout.pp - 1:  # final norm and head inputs, and the loss's logits at the start of backward
         s = (layout.target_len or layout.seq_len) if isinstance(spec, EncDecSpec) else layout.seq_len
         vocab = spec.padded_vocab_size
-        total += 2 * s * b * h * p + s * b * math.ceil(vocab / layout.tp) * (p + 4)
+        total += 2 * s * b * h * p + s * b * math.ceil(vocab / layout.tp) * LOSS_LOGIT_BYTES
     return int(math.ceil(total))
 
 

@@ -8,7 +8,8 @@ one stage costs
 
 - compute_mb: the microbatch's share of the training FLOPs (causal attention, as flash kernels compute, or all the
   scores without flash; plus one extra forward of the layers with full recomputation, or of the attention scores
-  with selective recomputation), divided by peak FLOP/s * the matmul efficiency: ``mfu`` when given, else the
+  with selective recomputation, or of the projections torchtitan's op policy does not save with selective-op),
+  divided by peak FLOP/s * the matmul efficiency: ``mfu`` when given, else the
   calibrated ``matmul_efficiency`` of the model (larger hidden sizes run closer to peak);
 - fixed_mb: ``layer_overhead_s`` per layer of the stage (x 4/3 with full recomputation, which reruns the forward): the
   fixed cost of every kernel launch and wave tail, which does not shrink with the microbatch. This is what makes
@@ -110,6 +111,11 @@ def _training_flops(spec: ModelSpec, layout: Layout) -> float:
         flops += (flops - head) / 3
     elif layout.recompute == "selective":  # one more forward of the attention scores
         flops += attn / 3
+    elif layout.recompute == "selective-op":  # one more forward of the projections the op policy does not save
+        from megatron_lite.planning.memory import op_policy_matmuls
+
+        rerun = sum(w for _, _, w, saved in op_policy_matmuls(spec, layout) if not saved) * layout.tp
+        flops += 2.0 * rerun * spec.num_layers * layout.seq_len
     return flops
 
 

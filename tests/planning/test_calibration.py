@@ -12,15 +12,16 @@ Sources (each run below names its table):
   and 530B) and Table 5 (seconds per iteration with sequence parallelism and selective recomputation).
 - [TT-A100] torchtitan ``docs/performance.md``: FSDP2 on 64 A100 80GB, tokens/s per GPU ("WPS"), local batch as
   given, Llama 3 at s = 8192, Llama 2 at s = 4096, bf16.
-- [TT-H100] torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md``, Tables 1 and 3: Llama 3.1 8B, FSDP, local
-  batch 2, selective activation checkpointing, on 8 and 128 H100s (96 GB HBM2e, 500 W power limit, 400 Gb/s per GPU
-  between hosts), TPS/GPU and peak memory in GiB.
+- [TT-H100] torchtitan ``benchmarks/llama3_h100_202412_torchtitan.md``
+  (https://github.com/pytorch/torchtitan/blob/main/benchmarks/llama3_h100_202412_torchtitan.md), Tables 1-3:
+  Llama 3.1 8B, FSDP, local batch 2 (Table 2: 1), selective "op" activation checkpointing (Table 2: full), on 8 and
+  128 H100s (96 GB HBM2e, 500 W power limit, 400 Gb/s per GPU between hosts), TPS/GPU and peak memory in GiB.
 
 Rules for the comparison: a step processes the run's global batch; the network is the run's (Selene: NVLink
 300 GB/s within a node, 8 x 200 Gb/s HDR per node = 25 GB/s per GPU across nodes; Grand Teton: 400 Gb/s = 50 GB/s
 per GPU); attention without flash kernels for [N21] and [K22] (2021-22 Megatron), with them for torchtitan;
 Megatron's data parallelism is an all-reduce after the backward (our DeepSpeed ZeRO-0 row). Memory is compared with
-``per_gpu_bytes`` against the peak memory torchtitan reports.
+``per_gpu_bytes`` against the peak memory torchtitan reports (rules above ``MEMORY_RUNS``).
 """
 
 from __future__ import annotations
@@ -127,14 +128,42 @@ def test_flops_convention_matches_torchtitans_mfu() -> None:
     assert mfu == pytest.approx(0.33, abs=0.01)
 
 
+# [TT-H100] peak memory, as torchtitan reports it: the caching allocator's ``reserved_bytes.all.peak`` in GiB
+# (``torchtitan/metrics.py`` at the benchmark's commit 9dec370), the maximum over ranks. The estimate counts live
+# tensors, so it is below a reserved peak by the allocator's reserve; every row must lie within MEMORY_TOLERANCE
+# under it and never above it. torchtitan's setup at that commit (``train.py``, ``parallelize_llama.py``,
+# ``train_configs/llama3_8b.toml``): Llama 3.1 8B, bf16 FSDP2 (fp32 shards and reduce), AdamW, local batch = the
+# micro-batch (no accumulation), flash attention, the loss ``cross_entropy(pred.float())`` not compiled (its
+# compilation was disabled then), "selective" AC with ``selective_ac_option = "op"``: our ``selective-op``.
+MEMORY_TOLERANCE = 0.15
+MEMORY_RUNS = [
+    # (label, gpus, micro-batch, sequence, recompute, measured GiB)
+    ("Table 1 FSDP: 8 GPUs, op AC", 8, 2, 8192, "selective-op", 82.4),
+    ("Table 3 FSDP: 128 GPUs, op AC", 128, 2, 8192, "selective-op", 67.0),
+    # torch.compile fuses each block's elementwise ops (not modelled; measured 5.4 and 5.0 GiB lower than eager).
+    ("Table 1 FSDP + torch.compile: 8 GPUs, op AC", 8, 2, 8192, "selective-op", 77.0),
+    ("Table 3 FSDP + torch.compile: 128 GPUs, op AC", 128, 2, 8192, "selective-op", 62.0),
+    # Full AC keeps only each block's input, whatever compile and Float8 do inside the block; CP 1 is no CP.
+    ("Table 2 FSDP 8, CP 1 + compile + Float8: s 32768, full AC", 8, 1, 32768, "full", 83.9),
+]
+
+
+@pytest.mark.parametrize("label,gpus,mb,seq,recompute,measured", MEMORY_RUNS, ids=[r[0] for r in MEMORY_RUNS])
+def test_peak_memory_matches_published_runs(label: str, gpus: int, mb: int, seq: int, recompute: str,
+                                            measured: float) -> None:
+    """[TT-H100] Tables 1-3: the planner's per-GPU peak for torchtitan's layout is 2.6-9.8% under the reserved
+    peak it measured (docs/plan.md has the table; the 70B and 405B rows, which it misses, are recorded there)."""
+    lay = Layout(gpus=gpus, engine="fsdp", micro_batch=mb, seq_len=seq, global_batch=gpus * mb, recompute=recompute)
+    spec = get_preset("llama3-8b")
+    lay.validate(spec)
+    predicted = estimate(spec, lay)["per_gpu_bytes"] / GiB
+    assert (1 - MEMORY_TOLERANCE) * measured <= predicted <= measured, (label, predicted, measured)
+
+
 def test_model_state_memory_matches_published_runs() -> None:
     """[TT-H100] Tables 1 and 3 (FSDP rows without torch.compile): peak memory is 82.4 GiB on 8 GPUs and 67.0 GiB on
     128; the same microbatch and recomputation policy, so the 15.4 GiB between them is the model states FSDP2 shards
-    over 8 instead of 128 ranks (weights, gradients, AdamW states, gathered blocks). Ours: within 15% of it.
-
-    The absolute peaks are not compared: torchtitan's "op" selective checkpointing recomputes every other matmul
-    output, a policy the activation model does not have (ours keeps them all, +35% and +45% over the measured
-    peaks; docs/plan.md, memory references)."""
+    over 8 instead of 128 ranks (weights, gradients, AdamW states, gathered blocks). Ours: within 15% of it."""
     measured = (82.4 - 67.0) * GiB
     predicted = _titan_h100(8)[1]["per_gpu_bytes"] - _titan_h100(128)[1]["per_gpu_bytes"]
     assert predicted == pytest.approx(measured, rel=0.15)

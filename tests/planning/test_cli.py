@@ -356,3 +356,16 @@ def test_model_only_config_with_a_short_context_loads(tmp_path: Path, capsys: py
     assert json.loads(out)["seq_len"] == 512
     code, out, err = run(capsys, "model", "--config", str(cfg), "--override", "model.max_seq_len=256", "--json")
     assert code == 0 and json.loads(out)["seq_len"] == 256, err
+
+
+def test_memory_with_torchtitans_op_policy(capsys: pytest.CaptureFixture) -> None:
+    """``--recompute selective-op`` plans torchtitan's op-level checkpointing; search takes it as a constraint."""
+    argv = ["--preset", "llama3-8b", "--gpus", "8", "--fsdp", "--micro-batch", "2", "--seq-len", "8192"]
+    code, out, _ = run(capsys, "memory", *argv, "--recompute", "selective-op", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["layout"]["recompute"] == "selective-op"
+    code, out, _ = run(capsys, "memory", *argv, "--recompute", "selective", "--json")
+    assert r["phases"]["activations"] < json.loads(out)["phases"]["activations"]
+    code, out, _ = run(capsys, "search", *argv, "--recompute", "selective-op", "--gpu-memory", "80GiB", "--top", "1")
+    assert code == 0 and "selective-op" in out

@@ -61,11 +61,12 @@ def _gpt3_layer(p: int, flash: bool) -> int:
 def test_full_recompute_activations_exactly(flash: bool, dtype: str, p: int) -> None:
     """Full recomputation: each layer keeps its input, s*b*h values (2 s*b*h bytes in bf16), plus one layer recomputed
     at a time with its whole working set (the s*s scores too without flash); the last stage adds the final-norm and
-    head inputs and the logits in the training dtype and in fp32."""
+    head inputs and the loss's three fp32 logit-sized tensors (log-softmax output, its gradient, the gradient it
+    returns) live as backward begins."""
     L, V = GPT3_LIKE.num_layers, GPT3_LIKE.padded_vocab_size
     assert _gpt3_layer(2, False) == S * B * H * (34 + 5 * A * S / H)
     lay = Layout(seq_len=S, micro_batch=B, recompute="full", flash_attention=flash, dtype=dtype)
-    head = 2 * S * B * H * p + S * B * V * (p + 4)
+    head = 2 * S * B * H * p + S * B * V * 12
     assert estimate(GPT3_LIKE, lay)["phases"]["activations"] == L * p * S * B * H + _gpt3_layer(p, flash) + head
     # 1F1B on 2 stages, 4 microbatches: stage 0 keeps its 12 layer inputs for min(pp - 0, m) = 2 microbatches
     piped = dataclasses.replace(lay, gpus=2, pp=2, global_batch=4 * B)
@@ -194,3 +195,46 @@ def test_two_peaks_backward_and_optimizer_step() -> None:
     long = estimate(spec, Layout(gpus=8, zero=1, seq_len=4096, micro_batch=4))  # activations dominate
     assert long["peak_phase"] == "backward" and long["breakdown"]["fp32_gradients"] == 0
     assert sum(long["breakdown"].values()) == long["per_gpu_bytes"] == long["phases"]["backward"]
+
+
+LLAMA_LIKE = dataclasses.replace(REFERENCE_PRESETS["llama3-8b"], num_layers=4)  # GQA, SwiGLU, no bias, no dropout
+
+
+def test_selective_op_keeps_every_other_matmul_output() -> None:
+    """torchtitan's op policy on a Llama block (matmuls q, k, v, o, gate, up, down): the block input, q, v, gate and
+    down outputs and the flash attention output with its log-sum-exp are kept per layer; the block recomputed in
+    backward adds the rest of its activations (all of them minus the kept ones a plain block keeps too: not down)."""
+    spec, s, b = LLAMA_LIKE, 512, 2
+    h, f, heads, kv = spec.hidden_size, spec.ffn_size, spec.num_heads, spec.kv_heads * spec.head_dim
+    T = s * b
+    lay = Layout(seq_len=s, micro_batch=b, recompute="selective-op")
+    saved = T * (2 * (h + h + kv + f + h + h) + 4 * heads)  # input, q, v, gate, down, attention output; LSE
+    plain = T * (2 * (2 * h + 2 * h + 2 * kv) + 4 * heads + 2 * (2 * h + 4 * f))  # layer_activation_bytes, flash
+    assert layer_activation_bytes(spec, dataclasses.replace(lay, recompute="none")) == plain
+    head = 2 * T * h * 2 + T * spec.padded_vocab_size * 12
+    working = plain - (saved - 2 * T * h)
+    assert estimate(spec, lay)["phases"]["activations"] == spec.num_layers * saved + working + head
+    # A linear with a bias runs as addmm, which the policy does not save: only the input and attention output stay.
+    biased = dataclasses.replace(spec, bias=True)
+    assert estimate(biased, lay)["phases"]["activations"] < estimate(spec, lay)["phases"]["activations"]
+    order = [e["phases"]["activations"] for e in
+             (estimate(spec, dataclasses.replace(lay, recompute=rc)) for rc in ("full", "selective-op", "selective"))]
+    assert order == sorted(order)
+
+
+def test_selective_op_step_reruns_the_unsaved_projections() -> None:
+    """Its step recomputes the k, o and up projections once more forward: 2 FLOPs per weight and token."""
+    from megatron_lite.planning.steptime import step_time
+
+    spec = LLAMA_LIKE
+    h, f, kv = spec.hidden_size, spec.ffn_size, spec.kv_heads * spec.head_dim
+    lay = Layout(gpus=1, seq_len=512, micro_batch=1, global_batch=1)
+    base = step_time(spec, lay, 1e15, mfu=0.5)["compute_s"]
+    op = step_time(spec, dataclasses.replace(lay, recompute="selective-op"), 1e15, mfu=0.5)["compute_s"]
+    extra = 2 * (h * kv + spec.num_heads * spec.head_dim * h + h * f) * spec.num_layers * 512
+    assert op - base == pytest.approx(extra / (1e15 * 0.5), rel=1e-9)
+
+
+def test_selective_op_is_refused_for_encoder_decoders() -> None:
+    with pytest.raises(PlanError, match="selective-op is a decoder policy"):
+        estimate(REFERENCE_PRESETS["t5-small"], Layout(recompute="selective-op"))
