@@ -73,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if "torch" in sys.modules:  # a config error exits before torch is ever imported
+            import gc
+
             import torch.distributed as dist
 
+            # The engine's reference cycles (hooks, FSDP and DeepSpeed state) may hold gloo work objects with tensors;
+            # freed during interpreter shutdown they need a GIL that is gone, and the process aborts after a finished
+            # run. Free them now, while the interpreter is whole, then tear the groups down.
+            gc.collect()
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
     return 0

@@ -36,7 +36,7 @@ def single_losses(tiny_config: str, steps: int) -> list[float]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def _train_args(tiny_config: str, run: Path, steps: int, *overrides: str) -> list[str]:
