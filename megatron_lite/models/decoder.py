@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.init import InitRule, build_initialized
+from megatron_lite.models.init import InitRule, build_initialized, distinct_numel
 from megatron_lite.models.layers import (
     MLP,
     NORM_TYPES,
@@ -180,12 +180,7 @@ class DecoderLM(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token and learned
         position tables, the usual convention for FLOPs estimates; an untied lm_head stays, as it is a real matmul."""
-        seen = {id(p): p.numel() for p in self.parameters()}
-        if exclude_embeddings:
-            for module in (self.embed, self.pos_embed):
-                for p in module.parameters() if module is not None else ():
-                    seen.pop(id(p), None)
-        return sum(seen.values())
+        return distinct_numel(self, (self.embed, self.pos_embed) if exclude_embeddings else ())
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> DecoderLM:

@@ -126,3 +126,12 @@ def build_initialized(model_cls: type, family: str, cfg, device: str | torch.dev
     to_empty_keeping_ties(model, device)
     init_full_(model, model.init_rules(), seed)
     return model
+
+
+def distinct_numel(model: nn.Module, excluded: tuple[nn.Module | None, ...] = ()) -> int:
+    """Elements of ``model``'s distinct parameters (a tied matrix counts once), leaving out those of ``excluded``."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    for module in excluded:
+        for p in module.parameters() if module is not None else ():
+            seen.pop(id(p), None)
+    return sum(seen.values())
