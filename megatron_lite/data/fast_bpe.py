@@ -1,21 +1,47 @@
-"""An optional faster encoder for byte-level BPE tokenizers, through ``tiktoken`` (``--encoder tiktoken``).
+"""A faster encoder for byte-level BPE tokenizers through ``tiktoken``, used only where it gives ``tokenizers``' ids.
 
-Why: preprocessing spends nearly all its time inside the tokenizer. ``tiktoken`` applies a byte-level BPE faster
-than ``tokenizers`` on the same cores (preprocessing ran 1.6-2.7x faster, ``docs/benchmarks.md``), and it is a small, well-kept library, so it is offered for the
-tokenizers it can represent exactly: a ``tokenizers`` BPE with no normalizer, the byte-level pre-tokenizer (GPT-2's
-split pattern, or an explicit ``Split`` pattern followed by a byte-level mapping, as Llama 3 does), no dropout or
-subword prefixes, and whose merge list creates tokens in id order.
+Why: preprocessing spends nearly all its time inside the tokenizer, and ``tiktoken`` applies a byte-level BPE several
+times faster than ``tokenizers`` on the same cores (``docs/benchmarks.md``). It can stand in for the published
+byte-level BPEs (GPT-2's in either published form, Llama 3's, Qwen's with its NFC normalizer, Mistral's tekken as
+converted to ``tokenizer.json``) and for the ones ``train_tokenizer.py`` writes.
 
-The two apply BPE differently: ``tokenizers`` applies the merge list in order; ``tiktoken`` repeatedly joins the
-adjacent pair whose concatenation has the lowest id. For vocabularies learned by BPE training they agree on ordinary
-text, but they can differ on rare strings, so the choice is the user's, and ``preprocess`` compares the two on the
-first chunk of the corpus and stops with an error if any id differs. Either way the ids decode to the same text.
+The two libraries apply BPE differently. ``tokenizers`` repeatedly merges the adjacent pair that comes first in the
+merge list; ``tiktoken`` repeatedly joins the adjacent pair whose concatenation has the lowest rank, whatever the two
+parts, and returns a piece that is itself in the vocabulary without merging at all. The ranks are derived from the
+merge list: a token's rank is the index of the first merge that creates it (single bytes rank below every merge; with
+``ignore_merges``, tokens no merge creates rank above them all). Then the two agree on every input when
+
+1. the merges creating one token are contiguous in the list and ordered like their tokens' ranks (checked), and
+2. every token, encoded on its own without the whole-word shortcut, comes out the same from both (checked for every
+   token of the vocabulary, by both libraries); without ``ignore_merges``, a token ``tokenizers`` cannot rebuild from
+   its bytes is dropped from the ranks, since ``tokenizers`` can never produce it either.
+
+Why that suffices: in either algorithm the pair that finally forms a token in any context is the last pair of that
+token encoded alone (the merges inside its span happen in the same order as in isolation), so (2) makes the pairs that
+ever merge the same; (1) makes the two orders of those pairs the same, ties included (leftmost first in both). An
+exhaustive comparison over random merge lists (every string up to 10 symbols) found no difference where both
+conditions hold. ``preprocess`` still compares the two encoders on the start of every corpus, and a difference there
+makes ``auto`` use ``tokenizers``, so a gap in this reasoning costs speed, never correctness.
+
+Also handled: ids in any order (``tiktoken`` ranks are mapped to ids through a table), several merges per token,
+``ignore_merges``, added tokens (matched in the text as ``tokenizers`` matches them), and an NFC normalizer, applied in
+Python to the text between added tokens, as ``tokenizers`` applies it. Not representable, with the reason given:
+other models (Unigram/SentencePiece, WordPiece), byte fallback, dropout, subword prefixes, other normalizers or
+pre-tokenizers. The split regexes run in different engines (fancy-regex in ``tiktoken``, Oniguruma in
+``tokenizers``); the corpus check covers them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import unicodedata
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import DataError
 
@@ -36,6 +62,18 @@ def byte_level_alphabet() -> dict[str, int]:
             chars[b] = 256 + extra
             extra += 1
     return {chr(c): b for b, c in chars.items()}
+
+
+def _to_latin1_table() -> dict[int, str]:
+    """A ``str.translate`` table from byte-level characters to the Latin-1 character of their byte; characters
+    outside the alphabet become one that Latin-1 cannot encode, so a non-byte-level token fails loudly."""
+    table = {ord(c): chr(b) for c, b in byte_level_alphabet().items()}
+    for c in range(256):
+        table.setdefault(c, "\uffff")
+    return table
+
+
+_LATIN1 = _to_latin1_table()
 
 
 def split_pattern(pre_tokenizer: dict[str, Any] | None) -> str | None:
@@ -60,54 +98,300 @@ def split_pattern(pre_tokenizer: dict[str, Any] | None) -> str | None:
     return None
 
 
-def tiktoken_encoding(tokenizer_json: str, name: str) -> Any:
-    """A ``tiktoken.Encoding`` equivalent to the tokenizer in ``tokenizer_json``; DataError saying why when there is
-    none (``name`` is the tokenizer's file, for the message)."""
+def _normalizer(spec: dict[str, Any] | None) -> str | None | bool:
+    """``None`` for no normalizer, ``"NFC"`` for NFC (alone or as the only step of a sequence), False otherwise."""
+    if spec is None:
+        return None
+    if spec.get("type") == "Sequence":
+        steps = spec.get("normalizers", [])
+        return _normalizer(steps[0]) if len(steps) == 1 else (None if not steps else False)
+    return "NFC" if spec.get("type") == "NFC" else False
+
+
+class FastBPE:
+    """A byte-level BPE applied by ``tiktoken`` with ``tokenizers``' ids: what ``--encoder tiktoken`` runs."""
+
+    def __init__(self, encoding: Any, rank_to_id: np.ndarray | None, nfc: bool, added: dict[str, int]) -> None:
+        self.encoding = encoding
+        self.rank_to_id = rank_to_id  # None when the ranks are the ids
+        self.nfc = nfc
+        self.added = added
+        self._added_rank = {c: encoding._special_tokens[c] for c in added}
+        # Added tokens are found before normalization, like tokenizers' non-normalized added tokens.
+        self._added_re = re.compile("|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))) \
+            if added else None
+
+    def encode_ranks(self, text: str) -> list[int]:
+        """tiktoken's ranks for one text (added tokens written in the text become their tokens)."""
+        if not self.nfc or text.isascii():  # NFC leaves ASCII unchanged
+            return self.encoding.encode(text, allowed_special="all")
+        if self._added_re is None or not self._added_re.search(text):
+            return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
+        out: list[int] = []
+        start = 0
+        for m in self._added_re.finditer(text):
+            out += self.encoding.encode_ordinary(unicodedata.normalize("NFC", text[start:m.start()]))
+            out.append(self._added_rank[m.group()])
+            start = m.end()
+        out += self.encoding.encode_ordinary(unicodedata.normalize("NFC", text[start:]))
+        return out
+
+    def to_ids(self, ranks: np.ndarray) -> np.ndarray:
+        """Token ids for an array of ranks."""
+        return ranks if self.rank_to_id is None else self.rank_to_id[ranks]
+
+    def encode(self, text: str) -> list[int]:
+        ranks = self.encode_ranks(text)
+        return ranks if self.rank_to_id is None else self.rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+
+
+CACHE_FORMAT = 1  # bump when what is cached, or how it is derived, changes
+
+
+def cache_dir() -> Path | None:
+    """Where checked rank tables are kept (``MEGATRON_LITE_CACHE``, else ``~/.cache/megatron_lite``); None when the
+    variable is set empty, which turns the cache off."""
+    root = os.environ.get("MEGATRON_LITE_CACHE")
+    if root == "":
+        return None
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron_lite"
+    return base / "fast_bpe"
+
+
+def fast_bpe(path: str, reference: Any) -> FastBPE:
+    """A :class:`FastBPE` giving exactly the ids of the tokenizer file ``path`` (``reference`` is that file loaded by
+    ``tokenizers``, used to check every token); DataError saying why when there is none.
+
+    Checking every token of a 128k vocabulary takes seconds, so the checked rank table is cached under the file's
+    sha256 and both libraries' versions (:func:`cache_dir`); a hit costs reading it."""
     try:
         import tiktoken
     except ImportError:
-        raise DataError(f"{name}: --encoder tiktoken needs the tiktoken package (pip install tiktoken)") from None
-    spec = json.loads(tokenizer_json)
+        raise DataError(f"{path}: --encoder tiktoken needs the tiktoken package (pip install tiktoken)") from None
+    data = Path(path).read_bytes()
+    key = _cache_key(data, tiktoken)
+    hit = _load_cached(key, tiktoken, path)
+    if hit is not None:
+        return hit
+    fast = _derive(data, path, reference, tiktoken)
+    _save_cached(key, fast)
+    return fast
+
+
+def _derive(data: bytes, name: str, reference: Any, tiktoken: Any) -> FastBPE:
+    def refuse(why: str) -> DataError:
+        return DataError(f"{name}: --encoder tiktoken cannot represent this tokenizer ({why}); use --encoder tokenizers")
+
+    spec = json.loads(data)
     model = spec.get("model", {})
-    why = _unsupported(spec, model)
+    # Added tokens as tokenizers loaded them: it keeps a listed id only where the content is also in the vocabulary.
+    decoder = reference.get_added_tokens_decoder()
+    why = _unsupported(spec, model, list(decoder.values()))
     if why:
-        raise DataError(f"{name}: --encoder tiktoken cannot represent this tokenizer ({why}); use --encoder tokenizers")
+        raise refuse(why)
+    added = {t.content: i for i, t in decoder.items()}
+    vocab: dict[str, int] = model["vocab"]
+    ignore_merges = bool(model.get("ignore_merges"))
+    ranks, why = _ranks_from_merges(vocab, model.get("merges", []), set(added), ignore_merges)
+    if why:
+        raise refuse(why)
+    theirs = _reference_alone(reference, [t for t, r in ranks.items() if r >= 256])
+    if not ignore_merges:  # tokenizers can never produce a token it does not rebuild from the token's own bytes
+        for t, ids in theirs.items():
+            if ids != [vocab[t]]:
+                del ranks[t]
+    mergeable, specials, lut = _tables(name, ranks, vocab, added)
+    pattern = split_pattern(spec.get("pre_tokenizer"))
+    fast = FastBPE(_encoding(tiktoken, name, pattern, mergeable, specials), lut,
+                   _normalizer(spec.get("normalizer")) == "NFC", added)
+    tokens = [t for t, r in ranks.items() if r >= 256]
+    ours = _isolated(fast, [t.translate(_LATIN1).encode("latin-1") for t in tokens])
+    for t, ids in zip(tokens, ours):
+        if ids != theirs[t]:
+            raise refuse(f"token {t!r} encoded alone gives {ids} with tiktoken and {theirs[t]} with tokenizers")
+    return fast
+
+
+def _cache_key(data: bytes, tiktoken: Any) -> str:
+    import tokenizers
+
+    versions = f"{CACHE_FORMAT}:{tiktoken.__version__}:{tokenizers.__version__}".encode()
+    return hashlib.sha256(versions + b"\0" + data).hexdigest()
+
+
+def _load_cached(key: str, tiktoken: Any, name: str) -> FastBPE | None:
+    root = cache_dir()
+    file = root / f"{key}.npz" if root else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            blob, offsets, values = z["tokens"].tobytes(), z["offsets"].tolist(), z["values"].tolist()
+            meta = json.loads(str(z["meta"]))
+            lut = z["lut"] if z["lut"].size else None
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: derive again (and overwrite it)
+    mergeable = {blob[a:b]: v for a, b, v in zip(offsets, offsets[1:], values)}
+    enc = _encoding(tiktoken, name, meta["pattern"], mergeable, meta["specials"])
+    return FastBPE(enc, lut, meta["nfc"], meta["added"])
+
+
+def _save_cached(key: str, fast: FastBPE) -> None:
+    root = cache_dir()
+    if root is None:
+        return
+    enc = fast.encoding
+    tokens = list(enc._mergeable_ranks)
+    offsets = np.cumsum([0] + [len(t) for t in tokens])
+    meta = {"pattern": enc._pat_str, "specials": enc._special_tokens, "nfc": fast.nfc, "added": fast.added}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{key}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, tokens=np.frombuffer(b"".join(tokens), dtype=np.uint8), offsets=offsets,
+                 values=np.fromiter(enc._mergeable_ranks.values(), dtype=np.int64, count=len(tokens)),
+                 lut=fast.rank_to_id if fast.rank_to_id is not None else np.zeros(0, dtype=np.int64),
+                 meta=np.array(json.dumps(meta)))
+        os.replace(tmp, root / f"{key}.npz")
+    except OSError:
+        pass  # a read-only or full cache costs time on the next load, nothing else
+
+
+def _ranks_from_merges(vocab: dict[str, int], merges: list, added: set[str],
+                       ignore_merges: bool) -> tuple[dict[str, int], str | None]:
+    """tiktoken ranks by token (byte-level string): bytes 0-255, then 256 + the index of the first merge creating the
+    token; with ignore_merges, tokens no merge creates after all of those. Or the reason there are none."""
     alphabet = byte_level_alphabet()
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    ranks: dict[bytes, int] = {}
-    for token, i in model["vocab"].items():
-        if token in added:
-            continue
-        try:
-            ranks[bytes(alphabet[c] for c in token)] = i
-        except KeyError:
-            raise DataError(f"{name}: token {token!r} is not byte-level; use --encoder tokenizers") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    missing = [b for c, b in alphabet.items() if c not in vocab or c in added]
     if missing:
-        raise DataError(f"{name}: the vocabulary lacks {len(missing)} single bytes (e.g. {missing[0]}), so tiktoken "
-                        "cannot encode every text; use --encoder tokenizers")
-    return tiktoken.Encoding(name=f"megatron_lite:{name}", pat_str=split_pattern(spec.get("pre_tokenizer")),
-                             mergeable_ranks=ranks, special_tokens=added)
+        return {}, f"the vocabulary lacks {len(missing)} single bytes (e.g. {missing[0]}), so tiktoken cannot encode " \
+                   "every text"
+    ranks: dict[str, int] = {c: b for c, b in alphabet.items()}
+    seen: set[tuple[str, str]] = set()
+    last = -1
+    for i, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        token = a + b
+        if (a, b) in seen:
+            return {}, f"the merge {a!r} + {b!r} is listed twice"
+        seen.add((a, b))
+        first = ranks.setdefault(token, 256 + i)
+        if first < last:  # merges creating an earlier token must not come after merges creating a later one
+            return {}, f"merge {i} ({a!r} + {b!r}) creates {token!r} after merges creating later tokens"
+        last = first
+    n = 256 + len(merges)
+    for token in vocab:
+        if token not in ranks and token not in added:
+            if not ignore_merges:
+                continue  # tokenizers can never produce a token no merge creates
+            ranks[token] = n
+            n += 1
+    return ranks, None
 
 
-def _unsupported(spec: dict[str, Any], model: dict[str, Any]) -> str | None:
-    """What keeps the tokenizer from being a plain byte-level BPE that tiktoken can run, or None."""
+def _tables(name: str, ranks: dict[str, int], vocab: dict[str, int],
+            added: dict[str, int]) -> tuple[dict[bytes, int], dict[str, int], np.ndarray | None]:
+    """tiktoken's mergeable ranks and special tokens for ``ranks``, and the rank -> id table (None when the ranks can
+    simply be the ids, i.e. the ids of multi-byte tokens increase with their ranks)."""
+    by_rank = sorted((r, t) for t, r in ranks.items())
+    multi = [vocab[t] for r, t in by_rank if r >= 256]
+    same_order = all(x < y for x, y in zip(multi, multi[1:]))
+    mergeable: dict[bytes, int] = {}
+    try:
+        for r, t in by_rank:
+            mergeable[t.translate(_LATIN1).encode("latin-1")] = vocab[t] if same_order else r
+    except UnicodeEncodeError:
+        bad = next(t for _, t in by_rank if "\uffff" in t.translate(_LATIN1))
+        raise DataError(f"{name}: token {bad!r} is not byte-level; use --encoder tokenizers") from None
+    if same_order:
+        return mergeable, dict(added), None
+    top = max(ranks.values()) + 1
+    specials = {c: top + k for k, c in enumerate(added)}
+    lut = np.zeros(top + len(added), dtype=np.int64)
+    for t, r in ranks.items():
+        lut[r] = vocab[t]
+    for c, i in added.items():
+        lut[specials[c]] = i
+    return mergeable, specials, lut
+
+
+def _encoding(tiktoken: Any, name: str, pattern: str, mergeable: dict[bytes, int], specials: dict[str, int]) -> Any:
+    return tiktoken.Encoding(name=f"megatron_lite:{name}", pat_str=pattern, mergeable_ranks=mergeable,
+                             special_tokens=specials)
+
+
+def _reference_alone(reference: Any, tokens: list[str]) -> dict[str, list[int]]:
+    """The ids ``tokenizers`` gives each token encoded alone, by its merges (never returned whole: ignore_merges is
+    switched off for the call, then restored)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    model = reference.model
+    bare = HFTokenizer(model)  # the same model with no normalizer, pre-tokenizer or added tokens: one word per token
+    saved = bool(getattr(model, "ignore_merges", False))
+    try:
+        model.ignore_merges = False
+        encoded = bare.encode_batch_fast(tokens, add_special_tokens=False)
+    finally:
+        model.ignore_merges = saved
+        model._clear_cache()  # holds words encoded without the shortcut
+    return {t: e.ids for t, e in zip(tokens, encoded)}
+
+
+def _isolated(fast: FastBPE, tokens: list[bytes]) -> list[list[int]]:
+    """Ids tiktoken's BPE gives each token's bytes alone, without returning a vocabulary entry whole.
+
+    A byte that no multi-byte token contains is appended, so the piece is not in the vocabulary but merges exactly as
+    the token would; its own id is then removed."""
+    used = set(b"".join(tokens))
+    free = next((b for b in range(255, -1, -1) if b not in used), None)
+    if free is None:
+        out = [_merge_alone(fast.encoding, t) for t in tokens]
+    else:
+        sentinel = bytes([free])
+        piece = fast.encoding._core_bpe.encode_single_piece
+        out = [piece(t + sentinel)[:-1] for t in tokens]
+    if fast.rank_to_id is None:
+        return out
+    return [fast.rank_to_id[np.asarray(x, dtype=np.int64)].tolist() for x in out]
+
+
+def _merge_alone(enc: Any, token: bytes) -> list[int]:
+    """tiktoken's merge loop in Python, for vocabularies in which every byte occurs in some multi-byte token."""
+    ranks = enc._mergeable_ranks
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            return [ranks[p] for p in parts]
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def _unsupported(spec: dict[str, Any], model: dict[str, Any], added: list[Any]) -> str | None:
+    """What keeps the tokenizer from being a byte-level BPE that tiktoken can run, or None (``added``: its added
+    tokens, as ``tokenizers.AddedToken``)."""
     if model.get("type") != "BPE":
         return f"model type {model.get('type')!r}, expected BPE"
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         return "BPE dropout or subword prefixes/suffixes"
     if model.get("byte_fallback"):
         return "byte fallback"
-    if spec.get("normalizer") is not None:
-        return "a normalizer"
+    normalizer = _normalizer(spec.get("normalizer"))
+    if normalizer is False:
+        return f"normalizer {spec['normalizer'].get('type')!r}; only NFC is applied exactly"
     if split_pattern(spec.get("pre_tokenizer")) is None:
         return "a pre-tokenizer other than the byte-level one"
-    for t in spec.get("added_tokens", []):
-        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-            return f"added token {t['content']!r} strips whitespace or matches single words only"
-    vocab = model["vocab"]
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
-    created = [vocab.get(a + b) for a, b in merges]
-    if any(i is None for i in created) or any(x >= y for x, y in zip(created, created[1:])):
-        return "its merges do not create tokens in id order"
+    for t in added:
+        if t.lstrip or t.rstrip or t.single_word:
+            return f"added token {t.content!r} strips whitespace or matches single words only"
+        if normalizer and t.normalized:
+            return f"added token {t.content!r} is matched after normalization"
+    contents = sorted(t.content for t in added)
+    for a, b in zip(contents, contents[1:]):
+        if b.startswith(a):  # tokenizers takes the longest match, tiktoken the first alternative
+            return f"added token {a!r} is a prefix of added token {b!r}"
     return None
+

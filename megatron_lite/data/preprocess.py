@@ -66,19 +66,13 @@ def _encode_chunk(texts: list[str], tok: Tokenizer | None = None, append_eod: bo
     tok = tok or _WORKER["tok"]
     append_eod = _WORKER["eod"] if append_eod is None else append_eod
     dtype = _WORKER["dtype"] if dtype is None else dtype
-    ids = tok.encode_batch(texts)
-    if append_eod:
-        for x in ids:
-            x.append(tok.eod_id)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    try:
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    except OverflowError:  # numpy refuses an id outside the dtype; find it and say which
-        info = np.iinfo(dtype)
-        bad = next(i for x in ids for i in x if not info.min <= i <= info.max)
+    ids, lengths = tok.encode_packed(texts, append_eod)
+    info = np.iinfo(dtype)
+    if ids.size and (ids.min() < info.min or ids.max() > info.max):  # an id outside the dtype; say which
+        bad = int(ids[(ids < info.min) | (ids > info.max)][0])
         raise DataError(f"{tok.file}: token id {bad} does not fit the output dtype {dtype.name} (expected ids "
-                        f"{info.min}..{info.max}; the dtype was chosen from the vocabulary's largest id)") from None
-    return flat, lengths
+                        f"{info.min}..{info.max}; the dtype was chosen from the vocabulary's largest id)")
+    return ids.astype(dtype, copy=False), lengths
 
 
 def token_dtype(tok: Tokenizer) -> np.dtype:
@@ -105,6 +99,20 @@ def _chunks(docs: Iterable[str], stats: SourceStats) -> Iterator[tuple[list[str]
 
 
 CHECK_DOCS = 256  # documents at the start of the corpus on which another encoder must agree with tokenizers
+CHECK_CHARS = 1 << 18  # and at most this many characters of them: the check runs the slow encoder, before any worker
+
+
+def check_sample(texts: list[str]) -> list[str]:
+    """The start of the corpus the encoders are compared on: the first ``CHECK_DOCS`` documents, cut at
+    ``CHECK_CHARS`` characters in all (a cut document is still text both must encode alike)."""
+    out: list[str] = []
+    room = CHECK_CHARS
+    for t in texts[:CHECK_DOCS]:
+        if room <= 0:
+            break
+        out.append(t[:room])
+        room -= len(out[-1])
+    return out
 
 
 def check_encoder(tok: Tokenizer, texts: list[str]) -> str:
@@ -149,7 +157,7 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
                           stats=stats, dataset=dataset, split=split)
     chunks = _chunks(docs, stats)
     first = next(chunks, None)  # the encoder is settled on it before any worker starts
-    check = check_encoder(tok, first[0][:CHECK_DOCS]) if first else "no documents"
+    check = check_encoder(tok, check_sample(first[0])) if first else "no documents"
     chosen = encoder_line(tok, check)
     log(chosen)
     chunks = itertools.chain([first] if first else [], chunks)

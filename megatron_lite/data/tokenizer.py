@@ -11,12 +11,15 @@ Accepted: a ``tokenizers`` JSON file, or a directory holding ``tokenizer.json`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .errors import DataError, first_line
-from .fast_bpe import tiktoken_encoding
+from .fast_bpe import FastBPE, fast_bpe
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -59,10 +62,10 @@ class Tokenizer:
             raise DataError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
         self.requested = encoder  # what was asked for; ``encoder`` is what applies it
         self.fallback: str | None = None  # with auto: why the reference encoder is used, if it is
-        self._fast = None
+        self._fast: FastBPE | None = None
         if encoder in ("tiktoken", "auto"):
             try:
-                self._fast = tiktoken_encoding(self._tok.to_str(), self.file)
+                self._fast = fast_bpe(self.file, self._tok)
             except DataError as e:
                 if encoder == "tiktoken":
                     raise
@@ -93,10 +96,27 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text, with the chosen encoder (added tokens written literally in the text become their ids)."""
+        if self._fast is None:
+            return self.reference_encode_batch(texts)
+        ranks = _encode_slices(self._fast, texts, _threads())
+        if self._fast.rank_to_id is None:
+            return ranks
+        return [self._fast.to_ids(np.asarray(r, dtype=np.int64)).tolist() for r in ranks]
+
+    def encode_packed(self, texts: list[str], append_eod: bool) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated (int64, with the EOD id after each text when asked) and each text's length:
+        what a shard stores, without a Python list per text where the fast encoder maps ranks to ids."""
+        ids = _encode_slices(self._fast, texts, _threads()) if self._fast is not None \
+            else self.reference_encode_batch(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         if self._fast is not None:
-            threads = 1 if os.environ.get("RAYON_NUM_THREADS") == "1" else (os.cpu_count() or 1)
-            return _encode_slices(self._fast, texts, threads)
-        return self.reference_encode_batch(texts)
+            flat = self._fast.to_ids(flat)
+        if append_eod:
+            ends = np.cumsum(lengths)
+            flat = np.insert(flat, ends, self.eod_id)
+            lengths = lengths + 1
+        return flat, lengths
 
     def reference_encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Ids from ``tokenizers`` itself. ``encode_batch_fast`` gives the same ids as ``encode_batch`` without
@@ -114,13 +134,18 @@ class Tokenizer:
         return self._tok
 
 
-def _encode_slices(encoding, texts: list[str], threads: int) -> list[list[int]]:
-    """tiktoken over contiguous slices of ``texts``, one per thread (it releases the GIL while encoding).
+def _threads() -> int:
+    """Threads for tiktoken: one inside a preprocessing worker (one process per core already), else every core."""
+    return 1 if os.environ.get("RAYON_NUM_THREADS") == "1" else (os.cpu_count() or 1)
+
+
+def _encode_slices(fast: FastBPE, texts: list[str], threads: int) -> list[list[int]]:
+    """tiktoken's ranks over contiguous slices of ``texts``, one per thread (it releases the GIL while encoding).
 
     tiktoken's own ``encode_batch`` submits one task per text, which costs more than encoding a short document.
     """
     def run(part: list[str]) -> list[list[int]]:
-        return [encoding.encode(t, allowed_special="all") for t in part]
+        return [fast.encode_ranks(t) for t in part]
 
     if threads <= 1 or len(texts) < 2 * threads:
         return run(texts)

@@ -31,6 +31,12 @@ def write_shard(prefix, n_docs: int, seed: int = 0, max_len: int = 30, dtype=np.
     return docs
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fast_bpe_cache(tmp_path_factory):
+    """Checked rank tables go to a directory of this session's, not the user's cache."""
+    os.environ["MEGATRON_LITE_CACHE"] = str(tmp_path_factory.mktemp("fast_bpe_cache"))
+
+
 @pytest.fixture
 def shard(tmp_path):
     prefix = str(tmp_path / "shard")

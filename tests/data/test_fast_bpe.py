@@ -30,31 +30,45 @@ def test_tiktoken_writes_the_same_bytes_as_tokenizers(tmp_path, corpus, tokenize
     assert tok.encode_batch(["a <|endoftext|> b"])[0].count(tok.eod_id) == 1  # special tokens in text, as tokenizers
 
 
-def disagreeing_tokenizer(path) -> None:
-    """A byte-level BPE whose merges are ("b","c"), ("a","b"), ("ab","c"): merge order turns "abc" into [a, bc],
-    while joining the lowest-id pair (tiktoken) gives [abc]."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
+def _byte_level_bpe(path, merges, pattern=None, ignore_merges=False) -> None:
+    """A byte-level BPE over every byte with ``merges`` (of ASCII letters) on top, EOD first."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
     alphabet = sorted(byte_level_alphabet(), key=lambda c: byte_level_alphabet()[c])
     vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
-    for token in ("bc", "ab", "abc"):
-        vocab[token] = len(vocab)
-    tok = Tokenizer(BPE(vocab, [("b", "c"), ("a", "b"), ("ab", "c")]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(BPE(vocab, merges, ignore_merges=ignore_merges))
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(path))
 
 
-def test_a_disagreement_on_the_first_documents_stops_the_run(tmp_path) -> None:
-    disagreeing_tokenizer(tmp_path / "tok.json")
+# Merge order turns "abc" into [a, bc]: "abc" is in the vocabulary but tokenizers can never produce it.
+UNREACHABLE = [("b", "c"), ("a", "b"), ("ab", "c")]
+
+
+def test_a_token_tokenizers_cannot_produce_is_left_out_of_the_ranks(tmp_path) -> None:
+    _byte_level_bpe(tmp_path / "tok.json", UNREACHABLE)
     reference = load_tokenizer(tmp_path / "tok.json")
+    fast = load_tokenizer(tmp_path / "tok.json", "tiktoken")
+    texts = ["abc", "abcabc abc", "xabcx ab bc", "aabbcc"]
     assert reference.encode("abc") == [reference.backend.token_to_id(t) for t in ("a", "bc")]
-    assert load_tokenizer(tmp_path / "tok.json", "tiktoken").encode_batch(["abc"]) == [[259]]
-    (tmp_path / "in.txt").write_text("xyz\n\nabc abc\n")
+    assert fast.encode_batch(texts) == reference.reference_encode_batch(texts)
+
+
+def test_a_disagreement_on_the_first_documents_stops_the_run(tmp_path) -> None:
+    # POSIX classes are ASCII in tiktoken's regex engine and Unicode in tokenizers': "é" splits differently.
+    _byte_level_bpe(tmp_path / "tok.json", [("f", "Ã"), ("fÃ", "©")], pattern=r"[[:alpha:]]+|[^[:alpha:]]+")
+    (tmp_path / "in.txt").write_text("xyz\n\ncafé café\n")
     with pytest.raises(DataError, match=r"tok\.json: --encoder tiktoken and tokenizers give different ids for "
-                                         r"document 2 \('abc abc'\.\.\.\); use --encoder tokenizers"):
+                                         r"document 2 \('café café'\.\.\.\); use --encoder tokenizers"):
         preprocess([str(tmp_path / "in.txt")], str(tmp_path / "tok.json"), str(tmp_path / "out"),
                    encoder="tiktoken", **QUIET)
     assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
@@ -66,7 +80,8 @@ def test_tokenizers_tiktoken_cannot_represent_are_refused_by_name(tmp_path, toke
     spec["normalizer"] = {"type": "Lowercase"}
     (tmp_path / "lower.json").write_text(json.dumps(spec))
     with pytest.raises(DataError, match=r"lower\.json: --encoder tiktoken cannot represent this tokenizer "
-                                         r"\(a normalizer\); use --encoder tokenizers"):
+                                         r"\(normalizer 'Lowercase'; only NFC is applied exactly\); use --encoder "
+                                         r"tokenizers"):
         load_tokenizer(tmp_path / "lower.json", "tiktoken")
     with pytest.raises(DataError, match=r"encoder 'sentencepiece': expected one of auto, tokenizers, tiktoken"):
         load_tokenizer(tokenizer_dir, "sentencepiece")
@@ -108,8 +123,8 @@ def test_auto_falls_back_for_a_tokenizer_tiktoken_cannot_represent(tmp_path):
 
 
 def test_auto_falls_back_when_the_encoders_disagree_on_the_first_documents(tmp_path):
-    disagreeing_tokenizer(tmp_path / "tok.json")
-    (tmp_path / "in.txt").write_text("xyz\n\nabc abc\n")
+    _byte_level_bpe(tmp_path / "tok.json", [("f", "Ã"), ("fÃ", "©")], pattern=r"[[:alpha:]]+|[^[:alpha:]]+")
+    (tmp_path / "in.txt").write_text("xyz\n\ncafé café\n")
     lines, sidecar, auto_bytes = _run(tmp_path, [str(tmp_path / "in.txt")], tmp_path / "tok.json", "auto", workers=2)
     _, _, reference = _run(tmp_path, [str(tmp_path / "in.txt")], tmp_path / "tok.json", "ref", encoder="tokenizers")
     assert auto_bytes == reference

@@ -161,8 +161,8 @@ def test_encoded_id_outside_dtype_names_tokenizer_id_and_dtype():
     class Emits70000:
         file, eod_id = "/models/tok.json", 0
 
-        def encode_batch(self, texts):
-            return [[1, 2], [70000]]
+        def encode_packed(self, texts, append_eod):
+            return np.array([1, 2, 70000]), np.array([2, 1])
 
     with pytest.raises(DataError, match=r"^/models/tok.json: token id 70000 does not fit the output dtype uint16 "
                                         r"\(expected ids 0..65535"):
