@@ -12,7 +12,6 @@ Add a subcommand by writing ``add_<name>(subparsers)`` that registers a parser w
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -21,150 +20,18 @@ import time
 from pathlib import Path
 
 
-def stdlib_docstrings(limit_chars: int | None = None, per_module: bool = False) -> list[str]:
-    """Every docstring of the standard library's modules, found with ``ast``: ~1.8M characters of real prose.
-
-    ``per_module``: one long document per module (its docstrings joined by blank lines), ~2k documents of up to
-    ~100k characters, the shape of books rather than of web snippets."""
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-            continue
-        module: list[str] = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                d = ast.get_docstring(node)
-                if d and len(d) > 20:
-                    module.append(d)
-                    total += len(d)
-        if per_module and module:
-            docs.append("\n\n".join(module))
-        elif not per_module:
-            docs.extend(module)
-        if limit_chars and total >= limit_chars:
-            return docs
-    return docs
-
-
-def _baseline_map(jsonl: Path, tok_dir: Path) -> tuple[int, float]:
-    """``datasets.map`` with a fast tokenizer, batched, on all cores: the plain way to do it."""
-    import datasets
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
-    with tempfile.TemporaryDirectory(dir=jsonl.parent) as cache:  # a cold cache each time: nothing reused
-        t0 = time.perf_counter()
-        ds = datasets.load_dataset("json", data_files=str(jsonl), split="train", cache_dir=cache)
-        out = ds.map(lambda b: {"ids": tok(b["text"])["input_ids"]}, batched=True, batch_size=1000,
-                     remove_columns=["text"], num_proc=os.cpu_count(), load_from_cache_file=False)
-        n = sum(len(x) for x in out["ids"])
-        return n, time.perf_counter() - t0
-
-
 def run_data(a: argparse.Namespace) -> int:
-    import numpy as np
+    from megatron_lite.bench.data import run
 
-    from megatron_lite.config import DataConfig
-    from megatron_lite.data import GlobalBatchLoader, IndexedDataset, build_datasets
-    from megatron_lite.data.preprocess import preprocess
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_tokenizer import train
-
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-data-"))
-    work.mkdir(parents=True, exist_ok=True)
-    jsonl = work / "docstrings.jsonl"
-    t = time.perf_counter()
-    docs = stdlib_docstrings(per_module=a.long_documents)
-    docs = docs * a.repeat
-    with open(jsonl, "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    chars = sum(map(len, docs))
-    kind = "modules' docstrings (one document per module)" if a.long_documents else "stdlib docstrings"
-    print(f"corpus: {len(docs):,} {kind} x{a.repeat}, {chars / 1e6:.2f}M characters "
-          f"({time.perf_counter() - t:.1f} s to collect)")
-    tok_dir = work / "tok"
-    if not (tok_dir / "tokenizer.json").exists():
-        t = time.perf_counter()
-        tok = train(iter(docs), a.vocab_size)
-        tok_dir.mkdir(exist_ok=True)
-        tok.save(str(tok_dir / "tokenizer.json"))
-        print(f"tokenizer: byte-level BPE, vocabulary {a.vocab_size:,}, trained in {time.perf_counter() - t:.1f} s")
-    # Best of --trials runs for each side: on a shared machine the fastest run is the one least disturbed by others.
-    seconds: dict[str, float] = {}
-    for encoder in a.encoders:
-        for w in a.workers:
-            prefix = work / f"shard-{encoder}-w{w}"
-            runs = [preprocess([str(jsonl)], str(tok_dir), str(prefix), workers=w, append_eod=True, overwrite=True,
-                               progress=False, log=lambda s: None, encoder=encoder) for _ in range(a.trials)]
-            best = min(runs, key=lambda r: r.seconds)
-            name = f"--encoder {encoder} --workers {w}"
-            seconds[name] = best.seconds
-            print(f"preprocess {name}: {best.documents:,} docs, {best.tokens:,} tokens (EOD included), "
-                  f"best of {a.trials}: {best.seconds:.2f} s, {best.tokens_per_second:,.0f} tokens/s")
-    shards = {(work / f"shard-{e}-w{w}.bin").read_bytes() for e in a.encoders for w in a.workers}
-    print(f"outputs of all encoders and worker counts identical: {len(shards) == 1}")
-    if a.baseline:
-        runs = [_baseline_map(jsonl, tok_dir) for _ in range(a.trials)]
-        n, sec = min(runs, key=lambda r: r[1])
-        print(f"baseline datasets.map + PreTrainedTokenizerFast (num_proc={os.cpu_count()}): {n:,} tokens, "
-              f"best of {a.trials}: {sec:.2f} s, {n / sec:,.0f} tokens/s")
-        for name, ours in seconds.items():
-            print(f"speed-up of preprocess {name} over the baseline (time for the same corpus): {sec / ours:.2f}x")
-    prefix = work / f"shard-{a.encoders[0]}-w{a.workers[-1]}"
-    t = time.perf_counter()
-    for _ in range(100):
-        IndexedDataset(prefix)
-    print(f"open .bin/.idx: {(time.perf_counter() - t) * 10:.2f} ms")
-    cfg = DataConfig(prefixes=str(prefix), split="100,0,0", seq_len=a.seq_len, seed=1,
-                     reset_at_document=a.reset_at_document, cache_dir=str(work / "cache"), prefetch=2)
-    n_samples = a.steps * a.global_batch
-    t = time.perf_counter()
-    ds = build_datasets(cfg, {"train": n_samples}, log=lambda s: None)["train"]
-    print(f"index build (first use, {n_samples:,} samples over {ds.epochs} epochs): {time.perf_counter() - t:.2f} s")
-    t = time.perf_counter()
-    for i in range(min(len(ds), 20000)):
-        ds[i]
-    dt = time.perf_counter() - t
-    n = min(len(ds), 20000)
-    print(f"reader: {n / dt:,.0f} samples/s, {n * a.seq_len / dt / 1e6:.2f}M tokens/s (seq_len {a.seq_len})")
-    for prefetch in (0, 2):
-        loader = GlobalBatchLoader(ds, a.global_batch, a.micro_batch, 0, 1, prefetch=prefetch)
-        t = time.perf_counter()
-        steps = 0
-        for _ in loader:
-            steps += 1
-        dt = time.perf_counter() - t
-        print(f"loader (global batch {a.global_batch}, micro {a.micro_batch}, prefetch {prefetch}): "
-              f"{steps * a.global_batch / dt:,.0f} samples/s, {steps * a.global_batch * a.seq_len / dt / 1e6:.2f}M "
-              f"tokens/s, {dt / steps * 1e3:.1f} ms per global batch")
-    return 0
+    return run(a)
 
 
 def add_data(sub) -> None:
-    p = sub.add_parser("data", help="preprocessing tokens/s (vs a datasets.map baseline) and reader/loader throughput")
-    p.add_argument("--workdir", help="keep the corpus, tokenizer and shards here (default: a temporary directory)")
-    p.add_argument("--repeat", type=int, default=1, help="repeat the docstring corpus this many times")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--encoders", nargs="+", default=["auto", "tokenizers", "tiktoken"],
-                   choices=["auto", "tokenizers", "tiktoken"], help="auto (the default command's) first")
-    p.add_argument("--long-documents", action="store_true", help="one document per module instead of per docstring")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false")
-    p.add_argument("--trials", type=int, default=3, help="runs of each preprocessing measurement; the best is shown")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--global-batch", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--reset-at-document", action="store_true")
+    from megatron_lite.bench.data import add_arguments
+
+    p = sub.add_parser("data", help="preprocessing, whole process, per tokenizer (vs a datasets.map baseline and the "
+                                    "tokenizer-only ceiling); reader/loader throughput")
+    add_arguments(p)
     p.set_defaults(func=run_data)
 
 

@@ -29,11 +29,15 @@ The .bin dtype is uint16 when the largest token id + 1 is under 65,500, else int
 
 The progress bar counts bytes of the input files (records for --dataset); a streamed dataset of unknown size shows
 no ETA.
-The encoder (--encoder auto, the default) is tiktoken for a byte-level BPE it can represent exactly (several times
-faster, docs/benchmarks.md), else tokenizers, with one line saying why. The two apply merges differently and can
-disagree on rare strings, so the first 256 documents are encoded both ways: a difference makes auto use tokenizers,
-and stops an explicit --encoder tiktoken. PREFIX.json beside the shards records the encoder and its check, the
-tokenizer's sha256, the inputs and their sizes, the counts and the command line.
+The encoder (--encoder auto, the default) is tiktoken for a byte-level BPE it represents exactly (GPT-2's, Llama 3's,
+Qwen's with NFC, tekken's as tokenizer.json, and those train_tokenizer.py writes; several times faster,
+docs/benchmarks.md), else tokenizers, with one line saying why (Unigram/SentencePiece, WordPiece, byte fallback, other
+normalizers). Exact means: tiktoken's ranks are derived from the merge list and every token of the vocabulary is
+encoded alone by both libraries when the tokenizer is first loaded (the checked table is cached under
+~/.cache/megatron_lite, or MEGATRON_LITE_CACHE; empty turns the cache off); the start of the corpus (256 documents,
+at most 256k characters) is then encoded both ways: a difference makes auto use tokenizers, and stops an explicit
+--encoder tiktoken. PREFIX.json beside the shards records the encoder and its check, the tokenizer's sha256, the
+inputs and their sizes, the counts and the command line.
 The output is written under a temporary name and renamed at the end; it is byte-identical for any --workers.
 Existing output is never replaced without --overwrite, and is kept if the run fails.
 """

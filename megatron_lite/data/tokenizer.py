@@ -69,7 +69,8 @@ class Tokenizer:
             except DataError as e:
                 if encoder == "tiktoken":
                     raise
-                self.fallback = str(e).split(": ", 1)[-1].split(";")[0]
+                why = str(e).removeprefix(f"{self.file}: ")
+                self.fallback = why.rsplit("; use --encoder tokenizers", 1)[0]
         self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
 
     def use_reference(self, why: str) -> None:

@@ -83,6 +83,8 @@ def test_tokenizers_tiktoken_cannot_represent_are_refused_by_name(tmp_path, toke
                                          r"\(normalizer 'Lowercase'; only NFC is applied exactly\); use --encoder "
                                          r"tokenizers"):
         load_tokenizer(tmp_path / "lower.json", "tiktoken")
+    assert load_tokenizer(tmp_path / "lower.json", "auto").fallback == (
+        "--encoder tiktoken cannot represent this tokenizer (normalizer 'Lowercase'; only NFC is applied exactly)")
     with pytest.raises(DataError, match=r"encoder 'sentencepiece': expected one of auto, tokenizers, tiktoken"):
         load_tokenizer(tokenizer_dir, "sentencepiece")
 
