@@ -38,6 +38,18 @@ if TYPE_CHECKING:
     from megatron_lite.parallel.pipeline import PipelineRunner
 
 
+@dataclass(frozen=True)
+class GradientPiece:
+    """One rank's piece of a parameter's gradient: the box ``[offset, offset + grad.shape)`` of the full gradient of
+    the tensor first named ``name`` (of ``full_shape``), as fp32 on the CPU. A rank holding the whole tensor (or a
+    replicated copy of it) reports the whole box."""
+
+    name: str
+    full_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    grad: torch.Tensor
+
+
 @dataclass
 class StepMetrics:
     loss: float  # summed token loss of the global batch / its valid tokens
@@ -75,6 +87,9 @@ class Engine(ABC):
     model: nn.Module  # the plain (unwrapped) model, possibly holding only this rank's shards or pipeline stages
     module: nn.Module  # what the forward calls: the model or its wrapper (DDP, DeepSpeed)
     pipeline: "PipelineRunner | None" = None  # with parallel.pp > 1: the schedule that runs the microbatches
+    # Called once per step when the gradients are final (reduced over the data axis, tied copies summed) and not yet
+    # clipped or applied: the parity harness reads them there through ``gradient_pieces``. None while training.
+    on_gradients: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # What differs between engines
@@ -125,6 +140,50 @@ class Engine(ABC):
         """Restore what ``extra_state`` returned; keys this engine does not use (another precision) are ignored."""
 
     # ------------------------------------------------------------------------------------------------------------------
+    # What a rank holds: for the parity harness and the dry run
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def gradient_pieces(self) -> list[GradientPiece]:
+        """This rank's gradient of every parameter it holds, under the tensor's first name, as the box of the full
+        gradient that it is; only valid inside ``on_gradients``. Under ZeRO assembling a gradient is a collective:
+        every rank calls this."""
+
+    @abstractmethod
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer's state (moments and step counts), as before the first step."""
+
+    def holdings(self) -> dict[str, Any]:
+        """What this rank built, as JSON: the engine, the wrapper the forward calls, the axis sizes, its pipeline
+        stages, and for every parameter its full and held element counts (``params``: name -> [full, held]), and the
+        elements the optimizer steps here (``optimizer_numel``)."""
+        topo = self.topology
+        return {
+            "engine": type(self).__name__,
+            "module": type(self.module).__name__,
+            "world": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp, "dp_replicate": topo.dp_replicate,
+            "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "tp": topo.tp_rank},
+            "sequence_parallel": any(getattr(m, "sequence_parallel", False) for m in self.model.modules()),
+            "stages": list(self.pipeline.parts.indices) if self.pipeline is not None else [0],
+            "num_stages": self.pipeline.parts.num_stages if self.pipeline is not None else 1,
+            "params": {name: [full, held] for name, full, held in self._held_params()},
+            "optimizer_numel": self._optimizer_numel(),
+            "offload": self._offload(),
+        }
+
+    def _offload(self) -> list[str]:
+        """What this engine keeps in host memory instead of the device (``optimizer``, ``params``)."""
+        return []
+
+    @abstractmethod
+    def _held_params(self) -> list[tuple[str, int, int]]:
+        """(first name, elements of the full tensor, elements this rank holds) of every parameter on this rank."""
+
+    @abstractmethod
+    def _optimizer_numel(self) -> int:
+        """Elements of the tensors this rank's optimizer steps (its state holds two moments of each)."""
+
+    # ------------------------------------------------------------------------------------------------------------------
     # The shared step
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -168,6 +227,8 @@ class Engine(ABC):
         (tokens,) = self._sum_over_dp(sum(self.task.num_tokens(t) for t in targets))
         scale = self.topology.dp / max(tokens, 1.0)
         loss_sum = self._forward_backward(batches, targets, scale)
+        if self.on_gradients is not None:
+            self.on_gradients()
         grad_norm, skipped = self._finish_step(self.cfg.training.grad_clip)
         (loss_sum_global,) = self._sum_over_dp(loss_sum, stages=True)
         loss = loss_sum_global / max(tokens, 1.0)

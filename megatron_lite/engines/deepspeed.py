@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
-from megatron_lite.engines.base import Engine, ModelFactory
+from megatron_lite.engines.base import Engine, GradientPiece, ModelFactory
 from megatron_lite.engines.deepspeed_config import deepspeed_config
 from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
 from megatron_lite.engines.logical import (
@@ -163,36 +163,88 @@ class DeepSpeedEngine(Engine):
         self._nonfinite = False
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """DeepSpeed's backward (which reduces the gradients at the step's last microbatch); DeepSpeed's step for the
+        microbatches before it only counts them, and the last one's is taken in ``_finish_step``."""
         self.engine.backward(loss, scale_wrt_gas=False)  # the shared step has normalized the loss already
-        if last and self.stage == 0 and not self._masters:
-            # ZeRO-0 in fp32 clips but does not keep the norm; the averaged gradients are final here.
-            self._own_norm = float(global_grad_norm(self.model.named_parameters(), self.topology, self.shards))
-            self._nonfinite = not math.isfinite(self._own_norm)
-        with _optimizer_step_skipped(self.engine.optimizer, self._nonfinite):
-            self.engine.step()  # steps the optimizer only at the accumulation boundary
+        if not last:
+            self.engine.step()
 
     def _reduce_pipeline_gradients(self) -> None:
-        """After our schedule: DeepSpeed averages the gradients over the data axis (ZeRO-1: into its partitions).
-        ZeRO-0 keeps them whole, so the norm is ours and we clip here (its own clipping is off with PP)."""
+        """After our schedule: DeepSpeed averages the gradients over the data axis (ZeRO-1: into its partitions)."""
         self.engine.set_gradient_accumulation_boundary(True)  # DeepSpeed reduces at a boundary only
         if self.stage == 1:  # the backwards ran outside DeepSpeed, as under its own pipeline engine
             self.engine.optimizer.reduce_gradients(pipeline_parallel=True)
         else:
             self.engine.allreduce_gradients()
-        if self.stage == 0:
+
+    def _finish_step(self, max_norm: float) -> tuple[float, bool]:
+        """DeepSpeed's step at the accumulation boundary: it clips (to the JSON's ``gradient_clipping``) and steps.
+
+        ZeRO-0 in fp32 clips but does not keep the norm, and under our pipeline schedule DeepSpeed's own clipping is
+        off: there the averaged gradients are final, so the norm is ours, and with PP we clip here too.
+        """
+        if self.stage == 0 and (self.pipeline is not None or not self._masters):
             named = list(self.model.named_parameters())
             self._own_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
             self._nonfinite = not math.isfinite(self._own_norm)
-            clip_gradients([p for _, p in named], self.cfg.training.grad_clip, self._own_norm)
-
-    def _finish_step(self, max_norm: float) -> tuple[float, bool]:
-        """DeepSpeed clipped (to the JSON's ``gradient_clipping``) and stepped inside the last ``engine.step()``."""
-        if self.pipeline is not None:  # the schedule ran the backwards: step DeepSpeed at the boundary ourselves
-            with _optimizer_step_skipped(self.engine.optimizer, self._nonfinite):
-                self.engine.step()
+            if self.pipeline is not None:
+                clip_gradients([p for _, p in named], max_norm, self._own_norm)
+        with _optimizer_step_skipped(self.engine.optimizer, self._nonfinite):
+            self.engine.step()
         norm = self.engine.get_global_grad_norm() if self._own_norm is None else self._own_norm
         grad_norm = float(norm) if norm is not None else math.nan
         return grad_norm, self._nonfinite or self.engine.skipped_steps > self._skipped_before
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # What this rank holds
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def gradient_pieces(self) -> list[GradientPiece]:
+        """Each parameter's full (tensor-parallel-local) gradient, assembled by DeepSpeed from its ZeRO partitions
+        (``safe_get_full_grad``, a collective: every rank walks the parameters in the same order); fp16 unscaled."""
+        from deepspeed.utils import safe_get_full_grad
+
+        scale = loss_scaler_state(self.engine.optimizer).get("cur_scale", 1.0)
+        pieces = []
+        for p, names in self._names():
+            grad = safe_get_full_grad(p) if self._managed(p) else p.grad
+            shape = self._shape(p)
+            grad = torch.zeros(shape) if grad is None else grad.detach().to("cpu", torch.float32).reshape(shape) / scale
+            full, offset = self._box(names[0], shape)
+            pieces.append(GradientPiece(self._first(names), full, offset, grad))
+        return pieces
+
+    def _box(self, name: str, shape: torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(full shape, offset) of this rank's tensor-parallel shard of ``name`` (of ``shape``), or of all of it."""
+        shard = self.shards.get(name)
+        if shard is None:
+            return tuple(shape), (0,) * len(shape)
+        return tuple(shard.global_shape), tuple(shard.offset if d == shard.dim else 0 for d in range(len(shape)))
+
+    def reset_optimizer_state(self) -> None:
+        """Clear the client AdamW's state (on ZeRO's flat partitions); ZeRO 1-2 link it to the parameters' fragments
+        again after their next step."""
+        self.optimizer.state.clear()
+        opt = self.engine.optimizer
+        if hasattr(opt, "_hp_optimizer_states_linked"):
+            opt._hp_optimizer_states_linked = False
+
+    def _held_params(self) -> list[tuple[str, int, int]]:
+        """ZeRO-3 holds a flat partition of each parameter (``ds_tensor``); ZeRO 0-2 the whole (TP-local) tensor."""
+        out = []
+        for p, names in self._names():
+            full = self._box(names[0], self._shape(p))[0]
+            held = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            out.append((self._first(names), math.prod(full), held))
+        return out
+
+    def _optimizer_numel(self) -> int:
+        return sum(t.numel() for t in self._flat_params())
+
+    def _offload(self) -> list[str]:
+        return [what for what, on in (("optimizer", self.engine.zero_offload_optimizer()),
+                                      ("params", self.engine.zero_offload_param())) if on]
 
     # ------------------------------------------------------------------------------------------------------------------
     # Logical checkpoints

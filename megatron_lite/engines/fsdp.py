@@ -106,6 +106,9 @@ class FSDPEngine(TorchEngine):
                 root.reshard()
         return super().logical_state()
 
+    def _offload(self) -> list[str]:
+        return ["optimizer", "params"] if self.cfg.parallel.fsdp_cpu_offload else []
+
     @contextlib.contextmanager
     def _sync_gradients(self, last: bool) -> Iterator[None]:
         self.module.set_requires_gradient_sync(last)  # type: ignore[operator]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import Config
-from megatron_lite.engines.base import Engine, ModelFactory
+from megatron_lite.engines.base import Engine, GradientPiece, ModelFactory
 from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
 from megatron_lite.engines.logical import (
     model_state,
@@ -28,7 +28,7 @@ from megatron_lite.engines.logical import (
     torch_optimizer_state,
     write_logical,
 )
-from megatron_lite.engines.materialize import materialize
+from megatron_lite.engines.materialize import local_box, materialize
 from megatron_lite.parallel.pipeline import PipelineRunner, split_model
 from megatron_lite.parallel.tensor import tensor_aliases, tensor_parallel_shards
 from megatron_lite.topology import Topology
@@ -124,6 +124,34 @@ class TorchEngine(Engine):
         elif "loss_scale" in state:  # saved by another engine: carry the scale over, restart the growth count
             carried = {**self.scaler.state_dict(), "scale": state["loss_scale"], "_growth_tracker": 0}
             self.scaler.load_state_dict(carried)
+
+    def _boxes(self) -> list[tuple[str, nn.Parameter, tuple, tuple, tuple]]:
+        """(first name, parameter, full shape, offset, local shape) of every parameter on this rank: where its local
+        tensor (an FSDP shard within a tensor-parallel shard, or the whole tensor) sits in the full one."""
+        return [(self.aliases.get(name, name), p, *local_box(name, p, self.shards))
+                for name, p in self.model.named_parameters()]
+
+    @torch.no_grad()
+    def gradient_pieces(self) -> list[GradientPiece]:
+        """Each parameter's local gradient with its box in the full tensor; fp16 gradients unscaled. A parameter no
+        microbatch reached has a zero gradient."""
+        unscale = 1.0 / self.scaler.get_scale() if self.scaler is not None else 1.0
+        pieces = []
+        for name, p, full, offset, shape in self._boxes():
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            grad = torch.zeros(shape) if grad is None else grad.detach().to("cpu", torch.float32) * unscale
+            pieces.append(GradientPiece(name, tuple(full), tuple(offset), grad.reshape(shape)))
+        return pieces
+
+    def reset_optimizer_state(self) -> None:
+        self.optimizer.state.clear()  # torch AdamW creates it again, zero, at its next step
+
+    def _held_params(self) -> list[tuple[str, int, int]]:
+        return [(name, math.prod(full), math.prod(shape)) for name, _, full, _, shape in self._boxes()]
+
+    def _optimizer_numel(self) -> int:
+        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                   for group in self.optimizer.param_groups for p in group["params"])
 
     def logical_state(self) -> dict[str, torch.Tensor]:
         """Model and AdamW tensors under their logical names, tensor-parallel shards viewed as parts of full tensors."""
