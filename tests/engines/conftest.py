@@ -26,6 +26,26 @@ def corpus(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def vocab500_config(tmp_path_factory) -> str:
+    """The tiny model with 500 real tokens padded to 512 columns (``model.vocab_size=500``), on a corpus of ids below
+    500: the vocabulary's padding sits on the last tensor-parallel rank."""
+    root = tmp_path_factory.mktemp("vocab500")
+    prefix = root / "tiny500"
+    rng = np.random.default_rng(2)
+    with IndexedDatasetWriter(prefix, dtype=np.uint16, vocab_size=500) as writer:
+        for _ in range(200):
+            n, start, stride = int(rng.integers(20, 120)), int(rng.integers(0, 500)), int(rng.integers(1, 4))
+            writer.add_document((start + np.arange(n) * stride) % 500)
+    path = root / "tiny500.yaml"
+    path.write_text(
+        f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
+        f"model:\n  vocab_size: 500\ndata:\n  prefixes: {prefix}\n  cache_dir: {root / 'index-cache'}\n"
+        "training:\n  eval_interval: 0\nlogging:\n  wandb_mode: disabled\n"
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_config(corpus, tmp_path_factory) -> str:
     """configs/tiny.yaml pointed at the corpus, with a cosine schedule long enough that resumed runs share it."""
     root = tmp_path_factory.mktemp("config")
@@ -43,6 +63,33 @@ def tiny_config(corpus, tmp_path_factory) -> str:
         "  decay_steps: 8\n"
         "logging:\n"
         "  log_interval: 1\n"
+        "  wandb_mode: disabled\n"
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def padded_config(tmp_path_factory) -> str:
+    """The tiny model on 200 documents of 3-40 tokens (samples of 33), global batch 16 in microbatches of 2."""
+    root = tmp_path_factory.mktemp("padded")
+    prefix = root / "uneven"
+    rng = np.random.default_rng(1)
+    with IndexedDatasetWriter(prefix, dtype=np.uint16, vocab_size=VOCAB) as writer:
+        for _ in range(200):
+            n, start, stride = int(rng.integers(3, 41)), int(rng.integers(0, VOCAB)), int(rng.integers(1, 4))
+            writer.add_document((start + np.arange(n) * stride) % VOCAB)
+    path = root / "padded.yaml"
+    path.write_text(
+        f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
+        "data:\n"
+        f"  prefixes: {prefix}\n"
+        f"  cache_dir: {root / 'index-cache'}\n"
+        "  packing: padded\n"
+        "training:\n"
+        "  global_batch_size: 16\n"
+        "  micro_batch_size: 2\n"
+        "  eval_interval: 0\n"
+        "logging:\n"
         "  wandb_mode: disabled\n"
     )
     return str(path)

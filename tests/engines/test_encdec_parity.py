@@ -134,22 +134,25 @@ ORIGINAL_T5 = ["model.tie_embeddings=true", "model.scale_decoder_output=true"]
 
 
 @pytest.mark.parametrize(
-    "variant, extra, layouts",
+    "variant, extra, layouts, steps",
     [
-        ("t5 v1.1", [], ["pp2-1f1b", "pp2-gpipe", "pp2-interleaved", "fsdp2-pp2-1f1b", "ddp2-pp2-1f1b",
-                         "zero1-pp2-1f1b", "tp2pp2-1f1b"]),
-        ("transformer", TRANSFORMER_STYLE, ["pp2-1f1b", "pp2-gpipe", "zero0-pp2-1f1b"]),
+        ("t5 v1.1", [], ["pp2-1f1b", "pp2-gpipe", "pp2-interleaved", "tp2pp2-1f1b"], 3),
+        # 4 microbatches per rank on each of 2 data-parallel ranks
+        ("t5 v1.1, data x pipeline", ["training.micro_batch_size=1"], ["fsdp2-pp2-1f1b", "ddp2-pp2-1f1b",
+                                                                       "zero1-pp2-1f1b"], 10),
+        ("transformer", TRANSFORMER_STYLE, ["pp2-1f1b", "pp2-gpipe", "zero0-pp2-1f1b"], 3),
         # the encoder's bias table on both ranks (layer 0 | layers 1-3), and a decoder spanning the cut (0-2 | 3)
         # with the embedding and the tied head on both
-        ("t5 v1.1, cut inside the encoder", ["parallel.pp_layers=[1,3]"], ["pp2-1f1b"]),
-        ("original t5, cut inside the decoder", [*ORIGINAL_T5, "parallel.pp_layers=[3,1]"], ["pp2-1f1b", "pp2-gpipe"]),
+        ("t5 v1.1, cut inside the encoder", ["parallel.pp_layers=[1,3]"], ["pp2-1f1b"], 3),
+        ("original t5, cut inside the decoder", [*ORIGINAL_T5, "parallel.pp_layers=[3,1]"], ["pp2-1f1b", "pp2-gpipe"],
+         3),
     ],
 )
-def test_pipeline_layouts_match_single(encdec_config, variant, extra, layouts):
-    report = compare_layouts(encdec_config, layouts, steps=3, timeout=300, overrides=[*PP_RUN, *extra])
+def test_pipeline_layouts_match_single(encdec_config, variant, extra, layouts, steps):
+    report = compare_layouts(encdec_config, layouts, steps=steps, timeout=300, overrides=[*PP_RUN, *extra])
     print(f"\n{variant}\n" + report.table())
     assert not report.errors, report.errors
-    assert all(len(v) == 3 for v in report.losses.values())
+    assert all(len(v) == steps for v in report.losses.values())
     assert report.failures(TOLERANCE) == [], report.table()
 
 

@@ -8,47 +8,18 @@ computes by hand from the same initial weights.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_lite.config import load_config
-from megatron_lite.data import GlobalBatchLoader, IndexedDatasetWriter, build_datasets
+from megatron_lite.data import GlobalBatchLoader, build_datasets
 from megatron_lite.models import build_model
 from megatron_lite.parity import compare_layouts
 
-from .conftest import REPO, VOCAB
 
 TOLERANCE = 1e-5
 LAYOUTS = ["single", "ddp2", "zero1", "zero3", "fsdp2"]
-
-
-@pytest.fixture(scope="module")
-def padded_config(tmp_path_factory) -> str:
-    """The tiny model on 200 documents of 3-40 tokens (samples of 33), global batch 16 in microbatches of 2."""
-    root = tmp_path_factory.mktemp("padded")
-    prefix = root / "uneven"
-    rng = np.random.default_rng(1)
-    with IndexedDatasetWriter(prefix, dtype=np.uint16, vocab_size=VOCAB) as writer:
-        for _ in range(200):
-            n, start, stride = int(rng.integers(3, 41)), int(rng.integers(0, VOCAB)), int(rng.integers(1, 4))
-            writer.add_document((start + np.arange(n) * stride) % VOCAB)
-    path = root / "padded.yaml"
-    path.write_text(
-        f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
-        "data:\n"
-        f"  prefixes: {prefix}\n"
-        f"  cache_dir: {root / 'index-cache'}\n"
-        "  packing: padded\n"
-        "training:\n"
-        "  global_batch_size: 16\n"
-        "  micro_batch_size: 2\n"
-        "  eval_interval: 0\n"
-        "logging:\n"
-        "  wandb_mode: disabled\n"
-    )
-    return str(path)
 
 
 def _first_batch_by_hand(config: str) -> tuple[float, float, list[int]]:

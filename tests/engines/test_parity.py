@@ -54,12 +54,24 @@ def test_failing_layout_is_reported_not_raised(tiny_config):
     assert report.failures(TOLERANCE) == ["fsdp2-offload"]
 
 
-def test_bf16_layouts_stay_close(tiny_config):
-    """bf16 differs by rounding between engines (DeepSpeed keeps bf16 weights, FSDP casts per unit, DDP autocasts)."""
-    report = compare_layouts(tiny_config, ["ddp2", "zero2", "fsdp2"], steps=2, overrides=["training.precision=bf16"])
+# bf16 bounds per layout: (loss, gradient), about 3x the largest difference from single measured over 2 steps
+# (2026-12-06, 2-core CPU, torch 2.13, DeepSpeed 0.19.8): loss over the training and frozen steps, gradient as the
+# worst relative difference of any tensor's piece (and of the norm).
+BF16_BOUNDS = {
+    "ddp2": (1e-5, 1e-5),  # the same autocast arithmetic as one process: measured 0 and 4.9e-8
+    "pp2-1f1b": (1e-5, 1e-5),  # the same: < 1e-6 and 2.8e-8
+    "zero2": (2e-3, 5e-2),  # DeepSpeed keeps bf16 weights and gradients: 6.0e-4 and 1.4e-2
+    "zero3": (2e-3, 5e-2),  # 6.2e-4 and 1.4e-2
+    "fsdp2": (3e-4, 3e-2),  # FSDP casts each unit's parameters: 9.5e-5 (frozen) and 1.0e-2
+    "tp2": (2e-4, 3e-2),  # split matmuls round their partial sums in bf16: 5.6e-5 and 8.3e-3
+}
+
+
+def test_bf16_layouts_stay_within_their_measured_bounds(tiny_config):
+    report = compare_layouts(tiny_config, list(BF16_BOUNDS), steps=2, overrides=["training.precision=bf16"])
     assert not report.errors, report.errors
-    assert report.max_abs_diff("ddp2") < 1e-5  # the same autocast arithmetic as one process
-    assert report.failures(2e-2) == [], report.table()
+    for name, (loss, grad) in BF16_BOUNDS.items():
+        assert report.problems(name, loss, grad) == [], report.table(loss, grad)
 
 
 def test_zero0_and_fsdp_without_resharding_match_single(tiny_config):

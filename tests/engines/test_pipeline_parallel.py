@@ -1,8 +1,8 @@
 """Pipeline parallelism trains exactly like one process, for every schedule and beside DDP, FSDP2 and TP.
 
 Runs use 8 microbatches per step on one process (global batch 16, micro batch 2), so 4 or more per rank on every
-layout here, and ``optimizer.eps=1e-6`` for the same reason as the tensor-parallel tests (10 steps of Adam amplify
-ulp-level differences in near-zero gradients at the default eps; see test_tensor_parallel.py).
+layout here. pp4 runs 8 layers: ranks 1 and 2 are middle stages, and the tied embedding is held by ranks 0 and 3 only.
+The padded-vocabulary run has 500 real tokens in 512 columns, the padding on the last tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from megatron_lite.parity import compare_layouts, parse_layout, run_layout, run_
 
 TOLERANCE = 1e-5
 STEPS = 10
-RUN = ["optimizer.eps=1e-6", "training.global_batch_size=16", "training.micro_batch_size=2"]
+RUN = ["training.global_batch_size=16", "training.micro_batch_size=2"]
 LAYOUTS = ["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "pp2-zb", "fsdp2-pp2-1f1b", "ddp2-pp2-1f1b", "zero1-pp2-1f1b",
            "tp2pp2-1f1b"]
 GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activation=gelu_tanh", "model.bias=true",
@@ -24,18 +24,25 @@ GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activatio
 
 
 @pytest.mark.parametrize(
-    "variant, extra, layouts",
+    "variant, config, extra, layouts",
     [
-        ("llama-style", [], LAYOUTS),
-        ("gpt2-style, tied", GPT2_STYLE, ["pp2-1f1b", "pp2-interleaved", "fsdp2-pp2-1f1b", "zero0-pp2-1f1b"]),
+        ("llama-style", "tiny_config", [], LAYOUTS),
+        ("gpt2-style, tied", "tiny_config", GPT2_STYLE,
+         ["pp2-1f1b", "pp2-interleaved", "fsdp2-pp2-interleaved", "fsdp2-pp2-1f1b", "zero0-pp2-1f1b"]),
+        ("8 layers, 4 stages", "tiny_config", ["model.num_layers=8"], ["pp4-1f1b", "pp4-interleaved"]),
+        ("padded vocabulary, label smoothing", "vocab500_config", ["training.label_smoothing=0.1"], ["tp2pp2-1f1b"]),
     ],
 )
-def test_pipeline_layouts_match_single(tiny_config, variant, extra, layouts):
-    report = compare_layouts(tiny_config, layouts, steps=STEPS, overrides=[*RUN, *extra], timeout=300)
+def test_pipeline_layouts_match_single(request, variant, config, extra, layouts):
+    report = compare_layouts(request.getfixturevalue(config), layouts, steps=STEPS, overrides=[*RUN, *extra],
+                             timeout=300)
     print(f"\n{variant}\n" + report.table())
     assert not report.errors, report.errors
     assert all(len(v) == STEPS for v in report.losses.values())
     assert report.failures(TOLERANCE) == [], report.table()
+    if "pp4-1f1b" in layouts:  # the tied embedding: a copy on the first and the last stage only
+        holders = [h["coords"]["pp"] for h in report.holdings["pp4-1f1b"] if "embed.weight" in h["params"]]
+        assert sorted(holders) == [0, 3], holders
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Tensor parallelism trains exactly like one process, under every engine that takes it.
 
-The parity runs use ``optimizer.eps=1e-6``. Over 10 steps the per-step check also compares gradient norms at 1e-5
-(relative to the norm). Splitting a matmul over two ranks changes the summation order, so gradients differ by a few
-ulps (measured below: at most 1.6e-8). Adam with the default eps of 1e-8 turns that into up to lr * dg / eps for
-elements whose gradient is near zero: after 10 steps the gradient norms of tp2 and single differed by 5.7e-5 (and
-the losses by 1.7e-6). With eps = 1e-6 the same runs agree to 1e-8. The tolerance is the harness's 1e-5.
+The parity runs compare every rank's shard (and replicated copy) of every gradient with one process's, from the
+same weights, over the frozen-weights steps, and the losses of 10 training steps. Splitting a matmul over two ranks
+changes the summation order, so gradients differ by a few ulps, which AdamW turns into update differences of up to
+lr * dg / eps on near-zero elements: at the default eps of 1e-8 the untied, smoothed runs' losses drifted to 1.8e-5
+from one process's by step 10 (fsdp2-tp2, hsdp2x1-tp2). The training pass therefore runs at eps = 1e-6, where they
+stay within 1e-5; the frozen pass, at learning rate 0, compares the gradients whatever eps is.
 """
 
 from __future__ import annotations
@@ -46,61 +47,6 @@ def test_zero3_with_tensor_parallelism_is_refused_in_one_line(tiny_config):
         "parallel.zero_stage=3 with parallel.tp=2 is not supported: ZeRO-3 would partition the tensor-parallel shards "
         "again; use zero_stage 1 or 2, or parallel.engine=fsdp (FSDP2 over the data axis)"
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Gradients: each shard's gradient is the matching slice of one process's gradient
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _gradients(rank: int, config: str, overrides: list[str], out: str) -> None:
-    """One step without clipping; save this rank's gradients (local shards) and their TP splits."""
-    from megatron_lite.config import load_config
-    from megatron_lite.data import GlobalBatchLoader, build_datasets
-    from megatron_lite.engines import build_engine
-    from megatron_lite.families import get_family
-    from megatron_lite.topology import Topology
-
-    cfg = load_config(config, [*overrides, "training.grad_clip=0"])
-    topology = Topology.from_env(cfg.parallel, "cpu")
-    family = get_family(cfg.model.family)
-    engine = build_engine(cfg, family.factory(cfg, topology), topology, family.task(cfg, topology))
-    data = build_datasets(cfg.data, {"train": cfg.global_batch_size}, log=lambda *_: None)["train"]
-    batch = next(iter(GlobalBatchLoader(data, cfg.global_batch_size, cfg.training.micro_batch_size,
-                                        topology.dp_rank, topology.dp, 0, prefetch=0)))
-    grads: dict[str, torch.Tensor] = {}
-    step = engine.optimizer.step
-
-    def capture(*args, **kwargs):
-        grads.update({n: p.grad.detach().clone() for n, p in engine.model.named_parameters()})
-        return step(*args, **kwargs)
-
-    engine.optimizer.step = capture
-    engine.train_step(batch, lr=1e-3)
-    shards = {n: (s.dim, s.rank, s.size) for n, s in engine.shards.items()}
-    torch.save({"grads": grads, "shards": shards}, os.path.join(out, f"rank{rank}.pt"))
-
-
-@pytest.mark.parametrize("layout", ["tp2", "tp2-sp"])
-def test_shard_gradients_are_slices_of_the_single_process_gradients(tiny_config, layout, tmp_path):
-    (tmp_path / "single").mkdir()
-    (tmp_path / layout).mkdir()
-    run_ranks(_gradients, 1, (tiny_config, parse_layout("single").overrides, str(tmp_path / "single")))
-    parsed = parse_layout(layout)
-    run_ranks(_gradients, parsed.world_size, (tiny_config, parsed.overrides, str(tmp_path / layout)))
-    reference = torch.load(tmp_path / "single" / "rank0.pt")["grads"]
-    sharded = replicated = 0
-    for rank in range(parsed.world_size):
-        got = torch.load(tmp_path / layout / f"rank{rank}.pt")
-        for name, grad in got["grads"].items():
-            full = reference[name]
-            if name in got["shards"]:
-                dim, part, size = got["shards"][name]
-                full, sharded = full.chunk(size, dim=dim)[part], sharded + 1
-            else:
-                replicated += 1
-            torch.testing.assert_close(grad, full, rtol=0, atol=5e-8, msg=f"{name} on rank {rank}")
-    assert sharded and replicated  # both kinds were compared
 
 
 # ----------------------------------------------------------------------------------------------------------------------
