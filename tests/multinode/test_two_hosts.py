@@ -1,7 +1,8 @@
 """Training across two hosts (network namespaces on one machine), two CPU ranks on each, through the real launchers.
 
-Each test starts one launcher per host, as a user does on two nodes, and compares the losses with one process on
-the same global batch (within 1e-5). The failure tests kill a whole host, one rank, or signal every rank, and check
+Each test starts one launcher per host, as a user does on two nodes, and compares the losses (within 1e-5) and the
+gradient norms before clipping (within 1e-5 relative: a sum where an average belongs shows there, not in the losses)
+with one process on the same global batch. The failure tests kill a whole host, one rank, or signal every rank, and check
 what the survivors say, how fast they stop, and that the run resumes from its last checkpoint.
 """
 
@@ -25,13 +26,14 @@ REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 pytestmark = pytest.mark.slow
 
-_references: dict[tuple, list[float]] = {}
+_references: dict[tuple, tuple[list[float], list[float]]] = {}
 
 
-def single_losses(tiny_config: str, steps: int) -> list[float]:
-    """One process on the same global batch: the losses every layout must give."""
+def single_run(tiny_config: str, steps: int) -> tuple[list[float], list[float]]:
+    """One process on the same global batch: the losses and gradient norms every layout must give."""
     if (tiny_config, steps) not in _references:
-        _references[(tiny_config, steps)] = run_layout("single", tiny_config, [f"training.train_steps={steps}"]).losses
+        run = run_layout("single", tiny_config, [f"training.train_steps={steps}"])
+        _references[(tiny_config, steps)] = (run.losses, run.grad_norms)
     return _references[(tiny_config, steps)]
 
 
@@ -78,13 +80,13 @@ def _tails(logs: Path) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text()[-2500:]}" for f in sorted(logs.glob("*.log")))
 
 
-def losses_by_step(run: Path) -> dict[int, float]:
-    """The last loss logged for each step (a resumed run logs the steps after its checkpoint again)."""
-    out: dict[int, float] = {}
+def records_by_step(run: Path) -> dict[int, dict]:
+    """The last train record logged for each step (a resumed run logs the steps after its checkpoint again)."""
+    out: dict[int, dict] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "loss" in record and "step" in record:
-            out[record["step"]] = record["loss"]
+            out[record["step"]] = record
     return out
 
 
@@ -96,10 +98,16 @@ def wait_for(predicate, what: str, logs: Path, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def assert_matches(run: Path, reference: list[float], steps: range) -> None:
-    got = losses_by_step(run)
+NORM_STEPS = 4  # later training steps' norms drift apart on correct layouts (AdamW noise); their losses do not
+
+
+def assert_matches(run: Path, reference: tuple[list[float], list[float]], steps: range) -> None:
+    got, (losses, norms) = records_by_step(run), reference
     for step in steps:
-        assert abs(got[step] - reference[step - 1]) < TOL, (step, got[step], reference[step - 1])
+        assert abs(got[step]["loss"] - losses[step - 1]) < TOL, (step, got[step]["loss"], losses[step - 1])
+        norm = got[step]["grad_norm"]
+        if step <= NORM_STEPS:
+            assert abs(norm - norms[step - 1]) < TOL * norms[step - 1], (step, norm, norms[step - 1])
 
 
 def worker_pids(hosts: Hosts, host: int) -> list[int]:
@@ -154,7 +162,7 @@ def test_slurm_template_starts_torchrun_on_two_hosts_and_matches_one_process(hos
     run, logs = tmp_path / "run", tmp_path / "logs"
     job = slurm_job(hosts, tmp_path, logs, tiny_config, "training.train_steps=4", "parallel.engine=ddp")
     assert job.returncode == 0, job.stdout + job.stderr + _tails(logs)
-    assert_matches(run, single_losses(tiny_config, 4), range(1, 5))
+    assert_matches(run, single_run(tiny_config, 4), range(1, 5))
     _check_banner_and_logs(hosts, run, (logs / "host0.log").read_text(), "ddp")
 
 
@@ -163,7 +171,7 @@ def test_torchrun_two_hosts_fsdp_matches_one_process(hosts, tiny_config, tmp_pat
     procs = launch(hosts, [torchrun(hosts, i, 29611) for i in range(2)],
                    _train_args(tiny_config, run, 4, "parallel.engine=fsdp"), logs)
     assert wait_all(procs, logs) == [0, 0], _tails(logs)
-    assert_matches(run, single_losses(tiny_config, 4), range(1, 5))
+    assert_matches(run, single_run(tiny_config, 4), range(1, 5))
     _check_banner_and_logs(hosts, run, (logs / "host0.log").read_text(), "fsdp")
 
 
@@ -185,7 +193,7 @@ def test_deepspeed_hostfile_no_ssh_zero1_matches_one_process(hosts, tiny_config,
     procs = launch(hosts, [deepspeed_no_ssh(hosts, i, 29612, hostfile) for i in range(2)],
                    _train_args(tiny_config, run, 4, "parallel.engine=deepspeed", "parallel.zero_stage=1"), logs)
     assert wait_all(procs, logs) == [0, 0], _tails(logs)
-    assert_matches(run, single_losses(tiny_config, 4), range(1, 5))
+    assert_matches(run, single_run(tiny_config, 4), range(1, 5))
     assert "engine deepspeed" in (logs / "host0.log").read_text()
 
 
@@ -213,7 +221,7 @@ def test_lost_host_fails_the_survivors_quickly_naming_it_then_both_resume(hosts,
     relaunched = launch(hosts, [torchrun(hosts, i, 29614) for i in range(2)], args, tmp_path / "logs2")
     assert wait_all(relaunched, tmp_path / "logs2") == [0, 0], _tails(tmp_path / "logs2")
     assert "resumed from" in (tmp_path / "logs2" / "host0.log").read_text()
-    assert_matches(run, single_losses(tiny_config, 6), range(1, 7))
+    assert_matches(run, single_run(tiny_config, 6), range(1, 7))
 
 
 def test_torchrun_restarts_a_killed_rank_and_the_run_completes(hosts, tiny_config, tmp_path):
@@ -230,7 +238,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_completes(hosts, tiny_confi
     os.kill(victims[0], signal.SIGKILL)
     assert wait_all(procs, logs) == [0, 0], _tails(logs)
     assert (logs / "host0.log").read_text().count("resumed from") == 1
-    assert_matches(run, single_losses(tiny_config, steps), range(1, steps + 1))
+    assert_matches(run, single_run(tiny_config, steps), range(1, steps + 1))
 
 
 def test_sigterm_on_every_rank_saves_and_exits_zero(hosts, tiny_config, tmp_path):
@@ -238,13 +246,13 @@ def test_sigterm_on_every_rank_saves_and_exits_zero(hosts, tiny_config, tmp_path
     steps = 16
     procs = launch(hosts, [torchrun(hosts, i, 29616) for i in range(2)],
                    _train_args(tiny_config, run, steps, "parallel.engine=ddp", "checkpoint.interval=0"), logs)
-    wait_for(lambda: (run / "metrics.jsonl").exists() and losses_by_step(run), "the first step", logs)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and records_by_step(run), "the first step", logs)
     for host in range(2):
         for pid in worker_pids(hosts, host):
             os.kill(pid, signal.SIGTERM)
     assert wait_all(procs, logs) == [0, 0], _tails(logs)
     latest = find_latest(run / "checkpoints")
-    reached = max(losses_by_step(run))
+    reached = max(records_by_step(run))
     assert latest is not None and latest.name == f"step_{reached:08d}" and reached < steps, _tails(logs)
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["saved_layout"]["world_size"] == 4
