@@ -63,14 +63,15 @@ def test_a_token_tokenizers_cannot_produce_is_left_out_of_the_ranks(tmp_path) ->
     assert fast.encode_batch(texts) == reference.reference_encode_batch(texts)
 
 
-def test_a_disagreement_on_the_first_documents_stops_the_run(tmp_path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_disagreement_on_the_first_documents_stops_the_run(tmp_path, workers) -> None:
     # POSIX classes are ASCII in tiktoken's regex engine and Unicode in tokenizers': "é" splits differently.
     _byte_level_bpe(tmp_path / "tok.json", [("f", "Ã"), ("fÃ", "©")], pattern=r"[[:alpha:]]+|[^[:alpha:]]+")
     (tmp_path / "in.txt").write_text("xyz\n\ncafé café\n")
     with pytest.raises(DataError, match=r"tok\.json: --encoder tiktoken and tokenizers give different ids for "
                                          r"document 2 \('café café'\.\.\.\); use --encoder tokenizers"):
         preprocess([str(tmp_path / "in.txt")], str(tmp_path / "tok.json"), str(tmp_path / "out"),
-                   encoder="tiktoken", **QUIET)
+                   encoder="tiktoken", workers=workers, **QUIET)
     assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
     preprocess([str(tmp_path / "in.txt")], str(tmp_path / "tok.json"), str(tmp_path / "out"), **QUIET)  # the default
 

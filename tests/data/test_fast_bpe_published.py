@@ -144,7 +144,8 @@ FORMS = {
     "llama3 pattern": dict(merges=every_split, pattern=LLAMA3, ignore_merges=True),
     "qwen (NFC)": dict(merges=one_merge_per_token, pattern=QWEN, nfc=True),
     "qwen (NFC) with ids out of order": dict(merges=one_merge_per_token, pattern=QWEN, nfc=True, shuffle=True),
-    "tekken (special ids first)": dict(merges=every_split, pattern=LLAMA3, ignore_merges=True, specials_first=len(SPECIALS)),
+    "tekken (special ids first)": dict(merges=every_split, pattern=LLAMA3, ignore_merges=True,
+                                       specials_first=len(SPECIALS)),
 }
 
 
