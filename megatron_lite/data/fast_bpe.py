@@ -149,7 +149,7 @@ class FastBPE:
         return ranks if self.rank_to_id is None else self.rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
 
 
-CACHE_FORMAT = 1  # bump when what is cached, or how it is derived, changes
+CACHE_FORMAT = 2  # bump when what is cached, or how it is derived, changes
 
 
 def cache_dir() -> Path | None:
@@ -162,24 +162,35 @@ def cache_dir() -> Path | None:
     return base / "fast_bpe"
 
 
-def fast_bpe(path: str, reference: Any) -> FastBPE:
+def fast_bpe(path: str, reference: Any, facts: dict | None = None) -> FastBPE:
     """A :class:`FastBPE` giving exactly the ids of the tokenizer file ``path`` (``reference`` is that file loaded by
     ``tokenizers``, used to check every token); DataError saying why when there is none.
 
-    Checking every token of a 128k vocabulary takes seconds, so the checked rank table is cached under the file's
-    sha256 and both libraries' versions (:func:`cache_dir`); a hit costs reading it."""
+    Checking every token of a 128k vocabulary takes seconds, so the checked table is cached under the file's sha256
+    and both libraries' versions (:func:`cache_dir`), with ``facts``: what the caller needs from the vocabulary, so
+    that a cache hit (:func:`cached_fast_bpe`) needs no ``tokenizers`` load."""
+    tiktoken = _tiktoken(path)
+    data = Path(path).read_bytes()
+    fast = _derive(data, path, reference, tiktoken)
+    _save_cached(_cache_key(data, tiktoken), fast, facts or {})
+    return fast
+
+
+def cached_fast_bpe(path: str) -> tuple[FastBPE, dict] | None:
+    """The checked table of the tokenizer file ``path`` and the facts kept with it, if the cache holds them."""
+    try:
+        tiktoken = _tiktoken(path)
+    except DataError:
+        return None
+    return _load_cached(_cache_key(Path(path).read_bytes(), tiktoken), tiktoken, path)
+
+
+def _tiktoken(path: str) -> Any:
     try:
         import tiktoken
     except ImportError:
         raise DataError(f"{path}: --encoder tiktoken needs the tiktoken package (pip install tiktoken)") from None
-    data = Path(path).read_bytes()
-    key = _cache_key(data, tiktoken)
-    hit = _load_cached(key, tiktoken, path)
-    if hit is not None:
-        return hit
-    fast = _derive(data, path, reference, tiktoken)
-    _save_cached(key, fast)
-    return fast
+    return tiktoken
 
 
 def _derive(data: bytes, name: str, reference: Any, tiktoken: Any) -> FastBPE:
@@ -224,7 +235,7 @@ def _cache_key(data: bytes, tiktoken: Any) -> str:
     return hashlib.sha256(versions + b"\0" + data).hexdigest()
 
 
-def _load_cached(key: str, tiktoken: Any, name: str) -> FastBPE | None:
+def _load_cached(key: str, tiktoken: Any, name: str) -> tuple[FastBPE, dict] | None:
     root = cache_dir()
     file = root / f"{key}.npz" if root else None
     if file is None or not file.is_file():
@@ -234,21 +245,24 @@ def _load_cached(key: str, tiktoken: Any, name: str) -> FastBPE | None:
             blob, offsets, values = z["tokens"].tobytes(), z["offsets"].tolist(), z["values"].tolist()
             meta = json.loads(str(z["meta"]))
             lut = z["lut"] if z["lut"].size else None
+        if not meta.get("facts"):
+            return None
     except (OSError, ValueError, KeyError):
         return None  # unreadable: derive again (and overwrite it)
     mergeable = {blob[a:b]: v for a, b, v in zip(offsets, offsets[1:], values)}
     enc = _encoding(tiktoken, name, meta["pattern"], mergeable, meta["specials"])
-    return FastBPE(enc, lut, meta["nfc"], meta["added"])
+    return FastBPE(enc, lut, meta["nfc"], meta["added"]), meta["facts"]
 
 
-def _save_cached(key: str, fast: FastBPE) -> None:
+def _save_cached(key: str, fast: FastBPE, facts: dict) -> None:
     root = cache_dir()
     if root is None:
         return
     enc = fast.encoding
     tokens = list(enc._mergeable_ranks)
     offsets = np.cumsum([0] + [len(t) for t in tokens])
-    meta = {"pattern": enc._pat_str, "specials": enc._special_tokens, "nfc": fast.nfc, "added": fast.added}
+    meta = {"pattern": enc._pat_str, "specials": enc._special_tokens, "nfc": fast.nfc, "added": fast.added,
+            "facts": facts}
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f"{key}.{os.getpid()}.tmp.npz"

@@ -156,11 +156,28 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
     docs = iter_documents(inputs, json_key=json_key, text_mode=text_mode, skip_bad_records=skip_bad_records,
                           stats=stats, dataset=dataset, split=split)
     chunks = _chunks(docs, stats)
-    first = next(chunks, None)  # the encoder is settled on it before any worker starts
-    check = check_encoder(tok, check_sample(first[0])) if first else "no documents"
+    first = next(chunks, None)
+    pool, head, early = None, [], []
+    if workers > 1 and first is not None and tok.encoder == "tiktoken":
+        # The workers start on the fast encoder while the main process checks it (loading tokenizers to do so);
+        # nothing is written before the check has passed, and a failed check discards their work.
+        pool = _start_pool(tok, tokenizer, workers, append_eod, dtype)
+        head = [first, *itertools.islice(chunks, 2 * workers - 1)]
+        early = [(pool.apply_async(_encode_chunk, (texts,)), done) for texts, done in head]
+    try:
+        check = check_encoder(tok, check_sample(first[0])) if first else "no documents"
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    if pool is not None and tok.encoder != "tiktoken":  # auto fell back to tokenizers: start again with it
+        pool.terminate()
+        pool, early = None, []
+        chunks = itertools.chain(head, chunks)
+    elif pool is None:
+        chunks = itertools.chain([first] if first else [], chunks)
     chosen = encoder_line(tok, check)
     log(chosen)
-    chunks = itertools.chain([first] if first else [], chunks)
     bar = PreprocessProgress(stats.total, stats.unit, enabled=progress)
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
@@ -179,16 +196,8 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
                 for texts, done in chunks:
                     emit(w, *_encode_chunk(texts, tok, append_eod, dtype), done)
             else:
-                fork = sys.platform.startswith("linux")
-                ctx = mp.get_context("fork" if fork else "spawn")
-                if fork:
-                    _WORKER["tok"] = tok  # inherited by the workers: no second load of the tokenizer
-                try:
-                    pool = ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str, tok.encoder))
-                finally:
-                    _WORKER.pop("tok", None)
-                with pool:
-                    pending: deque = deque()
+                with pool or _start_pool(tok, tokenizer, workers, append_eod, dtype) as pool:
+                    pending: deque = deque(early)
                     for texts, done in chunks:
                         pending.append((pool.apply_async(_encode_chunk, (texts,)), done))
                         while len(pending) > 2 * workers:
@@ -203,10 +212,24 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
         ok = True
     finally:
         bar.close(keep=ok)
+        if pool is not None:
+            pool.terminate()
     summary = PreprocessSummary(n_docs, n_tokens, stats.skipped, time.perf_counter() - t0, chosen)
     write_sidecar(output_prefix, tok, chosen, summary, inputs, dataset)
     log(summary.line(output_prefix))
     return summary
+
+
+def _start_pool(tok: Tokenizer, tokenizer: str, workers: int, append_eod: bool, dtype: np.dtype):
+    """Worker processes for ``_encode_chunk``; forked ones inherit the loaded tokenizer instead of loading it."""
+    fork = sys.platform.startswith("linux")
+    ctx = mp.get_context("fork" if fork else "spawn")
+    if fork:
+        _WORKER["tok"] = tok
+    try:
+        return ctx.Pool(workers, _init_worker, (tokenizer, append_eod, dtype.str, tok.encoder))
+    finally:
+        _WORKER.pop("tok", None)
 
 
 def write_sidecar(prefix: str, tok: Tokenizer, encoder: str, summary: PreprocessSummary, inputs: list[str] | None,

@@ -1,7 +1,9 @@
 """Load a trained tokenizer (a ``tokenizer.json`` or an HF tokenizer directory) and find its special ids.
 
 The rest of the pipeline needs only ``encode``, ``max_id``, ``eod_id`` and ``pad_id``; this wrapper gives exactly
-that over the HF ``tokenizers`` library, so preprocessing workers can rebuild it from a path cheaply.
+that over the HF ``tokenizers`` library, so preprocessing workers can rebuild it from a path cheaply. Where the fast
+encoder's checked table is cached (``fast_bpe``), the sizes and special ids come with it and ``tokenizers`` is loaded
+only when first used.
 
 Accepted: a ``tokenizers`` JSON file, or a directory holding ``tokenizer.json`` (what ``train_tokenizer.py`` and
 ``PreTrainedTokenizerFast.save_pretrained`` write); the eos and pad names are taken from ``tokenizer_config.json`` or
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, first_line
-from .fast_bpe import FastBPE, fast_bpe
+from .fast_bpe import FastBPE, cached_fast_bpe, fast_bpe
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -37,41 +39,78 @@ class Tokenizer:
     """A byte-level BPE (or any ``tokenizers`` model) with the ids the data pipeline needs."""
 
     def __init__(self, path: str | os.PathLike, encoder: str = "tokenizers") -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
-
         self.path = str(path)
         file, config = _resolve(Path(path))
-        try:
-            self._tok = _HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise DataError(f"{file}: unreadable tokenizer ({first_line(e)}); expected a tokenizers JSON file") from None
         self.file = str(file)
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)  # entries, not the id range
-        vocab = self._tok.get_vocab(with_added_tokens=True)
-        if not vocab:
-            raise DataError(f"{file}: tokenizer has an empty vocabulary (expected a trained tokenizer)")
-        # The largest id sizes the .bin dtype and the embedding: ids may have gaps, added tokens may sit high.
-        self.max_token, self.max_id = max(vocab.items(), key=lambda kv: kv[1])
-        self.eod_id: int = self._special(config.get("eos_token"), _EOD_CANDIDATES, "end-of-document")
-        pad = self._lookup(config.get("pad_token"), _PAD_CANDIDATES)
-        self.pad_id: int = self.eod_id if pad is None else pad
-        self.sentinel_ids: list[int] = []
-        while (i := self._tok.token_to_id(SENTINEL_FORMAT.format(len(self.sentinel_ids)))) is not None:
-            self.sentinel_ids.append(i)
         if encoder not in ENCODERS:
             raise DataError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
         self.requested = encoder  # what was asked for; ``encoder`` is what applies it
         self.fallback: str | None = None  # with auto: why the reference encoder is used, if it is
         self._fast: FastBPE | None = None
+        self._hf = None
+        self._ids: dict[str, int | None] = {}  # ids known without loading tokenizers (kept with a cached table)
+        facts = None
         if encoder in ("tiktoken", "auto"):
-            try:
-                self._fast = fast_bpe(self.file, self._tok)
-            except DataError as e:
-                if encoder == "tiktoken":
-                    raise
-                why = str(e).removeprefix(f"{self.file}: ")
-                self.fallback = why.rsplit("; use --encoder tokenizers", 1)[0]
+            # A cached, checked table also holds the sizes and special ids, so tokenizers itself is loaded only when
+            # something needs it: preprocessing's corpus check, while the workers already encode.
+            hit = cached_fast_bpe(self.file)
+            if hit is not None:
+                self._fast, facts = hit
+                self._ids = facts["ids"]
+        if facts is None:
+            facts = self._facts()
+            if encoder in ("tiktoken", "auto"):
+                try:
+                    self._fast = fast_bpe(self.file, self._tok, facts)
+                except DataError as e:
+                    if encoder == "tiktoken":
+                        raise
+                    why = str(e).removeprefix(f"{self.file}: ")
+                    self.fallback = why.rsplit("; use --encoder tokenizers", 1)[0]
+        self.vocab_size: int = facts["vocab_size"]  # entries, not the id range
+        # The largest id sizes the .bin dtype and the embedding: ids may have gaps, added tokens may sit high.
+        self.max_token, self.max_id = facts["max_token"], facts["max_id"]
+        self.eod_id: int = self._special(config.get("eos_token"), _EOD_CANDIDATES, "end-of-document")
+        pad = self._lookup(config.get("pad_token"), _PAD_CANDIDATES)
+        self.pad_id: int = self.eod_id if pad is None else pad
+        self.sentinel_ids: list[int] = []
+        while (i := self._token_id(SENTINEL_FORMAT.format(len(self.sentinel_ids)))) is not None:
+            self.sentinel_ids.append(i)
         self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
+
+    @property
+    def _tok(self):
+        """The ``tokenizers.Tokenizer``, loaded on first use."""
+        if self._hf is None:
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            try:
+                self._hf = _HFTokenizer.from_file(self.file)
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise DataError(f"{self.file}: unreadable tokenizer ({first_line(e)}); expected a tokenizers JSON "
+                                "file") from None
+        return self._hf
+
+    def _facts(self) -> dict:
+        """What the pipeline needs from the vocabulary, kept with a cached table: sizes, the largest id, and the ids
+        of every name looked up for a special role (None where absent)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise DataError(f"{self.file}: tokenizer has an empty vocabulary (expected a trained tokenizer)")
+        max_token, max_id = max(vocab.items(), key=lambda kv: kv[1])
+        added = (t.content for t in self._tok.get_added_tokens_decoder().values())
+        names = [*_EOD_CANDIDATES, *_PAD_CANDIDATES, *added]
+        k = 0
+        while SENTINEL_FORMAT.format(k) in vocab:
+            k += 1
+        names += [SENTINEL_FORMAT.format(i) for i in range(k + 1)]
+        return {"vocab_size": self._tok.get_vocab_size(with_added_tokens=True), "max_token": max_token,
+                "max_id": max_id, "ids": {n: vocab.get(n) for n in names}}
+
+    def _token_id(self, name: str) -> int | None:
+        if self._hf is None and name in self._ids:
+            return self._ids[name]
+        return self._tok.token_to_id(name)
 
     def use_reference(self, why: str) -> None:
         """Apply ``tokenizers`` from now on (auto, when the fast encoder disagreed with it), recording why."""
@@ -81,7 +120,7 @@ class Tokenizer:
         if isinstance(configured, dict):
             configured = configured.get("content")
         for name in ([configured] if configured else []) + list(candidates):
-            i = self._tok.token_to_id(name)
+            i = self._token_id(name)
             if i is not None:
                 return i
         return None

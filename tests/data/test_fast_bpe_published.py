@@ -183,8 +183,18 @@ def test_the_checked_table_is_cached_and_gives_the_same_ids(tmp_path, monkeypatc
     first = load_tokenizer(path, "auto")
     assert len(list((tmp_path / "cache" / "fast_bpe").glob("*.npz"))) == 1
     again = load_tokenizer(path, "auto")
+    assert again._hf is None  # a hit needs no tokenizers load until the corpus check, which runs beside the workers
+    facts = ("vocab_size", "max_token", "max_id", "eod_id", "pad_id", "sentinel_ids")
+    reference = load_tokenizer(path, "tokenizers")
+    assert [getattr(again, f) for f in facts] == [getattr(first, f) for f in facts] == \
+        [getattr(reference, f) for f in facts]
     assert again.encoder == "tiktoken" and again.encode_batch(CHECK) == first.encode_batch(CHECK)
     assert again.encode_batch(CHECK) == again.reference_encode_batch(CHECK)
+    # A configured end-of-document name the cache did not record is looked up in tokenizers itself.
+    name = reference.backend.id_to_token(300)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": name}))
+    configured = load_tokenizer(tmp_path, "auto")
+    assert configured.eod_id == reference.backend.token_to_id(name) and configured.encoder == "tiktoken"
 
 
 def _refusal(path) -> str:
