@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from megatron_lite.training.preflight import check_data_files, check_data_fits_model, check_run_settings
+        from megatron_lite.rules import check_run_settings
+        from megatron_lite.training.preflight import check_data_files, check_data_fits_model
 
         check_run_settings(cfg)  # what needs no torch fails first, in a fraction of a second
         check_data_fits_model(cfg)

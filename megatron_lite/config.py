@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,9 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_lite.errors import ConfigError, DataError
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file or dotted key and what was expected."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class OptimizerConfig:
     def skips_weight_decay(self, name: str, ndim: int, embedding: bool) -> bool:
         """Whether parameter ``name`` (of ``ndim`` dimensions in full; an embedding table or not) gets no weight decay.
 
-        The one home of this rule, for the optimizer (``training/optim.py``) and the memory model (``planning``):
+        The one home of this rule, for the optimizer (``step/optim.py``) and the memory model (``planning``):
         embedding tables, biases (parameters named ``bias``) and the other 1-D tensors (norm scales), each switchable.
         """
         if embedding:
@@ -406,11 +406,23 @@ def _non_negative(section: Any, where: str, *names: str) -> None:
             raise ConfigError(f"{where}.{name}={value} must be >= 0")
 
 
+def parse_split(split: str | list | tuple) -> list[float]:
+    """Normalized weights for train, valid and test; missing trailing parts weigh 0."""
+    parts = split if isinstance(split, (list, tuple)) else str(split).replace("/", ",").split(",")
+    try:
+        w = [float(x) for x in parts if str(x).strip() != ""]
+    except ValueError:
+        raise DataError(f"split '{split}': expected up to three numbers such as '98,1,1'") from None
+    if not 1 <= len(w) <= 3 or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
+        raise DataError(f"split '{split}': expected one to three non-negative weights with a positive sum, "
+                        f"such as '98,1,1'")
+    w += [0.0] * (3 - len(w))
+    total = sum(w)
+    return [x / total for x in w]
+
+
 def _check_split(split: str | list, key: str) -> None:
     """Train/valid/test weights, checked by the same parser the data pipeline uses, so the error names the key."""
-    from megatron_lite.data.errors import DataError
-    from megatron_lite.data.splits import parse_split
-
     try:
         parse_split(split)
     except DataError as e:

@@ -3,14 +3,11 @@
 Each carries a one-line message naming the file, key or value and what was expected. Tools print it as
 ``error: ...`` on stderr, without a traceback unless asked (``--debug``), and exit with :func:`exit_status`: 2 for
 bad input (config, data, checkpoint files, a run directory in use), 1 when a run cannot go on (too many non-finite
-steps, a checkpoint that could not be written). This module imports no torch, so a bad config fails in a fraction
-of a second.
+steps, a checkpoint that could not be written). This module imports no torch and nothing of the package: every
+layer raises these types, so they sit below all of them (``config`` and ``data`` re-export their own).
 """
 
 from __future__ import annotations
-
-from megatron_lite.config import ConfigError
-from megatron_lite.data.errors import DataError, first_line
 
 __all__ = [
     "CheckpointError",
@@ -24,6 +21,23 @@ __all__ = [
     "exit_status",
     "first_line",
 ]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file or dotted key and what was expected."""
+
+
+class DataError(ValueError):
+    """Bad input to the data pipeline: a one-line message naming the file, key or value and what was expected.
+
+    Command-line tools print it as ``error: ...`` and exit with status 2, without a traceback.
+    """
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first message line (library messages can run to pages), or its type name when it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 class CheckpointError(ValueError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_lite import rules
 from megatron_lite.config import ConfigError, ParallelConfig
 
 
@@ -117,15 +118,7 @@ class Topology:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = resolve_device(device, local_rank)
         tp, pp = parallel.tp, parallel.pp
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tp={tp} x parallel.pp={pp} (= {tp * pp})"
-            )
-        dp = world_size // (tp * pp)
-        if dp % parallel.dp_replicate:
-            raise ConfigError(
-                f"data-parallel size {dp} is not divisible by parallel.dp_replicate={parallel.dp_replicate}"
-            )
+        dp = rules.data_parallel_size(parallel, world_size)
         check_tp_fits_node(tp)
         topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev)
         if world_size == 1:

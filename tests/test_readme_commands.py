@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.config import load_config
-from megatron_lite.engines import engine_name
-from megatron_lite.topology import Topology
-from megatron_lite.training.trainer import check_batch_layout
+from megatron_lite.rules import check_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +48,4 @@ def test_documented_launch_command_is_valid(source: str, command: str) -> None:
     config = argv[argv.index("--config") + 1]
     overrides = [a for a in argv[argv.index("--config") + 2:] if re.match(r"^\w+(\.\w+)+=", a)]
     cfg = load_config(ROOT / config, overrides)
-    world = ranks_of(argv)
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    topology = Topology(world_size=world, tp=tp, pp=pp, dp=world // (tp * pp))
-    engine_name(cfg, topology)  # raises ConfigError for a combination the engines refuse
-    check_batch_layout(cfg, topology)
+    check_layout(cfg, ranks_of(argv), "cpu")  # raises ConfigError for a layout training refuses

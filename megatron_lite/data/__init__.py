@@ -4,7 +4,7 @@ The trainer needs only :func:`build_datasets` and :class:`GlobalBatchLoader`; pr
 """
 
 from .blend import BlendedDataset, parse_blend
-from .build import build_datasets
+from .datasets import build_datasets
 from .errors import DataError
 from .gpt_dataset import GPTDataset
 from .indexed import DType, IndexedDataset, IndexedDatasetWriter, merge_shards

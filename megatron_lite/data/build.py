@@ -14,7 +14,7 @@ from .padded_dataset import PaddedDocumentDataset
 from .splits import split_ranges
 
 
-def build_datasets(cfg, num_samples: dict[str, int], log: Callable[[str], None] = print) -> dict:
+def build_causal_lm_datasets(cfg, num_samples: dict[str, int], log: Callable[[str], None] = print) -> dict:
     """``{"train": ds, "valid": ds, "test": ds}`` for the parts of ``cfg.split`` with positive weight.
 
     ``cfg`` needs ``prefixes, split, seq_len, seed, reset_at_document, cache_dir, packing``. ``num_samples[name]`` is
@@ -22,10 +22,6 @@ def build_datasets(cfg, num_samples: dict[str, int], log: Callable[[str], None] 
     of each prefix is a :class:`GPTDataset` (packed) or a :class:`PaddedDocumentDataset` (``packing: padded``); with
     several prefixes they are blended by weight and the per-prefix sample counts are logged.
     """
-    if getattr(cfg, "objective", "causal_lm") != "causal_lm":  # encoder-decoder objectives build on the parts below
-        from .seq2seq import build_encdec_datasets
-
-        return build_encdec_datasets(cfg, num_samples, log)
     blend = parse_blend(cfg.prefixes)
     weights = normalize([w for w, _ in blend])
     readers = [IndexedDataset(p) for _, p in blend]

@@ -1,17 +1,9 @@
-"""The one exception type the data pipeline raises for bad input."""
+"""How the data tools report bad input: :class:`DataError` (defined with the package's other error types in
+``megatron_lite.errors``) as ``error: ...`` and exit status 2."""
 
+from megatron_lite.errors import DataError, first_line
 
-class DataError(ValueError):
-    """Bad input to the data pipeline: a one-line message naming the file, key or value and what was expected.
-
-    Command-line tools print it as ``error: ...`` and exit with status 2, without a traceback.
-    """
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's first message line (library messages can run to pages), or its type name when it has none."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+__all__ = ["DataError", "first_line", "run_cli"]
 
 
 def run_cli(main, argv=None) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megatron_lite.config import microbatches_per_rank
-from megatron_lite.training.loss import IGNORE_INDEX
+from megatron_lite.constants import IGNORE_INDEX
 
 from .errors import DataError
 

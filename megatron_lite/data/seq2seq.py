@@ -11,7 +11,7 @@ causal-LM data is) with the same seed, split and sample counts, so both draw the
 **Span corruption** (``span_corruption.py``) cuts windows from the packed causal-LM stream and corrupts each.
 
 A sample is a dict of ``input_ids`` and ``labels`` (and ``padding_mask`` for pairs); the task builds the decoder
-input from the labels (teacher forcing, ``training/tasks.py``).
+input from the labels (teacher forcing, ``step/tasks.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from typing import Callable
 
 import numpy as np
 
+from megatron_lite.constants import IGNORE_INDEX
+
 from .blend import parse_blend
+from .build import build_causal_lm_datasets
 from .errors import DataError
 from .indexed import IndexedDataset
 from .span_corruption import SpanCorruptionDataset, raw_length_for
 
-IGNORE_INDEX = -100  # the loss's ignore label (training/loss.py), kept here so data needs no torch
 TARGET_SUFFIX = "_target"
 
 
@@ -87,8 +89,6 @@ def preprocess_pairs(inputs: list[str] | None, tokenizer: str, output_prefix: st
 
 def build_encdec_datasets(cfg, num_samples: dict[str, int], log: Callable[[str], None] = print) -> dict:
     """``{"train": ds, ...}`` for ``cfg.objective`` ``span_corruption`` or ``seq2seq`` (see the module docstring)."""
-    from .build import build_datasets
-
     plain = dataclasses.replace(cfg, objective="causal_lm")
     if cfg.objective == "span_corruption":
         from .tokenizer import load_tokenizer
@@ -97,7 +97,8 @@ def build_encdec_datasets(cfg, num_samples: dict[str, int], log: Callable[[str],
             raise DataError("data.objective=span_corruption takes its sentinels from data.tokenizer, which is not set")
         tok = load_tokenizer(cfg.tokenizer)
         raw = raw_length_for(cfg.seq_len, cfg.noise_density, cfg.mean_noise_span_length)
-        windows = build_datasets(dataclasses.replace(plain, packing="packed", seq_len=raw - 1), num_samples, log)
+        windows = build_causal_lm_datasets(dataclasses.replace(plain, packing="packed", seq_len=raw - 1), num_samples,
+                                           log)
         out = {}
         for name, ds in windows.items():
             seed = cfg.seed + {"train": 0, "valid": 1, "test": 2}[name]
@@ -115,7 +116,8 @@ def build_encdec_datasets(cfg, num_samples: dict[str, int], log: Callable[[str],
     target_prefixes = [x for w, p in blend for x in (w, target_prefix(p))]
     target_len = cfg.target_seq_len or cfg.seq_len
     # one document per sample on both sides, so each index draws the same pair; seq_len + 1 tokens are kept
-    sources = build_datasets(dataclasses.replace(plain, packing="padded", seq_len=cfg.seq_len - 1), num_samples, log)
-    targets = build_datasets(dataclasses.replace(plain, packing="padded", seq_len=target_len - 1,
-                                                 prefixes=target_prefixes), num_samples, lambda _: None)
+    sources = build_causal_lm_datasets(dataclasses.replace(plain, packing="padded", seq_len=cfg.seq_len - 1),
+                                       num_samples, log)
+    targets = build_causal_lm_datasets(dataclasses.replace(plain, packing="padded", seq_len=target_len - 1,
+                                                     prefixes=target_prefixes), num_samples, lambda _: None)
     return {name: Seq2SeqPairs(sources[name], targets[name], name) for name in sources}

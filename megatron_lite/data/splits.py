@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
+from megatron_lite.config import parse_split
 
 from .errors import DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-def parse_split(split: str | list | tuple) -> list[float]:
-    """Normalized weights for train, valid and test; missing trailing parts weigh 0."""
-    parts = split if isinstance(split, (list, tuple)) else str(split).replace("/", ",").split(",")
-    try:
-        w = [float(x) for x in parts if str(x).strip() != ""]
-    except ValueError:
-        raise DataError(f"split '{split}': expected up to three numbers such as '98,1,1'") from None
-    if not 1 <= len(w) <= 3 or any(x < 0 or not np.isfinite(x) for x in w) or sum(w) <= 0:
-        raise DataError(f"split '{split}': expected one to three non-negative weights with a positive sum, "
-                        f"such as '98,1,1'")
-    w += [0.0] * (3 - len(w))
-    total = sum(w)
-    return [x / total for x in w]
 
 
 def split_ranges(split: str | list | tuple, num_documents: int, where: str = "") -> dict[str, tuple[int, int]]:

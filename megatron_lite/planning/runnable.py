@@ -1,10 +1,9 @@
-"""Whether training can run a layout, answered by the engines' own config check rather than a copy of its rules.
+"""Whether training can run a layout, answered by training's own rules (``megatron_lite.rules``), not a copy of them.
 
 A planned layout becomes the config training would be given (``engine_config``) and goes through
-``megatron_lite.engines.check_engine_config`` with a topology of the same sizes: the check the trainer runs before it
-builds anything (ZeRO-3 with TP, ZeRO-2/3 with PP, fp16 with PP or FSDP2, offload flags per engine, pipeline
-microbatch counts and stage sizes, tensor-parallel divisibility of heads, kv heads, FFN and vocabulary), after the
-config's own validation (``Config.validate``: what a model family supports, e.g. which layouts an encoder-decoder
+``rules.check_layout`` at the same world size on GPUs: the check the trainer runs before it builds anything (ZeRO-3
+with TP, ZeRO-2/3 with PP, fp16 with PP or FSDP2, offload flags per engine, pipeline microbatch counts and stage
+sizes, tensor-parallel divisibility of heads, kv heads, FFN and vocabulary), after the config's own validation (``Config.validate``: what a model family supports, e.g. which layouts an encoder-decoder
 runs). Its message is the reason a layout is refused. ``tests/planning/test_runnable.py`` checks, over a grid of
 layouts and both families, that the planner refuses exactly what training refuses.
 """
@@ -49,7 +48,8 @@ def engine_config(spec: ModelSpec, layout) -> Config:
     gb = layout.global_batch if layout.global_batch is not None else layout.dp * layout.micro_batch
     return config_from_dict({
         "model": model, "data": data,
-        "training": {"precision": layout.dtype, "global_batch_size": gb, "micro_batch_size": layout.micro_batch},
+        "training": {"precision": layout.dtype, "global_batch_size": gb, "micro_batch_size": layout.micro_batch,
+                     "eval_samples": gb},  # evaluation splits like the global batch: a plan has no evaluation
         "parallel": par,
     })
 
@@ -71,16 +71,10 @@ def refusal(spec: ModelSpec, layout) -> str | None:
 
 
 def _engine_refusal(spec: ModelSpec, layout) -> str | None:
-    import torch
-
-    from megatron_lite.engines import check_engine_config
-    from megatron_lite.topology import Topology
+    from megatron_lite.rules import check_layout
 
     try:
-        cfg = engine_config(spec, layout)
-        topo = Topology(world_size=layout.gpus, pp=layout.pp, dp=layout.dp, tp=layout.tp,
-                        device=torch.device("cuda"))  # the planned run is on GPUs: offload is allowed there
-        check_engine_config(cfg, layout.engine, topo)
+        check_layout(engine_config(spec, layout), layout.gpus, "cuda")  # a planned run is on GPUs: offload is allowed
     except ConfigError as e:
         return str(e).splitlines()[0]
     return None

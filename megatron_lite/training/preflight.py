@@ -1,4 +1,4 @@
-"""Checks run once before a model is built: do the data fit the model, and does the schedule fit the run?
+"""Checks run once before a model is built: are the data files readable, and do the data fit the model?
 
 A token id at or above ``model.vocab_size`` is not caught by the embedding on every device (an out-of-range index
 on a GPU is an asynchronous device assert, hours in), so the tokenizer named by ``data.tokenizer`` is read at start
@@ -7,19 +7,8 @@ and its largest id is compared with the embedding. A missing or unreadable token
 
 from __future__ import annotations
 
-from megatron_lite.config import Config, ConfigError
+from megatron_lite.config import Config
 from megatron_lite.data import DataError
-
-
-def check_run_settings(cfg: Config) -> None:
-    """Settings that are legal for a smoke test of a step or two but a mistake in a launched run: the entry point
-    (``launch/pretrain.py``) refuses them, library calls (tests, the parity harness) do not."""
-    warmup, steps = cfg.schedule.warmup_steps, cfg.training.train_steps
-    if warmup > steps:
-        raise ConfigError(
-            f"schedule.warmup_steps={warmup} is longer than training.train_steps={steps}: the learning rate would "
-            "never reach optimizer.lr; shorten the warmup or train longer"
-        )
 
 
 def check_data_files(cfg: Config) -> None:

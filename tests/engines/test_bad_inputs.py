@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megatron_lite.config import ConfigError, load_config
-from megatron_lite.engines import engine_name
+from megatron_lite.rules import check_layout
 from megatron_lite.topology import Topology
-from megatron_lite.training.trainer import check_batch_layout
 
 
-def _topology(world: int = 2, pp: int = 1, tp: int = 1) -> Topology:
-    return Topology(world_size=world, pp=pp, tp=tp, dp=world // (pp * tp), device=torch.device("cpu"))
-
-
-def _check(overrides: list[str], topology: Topology | None = None) -> str:
+def _check(overrides: list[str], world: int = 2) -> str:
     cfg = load_config(None, overrides)
     with pytest.raises(ConfigError) as info:
-        engine_name(cfg, topology or _topology())
+        check_layout(cfg, world, "cpu")
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -48,13 +42,13 @@ def test_batch_that_does_not_divide(gbs, mbs, world, match):
         None, [f"training.global_batch_size={gbs}", f"training.micro_batch_size={mbs}", "training.eval_samples=12"]
     )
     with pytest.raises(ConfigError, match=match):
-        check_batch_layout(cfg, _topology(world))
+        check_layout(cfg, world, "cpu")
 
 
 def test_zero_with_pipeline_points_to_fsdp():
-    message = _check(["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.pp=2"], _topology(4, pp=2))
+    message = _check(["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.pp=2"], 4)
     assert "ZeRO stage 0 or 1 only" in message and "parallel.engine=fsdp" in message
-    _check(["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.pp=2"], _topology(4, pp=2))
+    _check(["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.pp=2"], 4)
 
 
 @pytest.mark.parametrize(
@@ -80,11 +74,7 @@ def test_bad_pipeline_settings_are_refused_in_one_line(overrides, expected):
     cfg = load_config(None, [*overrides, "model.num_heads=2", "model.hidden_size=32", "parallel.engine=ddp"])
     pp = cfg.parallel.pp
     with pytest.raises(ConfigError) as info:
-        from megatron_lite.engines import check_engine_config
-        from megatron_lite.parallel.pipeline import split_layers
-
-        check_engine_config(cfg, "ddp", _topology(pp, pp=pp))
-        split_layers(cfg, 10, 10, 10)
+        check_layout(cfg, pp, "cpu")
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
@@ -154,9 +144,5 @@ def test_entry_point_prints_config_errors_on_rank_0_only(tmp_path, capsys, monke
 
 
 def test_deepspeed_fp16_on_cpu_is_refused():
-    from megatron_lite.engines.deepspeed import check_precision, import_deepspeed
-
-    import_deepspeed(torch.device("cpu"))
-    cfg = load_config(None, ["parallel.engine=deepspeed", "training.precision=fp16"])
-    with pytest.raises(ConfigError, match="fp16 with parallel.engine=deepspeed needs a GPU"):
-        check_precision(cfg, torch.device("cpu"))
+    assert "fp16 with parallel.engine=deepspeed needs a GPU (DeepSpeed's cpu accelerator has no fp16)" in _check(
+        ["parallel.engine=deepspeed", "training.precision=fp16"])

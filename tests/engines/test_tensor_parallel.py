@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.config import ConfigError, load_config
-from megatron_lite.parity import compare_layouts, parse_layout, run_layout, run_ranks
+from megatron_lite.parity import compare_layouts, run_layout, run_ranks
 
 TOLERANCE = 1e-5
 STEPS = 10
@@ -169,7 +169,7 @@ def test_resume_at_another_tensor_parallel_size_or_engine(saved, tiny_config, tm
 def test_tp2_checkpoint_exports_to_hugging_face_with_the_same_logits(saved, tiny_config):
     transformers = pytest.importorskip("transformers")
     from megatron_lite.convert import hf
-    from megatron_lite.engines.logical import logical_keys, read_logical
+    from megatron_lite.step.checkpoint_format import logical_keys, read_logical
     from megatron_lite.models import build_model
 
     _, ckpt = saved("tp2")
@@ -208,13 +208,11 @@ def test_tp2_checkpoint_exports_to_hugging_face_with_the_same_logits(saved, tiny
     ],
 )
 def test_bad_tensor_parallel_settings_are_refused_in_one_line(tiny_config, overrides, message):
-    from megatron_lite.engines import engine_name
-    from megatron_lite.topology import Topology
+    from megatron_lite.rules import check_layout
 
     cfg = load_config(tiny_config, overrides)
-    tp = cfg.parallel.tp
     with pytest.raises(ConfigError) as info:
-        engine_name(cfg, Topology(world_size=2 * tp, tp=tp, dp=2, device=torch.device("cpu")))
+        check_layout(cfg, 2 * cfg.parallel.tp, "cpu")
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

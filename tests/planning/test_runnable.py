@@ -1,7 +1,7 @@
-"""The planner offers exactly the layouts training runs: it asks the engines' own config check.
+"""The planner offers exactly the layouts training runs: it asks training's own rules.
 
-``megatron_lite.engines.check_engine_config`` is what ``build_engine`` runs before it builds anything; the engines'
-constructors refuse no layout of their own (DeepSpeed's fp16 check is about the CPU accelerator, not a GPU run).
+``megatron_lite.rules.check_layout`` is what the trainer and ``build_engine`` run before they build anything; nothing
+else refuses a layout.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from megatron_lite.config import ConfigError, ModelConfig, load_config
-from megatron_lite.engines import check_engine_config
+from megatron_lite.rules import check_layout
 from megatron_lite.planning.encdec import as_spec
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.layout import Layout
 from megatron_lite.planning.presets import REFERENCE_PRESETS
 from megatron_lite.planning.runnable import engine_config, refusal
 from megatron_lite.planning.search import candidate_layouts, search
-from megatron_lite.topology import Topology
 
 # 8 heads sharing 2 kv heads: tp 4 replicates the kv heads (each rank's 2 query heads share one), which training runs
 GQA = ModelConfig(vocab_size=512, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=2, ffn_hidden_size=96,
@@ -33,9 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _engine_refuses(spec: ModelConfig, lay: Layout) -> bool:
     """Training's own answer, asked directly: the config training would get, through the trainer's check."""
-    topo = Topology(world_size=lay.gpus, pp=lay.pp, dp=lay.dp, tp=lay.tp, device=torch.device("cuda"))
     try:
-        check_engine_config(engine_config(spec, lay), lay.engine, topo)
+        check_layout(engine_config(spec, lay), lay.gpus, "cuda")
     except ConfigError:
         return True
     return False
@@ -112,10 +110,9 @@ def _training_refusal(lay: Layout) -> str | None:
     overrides = [f"parallel.engine={lay.engine}", f"parallel.zero_stage={lay.zero}", f"parallel.tp={lay.tp}",
                  f"parallel.pp={lay.pp}", f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()}",
                  f"training.precision={lay.dtype}", f"training.global_batch_size={lay.global_batch}",
-                 f"training.micro_batch_size={lay.micro_batch}"]
-    topo = Topology(world_size=lay.gpus, pp=lay.pp, dp=lay.dp, tp=lay.tp, device=torch.device("cuda"))
+                 f"training.micro_batch_size={lay.micro_batch}", f"training.eval_samples={lay.global_batch}"]
     try:
-        check_engine_config(load_config(T5_YAML, overrides), lay.engine, topo)
+        check_layout(load_config(T5_YAML, overrides), lay.gpus, "cuda")
     except ConfigError as e:
         return str(e).splitlines()[0].removeprefix(f"{T5_YAML}: ")
     return None
@@ -165,19 +162,16 @@ def test_pipeline_split_is_trainings(preset: str, pp: int, schedule: str, v: int
     """Each pipeline rank holds the layers training's own split gives it (``parallel.pipeline.split_layers`` over
     the block, first-stage and last-stage parameter counts of the real model on the meta device), not an even split:
     the embedding and head stages get fewer blocks."""
-    from megatron_lite.families import get_family
-    from megatron_lite.parallel.pipeline import FIRST_PARTS, LAST_PARTS, split_layers
+    from megatron_lite.models import construct
+    from megatron_lite.parallel.pipeline import split_layers
     from megatron_lite.planning.layout import rank_layers
     from megatron_lite.planning.presets import get_preset
 
     spec = get_preset(preset)
     lay = Layout(gpus=pp, pp=pp, global_batch=4 * pp, schedule=schedule, virtual_stages=v)
     with torch.device("meta"):
-        model = get_family("decoder").construct(spec)
-    block = sum(p.numel() for p in model.layers["0"].parameters())
-    first, last = (sum(p.numel() for name in names if getattr(model, name, None) is not None
-                       for p in getattr(model, name).parameters()) for names in (FIRST_PARTS, LAST_PARTS))
-    ranges = split_layers(engine_config(spec, lay), block, first, last)
+        model = construct(spec)
+    ranges = split_layers(engine_config(spec, lay), *model.stage_costs())
     expected = [sorted(i for st, r in enumerate(ranges) if st % pp == rank for i in r) for rank in range(pp)]
     assert rank_layers(spec, pp, lay) == expected
     if schedule == "1f1b":  # the embedding's stage holds fewer blocks than the next (not so with 16 stages of 70B)
@@ -193,7 +187,7 @@ def test_encoder_decoder_pipeline_ranks_hold_what_training_gives_them(preset: st
     an untied or tied head)."""
     import types
 
-    from megatron_lite.families import get_family
+    from megatron_lite.models import construct
     from megatron_lite.models.presets import PRESETS
     from megatron_lite.parallel.pipeline import split_model
     from megatron_lite.planning.layout import stage_shapes
@@ -204,7 +198,7 @@ def test_encoder_decoder_pipeline_ranks_hold_what_training_gives_them(preset: st
     cfg = engine_config(spec, lay)
     for rank in range(pp):
         with torch.device("meta"):
-            model = get_family("encoder_decoder").construct(cfg.model)
+            model = construct(cfg.model)
         held = split_model(model, cfg, types.SimpleNamespace(pp=pp, pp_rank=rank)).holder
         assert sorted((n, tuple(p.shape)) for n, p in held.named_parameters()) == \
             sorted(stage_shapes(spec, 1, pp, rank, lay)), rank
