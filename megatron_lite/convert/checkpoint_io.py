@@ -15,10 +15,9 @@ import torch
 
 from megatron_lite.config import Config, ConfigError, ModelConfig, load_config
 from megatron_lite.convert.errors import ConvertError
-from megatron_lite.training.checkpoint import FORMAT_VERSION, find_latest
-
-MODEL = "model."
-OPTIM = "optim."
+from megatron_lite.errors import CheckpointError
+from megatron_lite.step.checkpoint_format import MODEL, find_latest, new_meta
+from megatron_lite.step.checkpoint_format import read_meta as read_checkpoint_meta
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -38,14 +37,11 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    file = ckpt / "meta.json"
+    """The checkpoint's ``meta.json`` (``step/checkpoint_format.py``), its errors as conversion errors."""
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{file}: unreadable ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ConvertError(f"{file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return meta
+        return read_checkpoint_meta(ckpt)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
 def read_config(path: Path) -> Config:
@@ -62,12 +58,11 @@ def read_config(path: Path) -> Config:
 
 def expected_model_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """``model.<name>`` -> a meta tensor for every tensor a checkpoint of ``cfg`` holds (tied ones under each name)."""
-    from megatron_lite.families import get_family
+    from megatron_lite.models import construct
 
     try:
-        family = get_family(cfg.family)
         with torch.device("meta"):
-            model = family.construct(cfg)
+            model = construct(cfg)
     except (ConfigError, ValueError) as e:
         raise ConvertError(f"model config: {e}") from None
     return {MODEL + k: v for k, v in model.state_dict().items()}
@@ -94,14 +89,7 @@ def check_model_tensors(have: dict[str, tuple[int, ...]], cfg: ModelConfig, wher
 
 def write_meta(out: Path, config: Config, imported_from: dict[str, Any], step: int = 0, consumed: int = 0) -> None:
     """meta.json and config.yaml of an imported checkpoint (no RNG states: a run started from it seeds afresh)."""
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "consumed_samples": consumed,
-        "saved_layout": None,
-        "trainer_state": {"consumed_samples": consumed, "best_valid": None, "evals_without_improvement": 0},
-        "engine_state": {},
-        "imported_from": imported_from,
-    }
+    trainer_state = {"consumed_samples": consumed, "best_valid": None, "evals_without_improvement": 0}
+    meta = new_meta(step, consumed, None, trainer_state, {}, imported_from=imported_from)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "config.yaml").write_text(config.to_yaml())

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 from megatron_lite.config import Config
-from megatron_lite.convert.checkpoint_io import MODEL, OPTIM, check_model_tensors, write_meta
+from megatron_lite.convert.checkpoint_io import check_model_tensors, write_meta
 from megatron_lite.convert.errors import ConvertError
 from megatron_lite.convert.hf_dir import DEFAULT_SHARD_BYTES, Converted
 from megatron_lite.convert.streaming import Entry, Progress, ShardedWriter
+from megatron_lite.step.checkpoint_format import MODEL, OPTIM
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -7,7 +7,7 @@ from the tokenizer (bos/eos/pad; T5: eos/pad, beside its ``decoder_start_token_i
 Import reads an HF directory of a supported architecture into a weights-only logical checkpoint (fp32, padded
 vocabulary), which ``checkpoint.init_from`` starts a run from.
 
-The mapping itself is the family's HF adapter (``families.py``: ``convert/hf.py`` for decoders, ``convert/t5.py``
+The mapping itself is the family's HF adapter (``HF_ADAPTERS``: ``convert/hf.py`` for decoders, ``convert/t5.py``
 for encoder-decoders, each with ``conversion_rules``, ``config_to_hf``, ``config_from_hf``, ``hf_arch``,
 ``hf_key_prefix`` and ``is_ignored_hf_key``); this module only moves tensors through it.
 """
@@ -36,13 +36,16 @@ FAMILY_OF = {"gpt2": "decoder", "llama": "decoder", "t5": "encoder_decoder"}
 # generation_config.json: the ids config.json carries that generation reads
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_ADAPTERS = {"decoder": "megatron_lite.convert.hf", "encoder_decoder": "megatron_lite.convert.t5"}
 
 
 def adapter(cfg: ModelConfig | str):
-    """The HF adapter module of ``cfg``'s family, or of a family named (``families.FAMILIES[family].hf_adapter``)."""
-    from megatron_lite.families import get_family
+    """The HF adapter module of ``cfg``'s family, or of a family named."""
+    from megatron_lite.models import model_class
 
-    return importlib.import_module(get_family(cfg if isinstance(cfg, str) else cfg.family).hf_adapter)
+    family = cfg if isinstance(cfg, str) else cfg.family
+    model_class(family)  # an unknown family fails naming the known ones
+    return importlib.import_module(HF_ADAPTERS[family])
 
 
 @dataclass

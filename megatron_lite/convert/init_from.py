@@ -1,38 +1,31 @@
-"""``checkpoint.init_from``: start a run from another checkpoint's weights, with a new optimizer, schedule and data
-position (fine-tuning, continued pretraining on other data).
-
-The source is one of our checkpoints (any layout; its optimizer state is ignored) or a Hugging Face model directory.
-Rank 0 writes its weights, beside zero AdamW moments and step counts (which is exactly the state a fresh AdamW starts
-from), as a logical checkpoint in a temporary directory under the checkpoint root, which every rank can see; every
-engine then loads it the way it loads any checkpoint, resharding to its own layout, and the directory is removed.
-The zero moments are holes in a sparse file, so they cost neither time nor, on most filesystems, disk.
+"""``checkpoint.init_from``, conversion's half: another checkpoint's weights (one of ours, any layout, its optimizer
+state ignored; or a Hugging Face model directory) written beside zero AdamW moments and step counts (exactly the
+state a fresh AdamW starts from) as a logical checkpoint, which any engine then loads as it loads any checkpoint
+(``training/init_from.py``). The zero moments are holes in a sparse file, so they cost neither time nor, on most
+filesystems, disk.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from megatron_lite.config import Config
-from megatron_lite.convert.checkpoint_io import MODEL, OPTIM, check_model_tensors, expected_model_tensors
+from megatron_lite.convert.checkpoint_io import check_model_tensors, expected_model_tensors
 from megatron_lite.convert.errors import ConvertError
 from megatron_lite.convert.streaming import Entry, ShardedWriter, TensorDir
-from megatron_lite.engines.base import Engine
-from megatron_lite.engines.logical import OPTIM_STATE_KEYS
+from megatron_lite.step.checkpoint_format import MODEL, OPTIM, OPTIM_STATE_KEYS
 
 _SHARD_BYTES = 2**40  # one file: nothing reads it but DCP
 
 
 def _optimizer_entries(config: Config) -> list[Entry]:
     """Zero AdamW state for every trainable parameter, under its first name (as every engine keeps it)."""
-    from megatron_lite.families import get_family
+    from megatron_lite.models import construct
 
     with torch.device("meta"):
-        model = get_family(config.model.family).construct(config.model)
+        model = construct(config.model)
     entries = []
     for name, p in model.named_parameters():
         for key in OPTIM_STATE_KEYS:
@@ -92,34 +85,3 @@ def _check_conventions(source: Path, hf_cfg, config: Config) -> None:
     if diff:
         raise ConvertError(f"checkpoint.init_from={source}: config.json describes another model than the run's "
                            f"model section ({'; '.join(diff)})")
-
-
-def init_weights(source: str | Path, engine: Engine, config: Config, ckpt_root: Path,
-                 log: Callable[[str], None] = print) -> None:
-    """Load ``source``'s weights into ``engine`` (all ranks call this); the optimizer, schedule and data stay new."""
-    topo = engine.topology
-    tmp = Path(ckpt_root) / ".init_from"
-    error = ""  # ConvertError's message on rank 0, raised on every rank
-    if topo.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            write_weights_with_fresh_optimizer(Path(source), tmp, config)
-        except ConvertError as e:
-            error = str(e)
-    if topo.is_distributed:  # every rank learns of rank 0's failure, and raises the same line
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        if topo.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise ConvertError(error)
-    try:
-        engine.load(tmp)
-    finally:
-        if topo.is_distributed:
-            dist.barrier()
-        if topo.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-    log(f"initialized the weights from {source} (new optimizer state, schedule and data position)")

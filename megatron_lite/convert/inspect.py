@@ -9,8 +9,9 @@ from typing import Callable
 
 import yaml
 
-from megatron_lite.convert.checkpoint_io import MODEL, OPTIM, read_config, read_meta, resolve_checkpoint
+from megatron_lite.convert.checkpoint_io import read_config, read_meta, resolve_checkpoint
 from megatron_lite.convert.streaming import TensorDir, human_bytes
+from megatron_lite.step.checkpoint_format import MODEL, OPTIM
 
 
 def _layout(saved: dict | None) -> str:

@@ -1,92 +1,19 @@
-"""The logical checkpoint tensors every engine reads and writes, and helpers to spread that work over ranks.
-
-Logical checkpoint tensors use the unsharded, layout-free names of the plain model:
-
-    model.<fqn>              fp32 master weights, full shape (tied weights appear under each name)
-    optim.<fqn>.exp_avg      AdamW first moment
-    optim.<fqn>.exp_avg_sq   AdamW second moment
-    optim.<fqn>.step         AdamW step count (a 0-d float32 tensor)
-
-They are written through PyTorch DCP as safetensors shards (``HuggingFaceStorageWriter``): each rank writes the pieces
-it holds, in parallel, and DCP reshards on load to whatever layout the loading engine has. Reading needs no pickle.
+"""An engine's view of the logical checkpoint tensors (``step/checkpoint_format.py`` says what they are): its
+parameters and AdamW state under logical names, tensor-parallel shards as parts of full tensors, and helpers that
+spread saving and loading over ranks.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.parallel.tensor import TPShard
+from megatron_lite.step.checkpoint_format import OPTIM_STATE_KEYS
 from megatron_lite.topology import Topology
 
-OPTIM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
-
-
-def write_logical(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a flat dict of (possibly DTensor-sharded or replicated) tensors as safetensors shards under ``path``.
-
-    Replicated entries are written once: DCP deduplicates identical keys across ranks and spreads the writes.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
-    path.mkdir(parents=True, exist_ok=True)
-    state = _unshare(state)
-    distributed = dist.is_available() and dist.is_initialized()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=distributed))
-
-
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy entries whose memory an earlier entry already uses (tied weights): safetensors refuses shared storage."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        local = value.to_local() if hasattr(value, "to_local") else value
-        ptr = local.untyped_storage().data_ptr() if local.numel() else None
-        if ptr is not None and ptr in seen:
-            value = value.detach().clone()
-        elif ptr is not None:
-            seen.add(ptr)
-        out[key] = value
-    return out
-
-
-def read_logical(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Fill ``state`` in place (full tensors or DTensor shards) from logical tensors under ``path``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    stored = logical_keys(path)
-    missing = sorted(set(state) - stored)
-    if missing:
-        raise ValueError(
-            f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[:3]}; "
-            f"it holds {len(stored)} tensors"
-        )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)))
-
-
-def logical_keys(path: Path) -> set[str]:
-    """Names of the tensors stored under ``path`` (read from the safetensors headers only)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files under checkpoint directory {path}")
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            keys.update(handle.keys())
-    return keys
 
 
 def param_names(model: nn.Module) -> dict[nn.Parameter, str]:
@@ -156,15 +83,6 @@ def budget_groups(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
             groups.append([i])
             used = size
     return groups
-
-
-def param_name_of(key: str) -> str:
-    """The parameter a logical key belongs to: ``model.<fqn>`` and ``optim.<fqn>.<state>`` -> ``<fqn>``; AdamW's
-    0-d step count belongs to no shard (``""``)."""
-    if key.startswith("model."):
-        return key[len("model."):]
-    fqn, _, state = key[len("optim."):].rpartition(".")
-    return "" if state == "step" else fqn
 
 
 def tensor_parallel_view(t: torch.Tensor, shard: TPShard | None, topology: Topology) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.init import InitRule, build_initialized, distinct_numel
+from megatron_lite.models.init import InitRule, build_initialized, child_numel, distinct_numel
 from megatron_lite.models.layers import (
     MLP,
     NORM_TYPES,
@@ -37,7 +37,7 @@ from megatron_lite.models.layers import (
     build_attention_mask,
     make_norm,
 )
-from megatron_lite.training.loss import IGNORE_INDEX
+from megatron_lite.constants import IGNORE_INDEX
 
 
 def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int = 0) -> torch.Tensor:
@@ -115,8 +115,33 @@ class DecoderBlock(_Residual):
         return self._branch(self.mlp_norm, x, self.mlp)
 
 
+_ATTENTION_PLAN = {
+    f"layers.*.{attn}.{proj}": kind
+    for attn in ("attn", "cross_attn")
+    for proj, kind in (("q_proj", "column"), ("k_proj", "kv"), ("v_proj", "kv"), ("o_proj", "row"))
+}
+
+
 class EncoderDecoderLM(nn.Module):
     """Sequence to sequence: source ids [b, s] and decoder input ids [b, t] -> logits [b, t, padded_vocab_size]."""
+
+    # How tensor parallelism splits this model, as data (``parallel/plans.py`` applies it). The relative-bias tables
+    # ([1, heads, q, k] out) stay whole and return only this rank's heads.
+    TP_PLAN = {
+        "layers": {
+            "embed": "vocab",  # shared by the encoder, the decoder and a tied head
+            **_ATTENTION_PLAN,  # self- and cross-attention split by heads alike
+            "layers.*.mlp.gate_proj": "column",
+            "layers.*.mlp.up_proj": "column",
+            "layers.*.mlp.down_proj": "row",
+            "lm_head": "column",
+        },
+        "sharded_rng": ("layers.*.attn", "layers.*.cross_attn"),
+        "head_split": ("encoder_pos_bias", "decoder_pos_bias"),
+    }
+    # The parts besides blocks that a pipeline stage may go without (``parallel/pipeline.py``).
+    STAGE_PARTS = ("embed", "pos_embed", "encoder_pos_bias", "decoder_pos_bias", "encoder_norm", "final_norm",
+                   "lm_head")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -312,10 +337,91 @@ class EncoderDecoderLM(nn.Module):
                 rules.setdefault(prefix + p_name, rule)
         return {name: rules[name] for name, _ in self.named_parameters()}  # a tied matrix under its first name
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # Pipeline stages: which parts a run of blocks uses, and what a stage runs (``parallel/pipeline.py`` asks)
+
+    def stage_parts(self, layers: range, first: bool, last: bool) -> set[str]:
+        """The parts besides blocks a stage running ``layers`` uses: the embedding where it embeds the encoder's or
+        the decoder's input, each stack's bias table where it runs that stack's blocks, the encoder's final norm
+        where the encoder ends, the head on the last stage."""
+        e = self.num_encoder_layers
+        parts = set()
+        if first or e in layers:
+            parts |= {"embed", "pos_embed"}
+        if layers.start < e:
+            parts.add("encoder_pos_bias")
+        if layers.stop > e:
+            parts.add("decoder_pos_bias")
+        if layers.start < e <= layers.stop:
+            parts.add("encoder_norm")
+        if last:
+            parts |= {"final_norm", "lm_head"}
+        return parts
+
+    def stage_costs(self) -> tuple[list[int], int, int]:
+        """Parameters of each block (the decoder's first counting the embedding copy its stage holds), of the first
+        stage's parts and of the last stage's, for balancing stages."""
+        embeddings = child_numel(self, ("embed", "pos_embed"))
+        blocks = [sum(p.numel() for p in block.parameters()) for block in self.layers.values()]
+        blocks[self.num_encoder_layers] += embeddings
+        return blocks, embeddings, child_numel(self, ("final_norm", "lm_head"))
+
+    def as_stage(self, layers: range) -> nn.Module:
+        """What a pipeline stage holding ``layers`` of this model runs (``EncoderDecoderStage``)."""
+        return EncoderDecoderStage(self, layers)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied matrix counts once); ``exclude_embeddings`` drops the token and learned
         position tables."""
         return distinct_numel(self, (self.embed, self.pos_embed) if exclude_embeddings else ())
+
+
+class EncoderDecoderStage(nn.Module):
+    """Blocks ``layers`` of an encoder-decoder (a view holding only them and the parts they use), fed what the stage
+    before sent: encoder blocks run first, then decoder blocks, one stage possibly ending one stack and starting the
+    other.
+
+    Inputs by position: source ids (the first stage), encoder hidden states (an encoder stage), or
+    ``(decoder hidden states, encoder output)`` (a decoder stage; a stage starting at the first decoder block gets
+    the encoder output alone). Outputs: the next stage's inputs, or the logits on the last stage. Every stage that
+    runs a stack's blocks computes that stack's relative bias from its own copy of the table.
+    """
+
+    def __init__(self, model: EncoderDecoderLM, layers: range) -> None:
+        super().__init__()
+        self.model = model
+        self.start, self.stop = layers.start, layers.stop
+        self.encoder_layers = model.num_encoder_layers
+        self.last = layers.stop == model.num_encoder_layers + model.cfg.decoder_layers
+
+    def forward(self, *acts: torch.Tensor, decoder_input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                decoder_padding_mask: torch.Tensor | None = None):
+        m, e = self.model, self.encoder_layers
+        x, memory = acts[0], (acts[1] if len(acts) > 1 else None)
+        if self.start < e:
+            if self.start == 0:
+                x = m.embed_tokens(x)
+            mask, bias = m.encoder_context(x.shape[1], padding_mask, x.device)
+            for i in range(self.start, min(self.stop, e)):
+                x = m.layers[str(i)](x, mask, bias)
+            if self.stop < e:
+                return x
+            memory = m.finish_encoder(x)
+            if self.stop == e:
+                return memory
+        elif self.start == e:
+            memory = x
+        if self.start <= e:
+            x = m.embed_tokens(decoder_input_ids)
+        mask, memory_mask, bias = m.decoder_context(decoder_input_ids.shape[1], padding_mask, decoder_padding_mask,
+                                                    x.device)
+        for i in range(max(self.start, e), self.stop):
+            x = m.layers[str(i)](x, memory, mask, memory_mask, bias)
+        if self.last:
+            return m.head(x)
+        # A received encoder output goes on as a new tensor, not the input itself or a view of it: the schedules
+        # free a stage's outputs after its backward by detaching them in place.
+        return x, (memory if memory.grad_fn is not None else memory.clone())
 
 
 def build_encoder_decoder(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> EncoderDecoderLM:

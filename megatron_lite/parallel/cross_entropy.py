@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_lite.training.loss import IGNORE_INDEX
+from megatron_lite.constants import IGNORE_INDEX
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 Model states are computed tensor by tensor from the shapes one rank holds (``layout.stage_shapes``), so that the
 sharding and padding rules of each engine are reproduced exactly. With AdamW (two fp32 moments) and the parameter
-groups of ``training/optim.py`` (decay; no decay for embeddings, biases and 1-D tensors):
+groups of ``step/optim.py`` (decay; no decay for embeddings, biases and 1-D tensors):
 
 DeepSpeed, ZeRO 0 (fp32): parameters, their .grad and the moments, all whole: 4 + 4 + 8 bytes per parameter.
   With bf16/fp16: 2 + 2 + 12 (low-precision weights and grads, fp32 master copy and moments; ZeRO paper accounting).
@@ -49,7 +49,7 @@ from megatron_lite.planning.params import EMBEDDING_NAMES, Shape
 
 ModelSpec = ModelConfig | EncDecSpec
 ALIGNMENT = 2  # DeepSpeed ZeRO 1/2: nccl_start_alignment_factor
-# The cross-entropy on fp32 logits (``training/loss.py``) peaks as its backward begins: the log-softmax output it saved,
+# The cross-entropy on fp32 logits (``step/loss.py``) peaks as its backward begins: the log-softmax output it saved,
 # the gradient arriving for it and the gradient it returns, three fp32 tensors of the logits' size (the 16-bit logits
 # are freed once cast). 4 bytes per logit (the fp32 copy only) left out two of them.
 LOSS_LOGIT_BYTES = 12

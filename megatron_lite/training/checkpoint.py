@@ -1,16 +1,6 @@
 """Checkpoint directories: atomic writes, a ``latest`` pointer, keep-last-K pruning, and resume.
 
-Layout of one checkpoint (see docs/formats.md)::
-
-    <checkpoint.dir>/
-      latest                      the name of the newest complete checkpoint, e.g. "step_00000100"
-      step_00000100/
-        *.safetensors             logical model and optimizer tensors (engines/base.py), sharded by writer rank
-        meta.json                 format version, step, global samples consumed, layout it was saved from,
-                                  trainer state, engine state (``Engine.extra_state``: e.g. the fp16 loss scale)
-        config.yaml               the resolved config
-        rng/rank_00000.json       each rank's RNG states (torch, CUDA, numpy, python) as plain JSON
-
+The format (directory layout, tensor names, ``meta.json``) is ``step/checkpoint_format.py``'s; see docs/formats.md.
 A checkpoint is written into ``.tmp-step_XXXXXXXX`` and renamed when every rank has finished, so a crash leaves either
 the previous checkpoint or the new one, never half of one; :func:`recover` removes what a crash left at the next start.
 A write that fails (a full disk, an I/O error) fails on every rank together, with one line naming the checkpoint and the
@@ -34,17 +24,18 @@ import torch.distributed as dist
 
 from megatron_lite.config import Config
 from megatron_lite.engines.base import Engine
-from megatron_lite.errors import CheckpointError, CheckpointMissing, CheckpointWriteError
+from megatron_lite.errors import CheckpointError, CheckpointWriteError
+from megatron_lite.step.checkpoint_format import (
+    LATEST,
+    TMP_PREFIX,
+    new_meta,
+    read_json,
+    read_meta,
+    step_dir_name,
+)
 from megatron_lite.topology import Topology
 from megatron_lite.training.pause_points import pause_point
 
-FORMAT_VERSION = 1
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -129,14 +120,8 @@ def _write_rank_part(tmp: Path, engine: Engine) -> None:
 def _finish(root: Path, tmp: Path, final: Path, step: int, config: Config, trainer_state: dict[str, Any],
             engine_state: dict[str, Any], keep_last: int, topo: Topology) -> None:
     """Rank 0, once every rank wrote its part: meta.json and config.yaml, the rename, then ``latest``."""
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "consumed_samples": int(trainer_state["consumed_samples"]),
-        "saved_layout": {"world_size": topo.world_size, "pp": topo.pp, "dp": topo.dp, "tp": topo.tp},
-        "trainer_state": trainer_state,
-        "engine_state": engine_state,
-    }
+    layout = {"world_size": topo.world_size, "pp": topo.pp, "dp": topo.dp, "tp": topo.tp}
+    meta = new_meta(step, int(trainer_state["consumed_samples"]), layout, trainer_state, engine_state)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(config.to_yaml())
     os.replace(tmp, final)
@@ -246,38 +231,6 @@ def recover(root: Path, log=print) -> None:
     if complete and complete[-1] > current:
         log(f"{pointer} named {current or 'nothing'}, but {complete[-1]} is complete and newer: resuming from it")
         _write_text_atomic(pointer, complete[-1] + "\n")
-
-
-def find_latest(root: Path) -> Path | None:
-    """The checkpoint ``latest`` points to, or None when there is none yet."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text(errors="replace").strip()
-    if not (path / "meta.json").is_file():
-        raise CheckpointMissing(f"{pointer} names {path.name}, but {path}/meta.json is missing")
-    return path
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file of a checkpoint, or a :class:`CheckpointError` naming it (JSON never runs code)."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointMissing(f"{path} is missing: expected {what}") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not {what}: {e}") from None
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise CheckpointMissing(f"{path} is not a checkpoint: {meta_file} is missing")
-    meta = read_json(meta_file, "a checkpoint's meta.json (JSON)")
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{meta_file}: format_version {version!r}, expected {FORMAT_VERSION}")
-    return meta
 
 
 def load_checkpoint(path: Path, engine: Engine) -> dict[str, Any]:

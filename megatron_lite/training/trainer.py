@@ -16,13 +16,16 @@ from typing import Callable
 
 import torch
 
-from megatron_lite.config import Config, ConfigError, microbatches_per_rank
+from megatron_lite import rules
+from megatron_lite.config import Config, ConfigError
 from megatron_lite.data import GlobalBatchLoader, build_datasets
-from megatron_lite.engines import Engine, build_engine, engine_name
-from megatron_lite.families import get_family
-from megatron_lite.topology import Topology
+from megatron_lite.engines import Engine, build_engine
 from megatron_lite.errors import first_line
-from megatron_lite.training.checkpoint import find_latest, load_checkpoint, recover, save_checkpoint
+from megatron_lite.families import get_family
+from megatron_lite.step.schedules import lr_at
+from megatron_lite.topology import Topology
+from megatron_lite.step.checkpoint_format import find_latest
+from megatron_lite.training.checkpoint import load_checkpoint, recover, save_checkpoint
 from megatron_lite.training.cluster import RankLog, apply_collective_timeout, banner, explain_lost_peer, gather_hosts
 from megatron_lite.training.metrics import (
     MetricsLogger,
@@ -35,7 +38,6 @@ from megatron_lite.training.nonfinite import StepHealth
 from megatron_lite.training.pause_points import pause_point
 from megatron_lite.training.preflight import check_data_fits_model
 from megatron_lite.training.run_lock import lock_run_dirs
-from megatron_lite.training.schedules import lr_at
 from megatron_lite.training.signals import StopRequest
 
 
@@ -67,15 +69,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def check_batch_layout(cfg: Config, topology: Topology) -> int:
-    """The global batch and the evaluation samples must split evenly into data-parallel ranks and microbatches;
-    return the global batch size."""
-    gbs, mbs, dp = cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp
-    microbatches_per_rank(gbs, mbs, dp)
-    microbatches_per_rank(cfg.training.eval_samples, mbs, dp, "training.eval_samples")
-    return gbs
-
-
 class Trainer:
     """Builds the pieces from a config and runs the loop. ``run()`` returns a TrainResult."""
 
@@ -84,7 +77,8 @@ class Trainer:
         self.topology = Topology.from_env(cfg.parallel, cfg.training.device)
         topo = self.topology
         self.log = log if topo.is_main else (lambda *_: None)
-        self.global_batch = check_batch_layout(cfg, topo)
+        engine = rules.check_layout(cfg, topo.world_size, topo.device.type)  # before anything is built
+        self.global_batch = cfg.global_batch_size
         seed_everything(cfg.training.seed, cfg.training.deterministic)
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
@@ -95,7 +89,7 @@ class Trainer:
         self.hosts = gather_hosts(topo)
         self.health = StepHealth(cfg.training.max_skipped_steps, cfg.training.loss_spike_factor)
 
-        self.log(banner(topo, engine_name(cfg, topo), self.hosts))
+        self.log(banner(topo, engine, self.hosts))
         self.log("resolved config:\n" + cfg.to_yaml())
 
         t = cfg.training
@@ -157,7 +151,7 @@ class Trainer:
         if path is None and cfg.load:
             path = Path(cfg.load)
         if path is None and cfg.init_from:  # weights only: step, schedule, data position and optimizer stay new
-            from megatron_lite.convert.init_from import init_weights
+            from megatron_lite.training.init_from import init_weights
 
             return init_weights(cfg.init_from, self.engine, self.cfg, self.ckpt_root, self.log)
         if path is None:

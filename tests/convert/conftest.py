@@ -47,7 +47,7 @@ def tokenizer(tmp_path_factory) -> Path:
 def load_ours(ckpt: Path):
     """Our model for a checkpoint (its config.yaml), weights read from its safetensors."""
     from megatron_lite.convert.checkpoint_io import read_config
-    from megatron_lite.engines.logical import read_logical
+    from megatron_lite.step.checkpoint_format import read_logical
     from megatron_lite.models import build_model
 
     cfg = read_config(ckpt).model

@@ -44,7 +44,7 @@ def _first_batch_loss(ckpt, tiny_config) -> float:
     """The source model's token-mean loss on the first global batch: what a run starting from its weights reports
     at step 1 (the first step's loss is computed before the first update)."""
     from megatron_lite.data import GlobalBatchLoader, build_datasets
-    from megatron_lite.training.tasks import causal_lm_task
+    from megatron_lite.step.tasks import causal_lm_task
 
     cfg = load_config(tiny_config)
     _, model = load_ours(ckpt)

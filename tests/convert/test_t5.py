@@ -86,7 +86,7 @@ def trained(t5_config, tmp_path_factory):
 def load_ours(ckpt):
     """Our encoder-decoder for a checkpoint (its config.yaml), weights read from its safetensors."""
     from megatron_lite.convert.checkpoint_io import read_config
-    from megatron_lite.engines.logical import read_logical
+    from megatron_lite.step.checkpoint_format import read_logical
     from megatron_lite.models.encoder_decoder import build_encoder_decoder
 
     cfg = read_config(ckpt).model

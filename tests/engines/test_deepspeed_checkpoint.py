@@ -11,16 +11,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import megatron_lite.engines.deepspeed_state as ds_state
 import megatron_lite.engines.deepspeed as ds_engine
-from megatron_lite.engines.logical import balance_owners, budget_groups, logical_keys
+from megatron_lite.engines.logical import balance_owners, budget_groups
+from megatron_lite.step.checkpoint_format import logical_keys
 from megatron_lite.parity import run_layout
 
 STEPS, SAVE_AT = 3, 2
 
 
 def _record_calls(monkeypatch, name: str, log_dir: Path) -> None:
-    """Wrap ``ds_engine.<name>`` (write_logical / read_logical) so that each forked rank logs what it passes."""
-    real = getattr(ds_engine, name)
+    """Wrap ``ds_state.<name>`` (write_logical / read_logical) so that each forked rank logs what it passes."""
+    real = getattr(ds_state, name)
 
     def recorder(state: dict[str, torch.Tensor], path: Path) -> None:
         rank = int(os.environ.get("RANK", "0"))
@@ -33,7 +35,7 @@ def _record_calls(monkeypatch, name: str, log_dir: Path) -> None:
             f.write(json.dumps(entry) + "\n")
         return real(state, path)
 
-    monkeypatch.setattr(ds_engine, name, recorder)
+    monkeypatch.setattr(ds_state, name, recorder)
 
 
 def _calls(log_dir: Path, name: str, rank: int) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 
 from megatron_lite.config import load_config
 from megatron_lite.engines import build_engine
-from megatron_lite.engines.logical import logical_keys, read_logical
+from megatron_lite.step.checkpoint_format import logical_keys, read_logical
 from megatron_lite.families import get_family
 from megatron_lite.models import build_model
 from megatron_lite.models.init import BLOCK

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megatron_lite.engines.logical import logical_keys, read_logical
+from megatron_lite.step.checkpoint_format import logical_keys, read_logical
 from megatron_lite.parity import run_layout
 
 STEPS, SAVE_AT = 4, 2

@@ -11,7 +11,7 @@ from megatron_lite.config import ModelConfig, OptimizerConfig
 from megatron_lite.models import DecoderLM, build_model
 from megatron_lite.models.init import init_full_, to_empty_keeping_ties
 from megatron_lite.parallel.wrappers import apply_activation_checkpointing
-from megatron_lite.training.optim import no_decay_names
+from megatron_lite.step.optim import no_decay_names
 
 STYLES = {
     "gpt2": dict(position="learned", norm="layernorm", activation="gelu_tanh", bias=True),

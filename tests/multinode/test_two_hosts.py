@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.parity import run_layout
-from megatron_lite.training.checkpoint import find_latest
+from megatron_lite.step.checkpoint_format import find_latest
 from tests.multinode.hosts import Hosts
 
 REPO = Path(__file__).resolve().parents[2]

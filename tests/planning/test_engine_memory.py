@@ -134,7 +134,7 @@ def _rank(rank: int, port: int, engine: str, zero: int, dtype: str, microbatches
     from megatron_lite.engines import build_engine
     from megatron_lite.families import get_family
     from megatron_lite.topology import Topology
-    from megatron_lite.training.tasks import CausalLMTask
+    from megatron_lite.step.tasks import CausalLMTask
 
     cfg = config_from_dict({"model": MODEL, "data": {"seq_len": 16},
                             "training": {"precision": dtype, "global_batch_size": 4 * microbatches,
@@ -194,7 +194,7 @@ def _imported_before_fork() -> None:
     parent, so that the forked ranks inherit it: this takes most of each case's time otherwise."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for name in ("megatron_lite.engines", "megatron_lite.engines.deepspeed", "megatron_lite.engines.fsdp",
-                 "megatron_lite.models.decoder", "megatron_lite.training.loss", "torch.distributed.fsdp",
+                 "megatron_lite.models.decoder", "megatron_lite.step.loss", "torch.distributed.fsdp",
                  "torch._dynamo", "torch._inductor.compile_fx", "deepspeed", "deepspeed.runtime.engine",
                  "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3",
                  "deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.fp16.unfused_optimizer"):

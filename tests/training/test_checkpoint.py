@@ -12,7 +12,8 @@ import yaml
 
 from .conftest import checkpoint_tensors, tiny_config
 from megatron_lite.config import ConfigError, config_from_dict
-from megatron_lite.training.checkpoint import find_latest, load_checkpoint, read_meta, save_checkpoint
+from megatron_lite.step.checkpoint_format import find_latest, read_meta
+from megatron_lite.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_lite.training.trainer import Trainer, train
 
 QUIET = {"log": lambda _: None}

@@ -18,7 +18,8 @@ from megatron_lite.config import config_from_dict
 from megatron_lite.engines.single import SingleEngine
 from megatron_lite.families import get_family
 from megatron_lite.topology import Topology
-from megatron_lite.training.checkpoint import find_latest, load_checkpoint
+from megatron_lite.step.checkpoint_format import find_latest
+from megatron_lite.training.checkpoint import load_checkpoint
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v1_modulelist"
 

@@ -29,7 +29,8 @@ import torch
 
 from .conftest import REPO, checkpoint_tensors, model_tensors, tiny_config
 from megatron_lite.errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteError, RunDirLocked
-from megatron_lite.training.checkpoint import find_latest, load_checkpoint, read_meta
+from megatron_lite.step.checkpoint_format import find_latest, read_meta
+from megatron_lite.training.checkpoint import load_checkpoint
 from megatron_lite.training.pause_points import ENV as PAUSE_ENV
 from megatron_lite.training.run_lock import RunLock
 from megatron_lite.training.trainer import Trainer, train
@@ -154,7 +155,7 @@ def _poison(monkeypatch, steps: set[int], rank: int | None = None, factor: float
             microbatches: int = 2) -> None:
     """Multiply the training loss by ``factor`` during ``steps`` (1-based), on ``rank`` only when given;
     ``microbatches`` per step and rank (the tiny config's 8 samples in 2-sample microbatches: 4 on one rank)."""
-    from megatron_lite.training.tasks import CausalLMTask
+    from megatron_lite.step.tasks import CausalLMTask
 
     original = CausalLMTask.loss
     calls = {"n": 0}

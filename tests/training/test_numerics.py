@@ -12,7 +12,7 @@ from .conftest import tiny_config
 from megatron_lite.config import OptimizerConfig, load_config
 from megatron_lite.data import GlobalBatchLoader
 from megatron_lite.models import build_model
-from megatron_lite.training.optim import param_groups
+from megatron_lite.step.optim import param_groups
 from megatron_lite.training.trainer import Trainer, train
 
 QUIET = {"log": lambda _: None}
@@ -161,7 +161,7 @@ def test_padded_vocabulary_columns_take_no_probability_mass() -> None:
     """The rows that pad the vocabulary to a multiple of 128 are left out of the softmax, smoothing included."""
     from megatron_lite.config import ModelConfig
     from megatron_lite.models import build_model
-    from megatron_lite.training.tasks import CausalLMTask
+    from megatron_lite.step.tasks import CausalLMTask
 
     cfg = ModelConfig(vocab_size=500, hidden_size=32, num_layers=1, num_heads=2, max_seq_len=16, tie_embeddings=False)
     assert cfg.padded_vocab_size == 512
@@ -186,7 +186,7 @@ def test_padded_vocabulary_columns_take_no_probability_mass() -> None:
 ])
 def test_adamw_is_fused_on_gpu_by_default(device, fused_setting, expect_fused) -> None:
     """optimizer.fused=null picks the fused kernels exactly when training on a GPU; true/false force it."""
-    from megatron_lite.training.optim import build_adamw
+    from megatron_lite.step.optim import build_adamw
 
     model = build_model(load_config(None, ["model.vocab_size=64", "model.hidden_size=16", "model.num_layers=1",
                                            "model.num_heads=2", "model.max_seq_len=32", "data.seq_len=32"]).model)

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from megatron_lite.config import OptimizerConfig, ScheduleConfig
-from megatron_lite.training.schedules import lr_at
+from megatron_lite.step.schedules import lr_at
 
 OPT = OptimizerConfig(lr=1.0, min_lr=0.1)
 

@@ -17,7 +17,7 @@ from megatron_lite.config import Config
 from megatron_lite.models.encoder_decoder import shift_right
 from megatron_lite.parallel.cross_entropy import vocab_parallel_loss_sum
 from megatron_lite.topology import Topology
-from megatron_lite.training.loss import token_loss_sum, valid_tokens
+from megatron_lite.step.loss import token_loss_sum, valid_tokens
 
 Microbatch = dict[str, torch.Tensor]
 
@@ -104,3 +104,9 @@ def causal_lm_task(cfg: Config, topology: Topology | None = None) -> CausalLMTas
         return CausalLMTask(cfg.training.label_smoothing, cfg.model.vocab_size)
     start = topology.tp_rank * cfg.model.padded_vocab_size // topology.tp
     return CausalLMTask(cfg.training.label_smoothing, cfg.model.vocab_size, topology.group("tp"), start)
+
+
+def task_for(cfg: Config, topology: Topology | None = None) -> Task:
+    """The task of ``cfg``'s model family: next-token prediction for a decoder, teacher-forced targets for an
+    encoder-decoder; vocab-parallel when ``topology`` splits the model over a tensor axis."""
+    return seq2seq_task(cfg, topology) if cfg.model.family == "encoder_decoder" else causal_lm_task(cfg, topology)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from megatron_lite.constants import IGNORE_INDEX
 
 
 def token_loss_sum(
