@@ -73,8 +73,8 @@ def _bubble(layout, cfg, step_s: float, single_s: float | None) -> str:
     """For a pipeline layout: the share of the step not spent on this rank's share of the work (1 - (single-process
     step / pp) / step, each rank on its own core; includes the stage-to-stage traffic), beside the planner's bubble."""
     from megatron_lite.config import microbatches_per_rank
-    from megatron_lite.parallel.pipeline import virtual_stages
     from megatron_lite.planning.steptime import bubble_fraction
+    from megatron_lite.rules import virtual_stages
 
     pp = cfg.parallel.pp
     if pp == 1:
@@ -123,19 +123,18 @@ def _startup_rank(rank: int, overrides: list[str], out_dir: str) -> None:
     family = get_family(cfg.model.family)
     factory, task = family.factory(cfg, topology), family.task(cfg, topology)
     peaks: dict[str, int] = {}
-    if cfg.parallel.engine == "deepspeed":
+    before = reset_host_peak()
+    if cfg.parallel.engine == "deepspeed":  # the peak once the model is materialized, before deepspeed.initialize
         from megatron_lite.engines.deepspeed import DeepSpeedEngine
 
-        build = DeepSpeedEngine._build
+        class MeasuredDeepSpeedEngine(DeepSpeedEngine):
+            def materialize(self, *args) -> None:
+                super().materialize(*args)
+                peaks["model"] = host_peak_bytes()
 
-        def measured_build(self, *args):
-            model = build(self, *args)
-            peaks["model"] = host_peak_bytes()
-            return model
-
-        DeepSpeedEngine._build = measured_build
-    before = reset_host_peak()
-    engine = build_engine(cfg, factory, topology, task)
+        engine = MeasuredDeepSpeedEngine(cfg, factory, topology, task)
+    else:
+        engine = build_engine(cfg, factory, topology, task)
     peaks["engine"] = host_peak_bytes()
     held = 0
     for p in engine.model.parameters():

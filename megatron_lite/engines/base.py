@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import Config
+from megatron_lite.engines.build import Built
 from megatron_lite.topology import Topology
-from megatron_lite.training.tasks import Microbatch, Task
+from megatron_lite.step.tasks import Microbatch, Task
 
 if TYPE_CHECKING:
     from megatron_lite.parallel.pipeline import PipelineRunner
@@ -59,25 +60,6 @@ class StepMetrics:
     tokens: int = 0  # valid tokens in the global batch
 
 
-def _identity(model: nn.Module) -> nn.Module:
-    return model
-
-
-@dataclass
-class ModelFactory:
-    """How an engine builds its model, shard by shard.
-
-    ``construct`` creates the plain model with its parameters on whatever device is current; engines call it under
-    ``torch.device("meta")`` and then materialize only what the rank holds (``materialize.py``). Initial values come
-    from the model's ``init_rules`` and ``seed``, by name, so they do not depend on the layout. ``prepare`` applies what goes between the plain model and the engine's
-    own wrapping, in order: tensor parallelism, activation checkpointing, compilation.
-    """
-
-    construct: Callable[[], nn.Module]
-    seed: int
-    prepare: Callable[[nn.Module], nn.Module] = field(default=_identity)
-
-
 class Engine(ABC):
     """Build the model and optimizer for one layout; run the shared step; save and load logical checkpoints."""
 
@@ -90,6 +72,21 @@ class Engine(ABC):
     # Called once per step when the gradients are final (reduced over the data axis, tied copies summed) and not yet
     # clipped or applied: the parity harness reads them there through ``gradient_pieces``. None while training.
     on_gradients: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # The engine's steps of the one build sequence (``build.py``)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def partition(self, model: nn.Module, roots: list[nn.Module]) -> None:
+        """Shard or partition ``model`` while it is still on the meta device (FSDP2, ZeRO-3); ``roots`` are the
+        modules that run forwards (the model, or its pipeline stages). Default: nothing, every rank holds it all."""
+
+    def materialize(self, model: nn.Module, rules: dict, seed: int, built: Built) -> None:
+        """Give ``model`` this rank's initial values, by tensor name and seed. Default: allocate what the rank holds
+        on its device and fill it (``materialize.py``)."""
+        from megatron_lite.engines.materialize import materialize
+
+        materialize(model, rules, seed, self.topology.device, built.shards, built.aliases)
 
     # ------------------------------------------------------------------------------------------------------------------
     # What differs between engines
@@ -191,14 +188,14 @@ class Engine(ABC):
         dev = self.topology.device
         return {k: v.to(dev, non_blocking=True) for k, v in microbatch.items()}
 
-    def _sum_over_dp(self, *values: torch.Tensor, stages: bool = False) -> list[float]:
-        """Sum scalars over the data-parallel ranks (and, with ``stages``, over the pipeline stages, of which only the
-        last computes losses), in float64."""
+    def _sum_over(self, axes: tuple[str, ...], *values: torch.Tensor) -> list[float]:
+        """Sum scalars over the ranks along ``axes`` ("dp": data-parallel ranks; "pp": pipeline stages, of which
+        only the last computes losses), in float64."""
         stacked = torch.stack([v.detach().to(self.topology.device, torch.float64).reshape(()) for v in values])
         if self.topology.is_distributed:
-            dist.all_reduce(stacked, group=self.topology.group("dp"))
-            if stages and self.topology.pp > 1:
-                dist.all_reduce(stacked, group=self.topology.group("pp"))
+            for axis in axes:
+                if getattr(self.topology, axis) > 1:
+                    dist.all_reduce(stacked, group=self.topology.group(axis))
         return stacked.tolist()
 
     def _forward_backward(self, batches: list[Microbatch], targets: list[torch.Tensor], scale: float) -> torch.Tensor:
@@ -224,13 +221,13 @@ class Engine(ABC):
         self._begin_step(lr, len(microbatches))
         batches = [self.to_device(mb) for mb in microbatches]
         targets = [self.task.target(mb) for mb in batches]
-        (tokens,) = self._sum_over_dp(sum(self.task.num_tokens(t) for t in targets))
+        (tokens,) = self._sum_over(("dp",), sum(self.task.num_tokens(t) for t in targets))
         scale = self.topology.dp / max(tokens, 1.0)
         loss_sum = self._forward_backward(batches, targets, scale)
         if self.on_gradients is not None:
             self.on_gradients()
         grad_norm, skipped = self._finish_step(self.cfg.training.grad_clip)
-        (loss_sum_global,) = self._sum_over_dp(loss_sum, stages=True)
+        (loss_sum_global,) = self._sum_over(("dp", "pp"), loss_sum)
         loss = loss_sum_global / max(tokens, 1.0)
         return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=int(tokens))
 
@@ -252,6 +249,6 @@ class Engine(ABC):
                         loss_sum += self.task.loss(self._forward(self.task.inputs(mb)), target, False)[0]
         finally:
             self.module.train()
-        (loss_sum_global,) = self._sum_over_dp(loss_sum, stages=True)
-        (tokens_global,) = self._sum_over_dp(tokens)
+        (loss_sum_global,) = self._sum_over(("dp", "pp"), loss_sum)
+        (tokens_global,) = self._sum_over(("dp",), tokens)
         return loss_sum_global / max(tokens_global, 1.0)

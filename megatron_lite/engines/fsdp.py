@@ -25,33 +25,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from megatron_lite.config import Config, ConfigError
-from megatron_lite.engines.base import ModelFactory
+from megatron_lite.config import Config
+from megatron_lite.engines.build import ModelFactory
 from megatron_lite.engines.torch_engine import TorchEngine
 from megatron_lite.parallel.wrappers import blocks
 from megatron_lite.topology import Topology, ensure_process_group
-from megatron_lite.training.tasks import Task
-
-
-def check_fsdp_config(cfg: Config, device: torch.device) -> None:
-    """Refuse settings FSDP2 cannot honour here, with the reason."""
-    if cfg.training.precision == "fp16":
-        raise ConfigError(
-            "training.precision=fp16 is not supported by parallel.engine=fsdp (FSDP2 has no sharded loss scaler); "
-            "use bf16, or fp16 with the ddp or deepspeed engine"
-        )
-    if cfg.parallel.fsdp_cpu_offload:
-        from torch.distributed import fsdp
-
-        if not hasattr(fsdp, "CPUOffloadPolicy"):
-            raise ConfigError(
-                f"parallel.fsdp_cpu_offload needs torch >= 2.6 (CPUOffloadPolicy); found {torch.__version__}"
-            )
-        if device.type != "cuda":
-            raise ConfigError(
-                "parallel.fsdp_cpu_offload offloads parameters from GPU to CPU memory; it is not supported when "
-                f"training on {device.type} (parameters already live in host memory)"
-            )
+from megatron_lite.step.tasks import Task
 
 
 def shard_model(model: nn.Module, mesh, cfg: Config, roots: list[nn.Module] | None = None) -> nn.Module:
@@ -82,11 +61,10 @@ class FSDPEngine(TorchEngine):
     """
 
     def __init__(self, cfg: Config, factory: ModelFactory, topology: Topology, task: Task) -> None:
-        check_fsdp_config(cfg, topology.device)
         ensure_process_group(topology.device)
         super().__init__(cfg, factory, topology, task)
 
-    def shard(self, model: nn.Module, roots: list[nn.Module]) -> None:
+    def partition(self, model: nn.Module, roots: list[nn.Module]) -> None:
         self.roots = roots
         mesh = self.topology.data_mesh()
         if mesh is None:  # one process: a one-rank mesh, so the same code and checkpoints apply

@@ -1,8 +1,8 @@
 """What the PyTorch engines (single, DDP, FSDP2) share: building from meta, torch AdamW, autocast, the GradScaler.
 
-The model is constructed on the meta device, prepared (tensor parallelism, activation checkpointing, compile),
-sharded where the engine shards (``shard``: FSDP), materialized with its by-name initial values (local shards only),
-and wrapped where the engine wraps (``wrap``: DDP). The end of a step unscales fp16 gradients, takes the global
+The model is built by the one build sequence (``build.py``: meta, tensor parallelism, checkpointing, compile,
+pipeline split, the engine's ``partition`` (FSDP) and materialization of local shards by name) and wrapped where the
+engine wraps (``wrap``: DDP). The end of a step unscales fp16 gradients, takes the global
 gradient norm (``gradients.py``: every parameter once, replicated or sharded), clips, and steps AdamW through the
 scaler when there is one.
 """
@@ -18,22 +18,17 @@ import torch
 from torch import nn
 
 from megatron_lite.config import Config
-from megatron_lite.engines.base import Engine, GradientPiece, ModelFactory
+from megatron_lite.engines.base import Engine, GradientPiece
+from megatron_lite.engines.build import ModelFactory
 from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
-from megatron_lite.engines.logical import (
-    model_state,
-    param_name_of,
-    read_logical,
-    tensor_parallel_view,
-    torch_optimizer_state,
-    write_logical,
-)
-from megatron_lite.engines.materialize import local_box, materialize
-from megatron_lite.parallel.pipeline import PipelineRunner, split_model
-from megatron_lite.parallel.tensor import tensor_aliases, tensor_parallel_shards
+from megatron_lite.engines.logical import model_state, tensor_parallel_view, torch_optimizer_state
+from megatron_lite.step.checkpoint_format import param_name_of, read_logical, write_logical
+from megatron_lite.engines.build import build_model
+from megatron_lite.engines.materialize import local_box
+from megatron_lite.parallel.pipeline import PipelineRunner
 from megatron_lite.topology import Topology
-from megatron_lite.training.optim import build_adamw, no_decay_names
-from megatron_lite.training.tasks import Task
+from megatron_lite.step.optim import build_adamw
+from megatron_lite.step.tasks import Task
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,31 +40,19 @@ class TorchEngine(Engine):
         self.cfg = cfg
         self.topology = topology
         self.task = task
-        with torch.device("meta"):
-            model = factory.construct()
-        rules, no_decay = model.init_rules(), no_decay_names(model, cfg.optimizer)  # from the plain model
-        model = factory.prepare(model)
-        self.shards, self.aliases = tensor_parallel_shards(model), tensor_aliases(model)
-        parts = split_model(model, cfg, topology) if topology.pp > 1 else None
-        model = parts.holder if parts else model
-        roots = parts.stages if parts else [model]  # what runs a forward: the model, or each pipeline stage
-        self.shard(model, roots)
-        materialize(model, rules, factory.seed, topology.device, self.shards, self.aliases)
-        self.model = model
-        wrapped = roots if parts and not self.wraps_pipeline_stages else [self.wrap(root) for root in roots]
-        self.module = model if parts else wrapped[0]
+        built = build_model(factory, cfg, topology, self)
+        self.model, self.shards, self.aliases = built.model, built.shards, built.aliases
+        parts = built.parts
+        wrapped = built.roots if parts and not self.wraps_pipeline_stages else [self.wrap(r) for r in built.roots]
+        self.module = self.model if parts else wrapped[0]
         if parts:
             self.pipeline = PipelineRunner(wrapped, parts, cfg, topology, lambda out, tgt, train: task.loss(
                 out, tgt, train)[0])
         self.copies = parts.copies if parts else {}
-        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, no_decay)
+        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, built.no_decay)
         precision = cfg.training.precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(topology.device.type) if precision == "fp16" else None
-
-    def shard(self, model: nn.Module, roots: list[nn.Module]) -> None:
-        """Hook for engines that shard parameters before they are materialized (FSDP), in place; ``roots`` are the
-        modules that run forwards (the model, or its pipeline stages)."""
 
     wraps_pipeline_stages = True  # False: the engine's wrapper is not applied to pipeline stages
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.models.init import InitRule, build_initialized, distinct_numel
+from megatron_lite.models.init import InitRule, build_initialized, child_numel, distinct_numel
 from megatron_lite.models.layers import (
     MLP,
     NORM_TYPES,
@@ -63,6 +63,28 @@ class Block(nn.Module):
 
 class DecoderLM(nn.Module):
     """Causal language model: token ids [b, s] -> logits [b, s, padded_vocab_size]."""
+
+    # How tensor parallelism splits this model, as data (``parallel/plans.py`` applies it): module name patterns ->
+    # column / row / vocab / kv placements, and the modules that need more than a swap.
+    TP_PLAN = {
+        "layers": {
+            "embed": "vocab",
+            "layers.*.attn.q_proj": "column",
+            "layers.*.attn.k_proj": "kv",
+            "layers.*.attn.v_proj": "kv",
+            "layers.*.attn.o_proj": "row",
+            "layers.*.mlp.gate_proj": "column",
+            "layers.*.mlp.up_proj": "column",
+            "layers.*.mlp.down_proj": "row",
+            "lm_head": "column",  # logits stay split over the vocabulary: the loss is vocab-parallel
+        },
+        "sharded_rng": ("layers.*.attn",),
+        "sequence_params": ("layers.*.attn_norm", "layers.*.mlp_norm", "final_norm"),
+        "sequence_dropout": ("dropout", "layers.*.dropout"),
+        "sequence_split": ("pos_embed",),
+    }
+    # The parts besides blocks that a pipeline stage may go without (``parallel/pipeline.py``).
+    STAGE_PARTS = ("embed", "pos_embed", "final_norm", "lm_head")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -176,6 +198,23 @@ class DecoderLM(nn.Module):
                     rule = InitRule("normal", std)
                 rules.setdefault(prefix + p_name, rule)
         return {name: rules[name] for name, _ in self.named_parameters()}  # a tied matrix under its first name
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Pipeline stages: which parts a run of blocks uses, and what a stage runs (``parallel/pipeline.py`` asks)
+
+    def stage_parts(self, layers: range, first: bool, last: bool) -> set[str]:
+        """The parts besides blocks a stage running ``layers`` uses: the embeddings first, the head last."""
+        return {*(("embed", "pos_embed") if first else ()), *(("final_norm", "lm_head") if last else ())}
+
+    def stage_costs(self) -> tuple[list[int], int, int]:
+        """Parameters of each block, of the first stage's parts and of the last stage's, for balancing stages."""
+        blocks = [sum(p.numel() for p in block.parameters()) for block in self.layers.values()]
+        return blocks, child_numel(self, ("embed", "pos_embed")), child_numel(self, ("final_norm", "lm_head"))
+
+    def as_stage(self, layers: range) -> nn.Module:
+        """What a pipeline stage holding ``layers`` of this model runs: the model itself, whose forward skips the
+        parts it lacks and takes hidden states when it has no embedding."""
+        return self
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token and learned

@@ -135,3 +135,9 @@ def distinct_numel(model: nn.Module, excluded: tuple[nn.Module | None, ...] = ()
         for p in module.parameters() if module is not None else ():
             seen.pop(id(p), None)
     return sum(seen.values())
+
+
+def child_numel(model: nn.Module, names: tuple[str, ...]) -> int:
+    """Elements of the parameters of ``model``'s named children (those it has), e.g. a pipeline stage's parts."""
+    return sum(p.numel() for name in names if getattr(model, name, None) is not None
+               for p in getattr(model, name).parameters())

@@ -1,1 +1,2 @@
-"""What is applied to the plain model before an engine wraps it: tensor parallelism, activation checkpointing, compile."""
+"""Parallelism applied to a plain model, generic over the families: tensor-parallel layers, plans and the
+vocab-parallel loss, the collectives, pipeline stages and schedules, activation checkpointing and compile."""

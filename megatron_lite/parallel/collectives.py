@@ -6,7 +6,6 @@ gradients of the unsharded one:
     copy_to_group        identity              | all-reduce of the gradient
     reduce_from_group    all-reduce            | identity
     split_to_group       keep this rank's slice | all-gather of the gradient
-    gather_from_group    all-gather             | this rank's slice of the gradient
     reduce_scatter       reduce-scatter        | all-gather                   (sequence parallelism, after a row layer)
     all_gather           all-gather            | reduce-scatter               (sequence parallelism, before a column layer)
 
@@ -94,7 +93,6 @@ def _conjugate(name: str, forward, backward) -> type[torch.autograd.Function]:
 
 
 _SplitToGroup = _conjugate("_SplitToGroup", _split, _gather)
-_GatherFromGroup = _conjugate("_GatherFromGroup", _gather, _split)
 _ReduceScatter = _conjugate("_ReduceScatter", _reduce_scatter, _gather)
 _AllGather = _conjugate("_AllGather", _gather, _reduce_scatter)
 
@@ -112,11 +110,6 @@ def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
 def split_to_group(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Keep this rank's slice along ``dim``; the gradient is gathered back to the full size."""
     return x if _size(group) == 1 else _SplitToGroup.apply(x, dim, group)
-
-
-def gather_from_group(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate the ranks' slices along ``dim``; each rank's gradient is its slice."""
-    return x if _size(group) == 1 else _GatherFromGroup.apply(x, dim, group)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:

@@ -16,16 +16,12 @@ stage as keyword arguments.
 built by hand from ``PipelineStage``: no schedule is written here. Their loss is the shared step's token-weighted one:
 each microbatch's summed token loss times ``dp / global tokens``, with ``scale_grads=False``.
 
-**Encoder-decoders.** The blocks run in index order, encoder blocks first, so encoder stages come first, then decoder
-stages (a stage may hold the end of one stack and the start of the other). An encoder stage passes its hidden states
-on; from the encoder's last block on, every stage passes ``(hidden, encoder output)``, so that each decoder stage can
-cross-attend, and the encoder output's gradient flows back along the same path. Decoder input ids and padding masks
-reach every stage as keyword arguments. A stage is an :class:`EncoderDecoderStage` over the view, which runs its
-slice of the stacks with the model's own pieces (``embed_tokens``, ``encoder_context``, ``decoder_context``,
-``finish_encoder``, ``head``). T5's relative bias is recomputed on every stage that runs blocks of a stack, from that
-stage's copy of the stack's bias table (a tied tensor, below), rather than sent as an activation: the table is
-buckets x heads numbers while the bias is heads x s x s per microbatch, the same for every microbatch, and
-recomputing it keeps each stage's forward the model's own code, with a gradient sum that equals one process's.
+**Families.** The model says what a stage needs: which parts besides blocks a run of blocks uses
+(``stage_parts``), their parameter counts (``stage_costs``), which parts a stage may drop (``STAGE_PARTS``) and what a
+stage runs (``as_stage``: a decoder view runs itself; an encoder-decoder's runs ``EncoderDecoderStage``, which passes
+``(hidden, encoder output)`` from the encoder's last block on, so that every decoder stage cross-attends, and
+recomputes each stack's relative bias from its stage's copy of the table rather than sending heads x s x s along).
+Nothing here names a family.
 
 **Tied copies.** A tensor that stages on several pipeline ranks use (a decoder's tied embedding and head; an
 encoder-decoder's shared embedding on the encoder's first stage, the decoder's first stage and a tied head; a bias
@@ -36,7 +32,6 @@ gradient norm counts the copies once, and the optimizer state is saved once, und
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,46 +39,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_lite.config import Config, ConfigError, microbatches_per_rank
+from megatron_lite import rules
+from megatron_lite.config import Config
 from megatron_lite.topology import Topology
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
-
-
-def virtual_stages(cfg: Config) -> int:
-    """Stages per pipeline rank: ``pp_virtual_stages`` for the interleaved schedules, else 1."""
-    return cfg.parallel.pp_virtual_stages if cfg.parallel.pp_schedule in ("interleaved", "zb") else 1
-
-
-def num_blocks(cfg: Config) -> tuple[int, str]:
-    """The model's blocks, and the config keys that count them (an encoder-decoder's encoder and decoder)."""
-    m = cfg.model
-    if m.family == "encoder_decoder":
-        n = m.num_layers + m.decoder_layers
-        return n, f"model.num_layers + num_decoder_layers={n}"
-    return m.num_layers, f"model.num_layers={m.num_layers}"
 
 
 def split_layers(cfg: Config, block_params: int | list[int], first_params: int, last_params: int) -> list[range]:
     """The blocks of each of the ``pp x v`` stages: ``parallel.pp_layers`` when given, else contiguous runs that keep
     the largest stage's parameter count (blocks, plus the embedding on the first and the head on the last) smallest.
     ``block_params`` is every block's count (encoder and decoder blocks differ), or one count for all."""
-    par = cfg.parallel
-    layers, key = num_blocks(cfg)
-    stages = par.pp * virtual_stages(cfg)
-    if par.pp_layers is not None:
-        counts = list(par.pp_layers)
-        if len(counts) != stages or any(not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != layers:
-            raise ConfigError(
-                f"parallel.pp_layers={counts} must give {stages} positive layer counts (parallel.pp={par.pp} x "
-                f"{virtual_stages(cfg)} stages per rank) that add up to {key}"
-            )
-    else:
-        if stages > layers:
-            raise ConfigError(
-                f"{stages} pipeline stages (parallel.pp={par.pp} x {virtual_stages(cfg)} per rank) for "
-                f"{key}: every stage needs at least one layer"
-            )
+    layers, _ = rules.num_blocks(cfg)
+    stages = cfg.parallel.pp * rules.virtual_stages(cfg)
+    counts = rules.check_stage_layers(cfg)
+    if counts is None:
         sizes = list(block_params) if isinstance(block_params, (list, tuple)) else [block_params] * layers
         counts = _balanced(sizes, stages, first_params, last_params)
     starts = [sum(counts[:i]) for i in range(stages)]
@@ -117,42 +87,6 @@ def _balanced(sizes: list[int], stages: int, first: int, last: int) -> list[int]
         else:
             hi = mid
     return fits(lo)
-
-
-def check_pipeline(cfg: Config, dp: int) -> None:
-    """Refuse schedules that cannot run this step, in one line naming the key."""
-    par = cfg.parallel
-    if par.pp == 1:
-        return
-    if par.pp_virtual_stages < 1:
-        raise ConfigError(f"parallel.pp_virtual_stages={par.pp_virtual_stages} must be positive")
-    if par.pp_schedule == "zb" and cfg.model.family == "encoder_decoder":
-        raise ConfigError(
-            "parallel.pp_schedule=zb is not supported for model.family=encoder_decoder (torch's split input/weight "
-            "backward fails on its stages, which take the encoder output): use 1f1b, gpipe or interleaved"
-        )
-    m = microbatches_per_rank(cfg.global_batch_size, cfg.training.micro_batch_size, dp)
-    stages = par.pp * virtual_stages(cfg)
-    if par.pp_schedule == "1f1b" and m < par.pp:
-        bubble = (par.pp - 1) / (m + par.pp - 1)
-        raise ConfigError(
-            f"parallel.pp_schedule=1f1b needs at least parallel.pp={par.pp} microbatches per step, got {m} "
-            f"(training.global_batch_size / (micro_batch_size x dp)); the bubble would be {bubble:.0%} of the step: "
-            "raise the global batch or lower the micro batch"
-        )
-    rounds = max(1, m // par.pp)  # the interleaved schedules run the microbatches in equal rounds
-    if par.pp_schedule in ("interleaved", "zb") and m % rounds:
-        raise ConfigError(
-            f"parallel.pp_schedule={par.pp_schedule} cannot run {m} microbatches per step "
-            f"(training.global_batch_size / (micro_batch_size x dp)) in {rounds} equal rounds of about parallel.pp="
-            f"{par.pp}: use a multiple of {par.pp}, or fewer than {2 * par.pp}"
-        )
-    layers, key = num_blocks(cfg)
-    if stages > layers and par.pp_layers is None:
-        raise ConfigError(
-            f"{stages} pipeline stages (parallel.pp={par.pp} x {virtual_stages(cfg)} per rank) for "
-            f"{key}: every stage needs at least one layer"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,73 +124,39 @@ class PipelineParts:
         return [t.name for t in self.tied if t.name is not None and not t.primary]
 
 
-FIRST_PARTS = ("embed", "pos_embed")  # parts of the first stage and of the last (decoder family)
-LAST_PARTS = ("final_norm", "lm_head")
-ENCODER_DECODER_PARTS = ("embed", "pos_embed", "encoder_pos_bias", "decoder_pos_bias", "encoder_norm", "final_norm",
-                         "lm_head")
-
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    from megatron_lite.models.encoder_decoder import EncoderDecoderLM
-
-    return isinstance(model, EncoderDecoderLM)
-
-
-def _stage_parts(model: nn.Module, layers: range, first: bool, last: bool) -> set[str]:
-    """The parts besides blocks that a stage running ``layers`` uses (each stack's input embedding and bias table,
-    the encoder's final norm, the head)."""
-    if not _is_encoder_decoder(model):
-        return {*(FIRST_PARTS if first else ()), *(LAST_PARTS if last else ())}
-    e = model.num_encoder_layers
-    parts = set()
-    if first or e in layers:  # embeds the encoder's input, or the decoder's
-        parts |= {"embed", "pos_embed"}
-    if layers.start < e:
-        parts.add("encoder_pos_bias")
-    if layers.stop > e:
-        parts.add("decoder_pos_bias")
-    if layers.start < e <= layers.stop:  # runs the encoder's last block
-        parts.add("encoder_norm")
-    if last:
-        parts |= set(LAST_PARTS)
-    return parts
-
-
-def _removable(model: nn.Module) -> tuple[str, ...]:
-    return ENCODER_DECODER_PARTS if _is_encoder_decoder(model) else FIRST_PARTS + LAST_PARTS
-
-
-def _params(model: nn.Module, names) -> int:
-    return sum(p.numel() for name in names if getattr(model, name, None) is not None
-               for p in getattr(model, name).parameters())
-
-
 def split_model(model: nn.Module, cfg: Config, topology: Topology) -> PipelineParts:
-    """Cut the (meta) model into this rank's holder and stage views; see the module docstring."""
+    """Cut the (meta) model into this rank's holder and stage views; see the module docstring.
+
+    The model says which of its parts besides blocks a run of blocks uses (``stage_parts``), what each part costs
+    (``stage_costs``), which parts a stage may go without (``STAGE_PARTS``) and what a stage runs (``as_stage``), so
+    nothing here knows a model family.
+    """
     pp, rank = topology.pp, topology.pp_rank
-    sizes = [sum(p.numel() for p in block.parameters()) for block in model.layers.values()]
-    if _is_encoder_decoder(model):  # whichever stage runs the decoder's first block holds a copy of the embedding
-        sizes[model.num_encoder_layers] += _params(model, FIRST_PARTS)
-    ranges = split_layers(cfg, sizes, _params(model, FIRST_PARTS), _params(model, LAST_PARTS))
+    sizes, first, last = model.stage_costs()
+    ranges = split_layers(cfg, sizes, first, last)
     num_stages = len(ranges)
-    parts = [_stage_parts(model, r, s == 0, s == num_stages - 1) for s, r in enumerate(ranges)]
+    parts = [model.stage_parts(r, s == 0, s == num_stages - 1) for s, r in enumerate(ranges)]
     holders = _holding_ranks(model, ranges, parts, pp)
-    if cfg.parallel.engine == "fsdp":
-        _check_one_root_per_tensor(model, ranges, parts, cfg)
+    rules.check_stage_sharing(cfg, ranges, [{name: [id(p) for p in _part(model, name).parameters()]
+                                             for name in used if _part(model, name) is not None} for used in parts])
     indices = [s for s in range(num_stages) if s % pp == rank]
     mine = {str(i) for s in indices for i in ranges[s]}
     for key in [k for k in model.layers if k not in mine]:
         del model.layers[key]
     kept = set().union(*(parts[s] for s in indices))
-    for name in _removable(model):
+    for name in model.STAGE_PARTS:
         if name not in kept:
             setattr(model, name, None)
     names = {}
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
     tied = [TiedCopies(ranks, names.get(pid), ranks[0] == rank) for pid, ranks in holders]
-    stages = [_view(model, ranges[s], parts[s]) for s in indices]
+    stages = [_view(model, ranges[s], parts[s]).as_stage(ranges[s]) for s in indices]
     return PipelineParts(model, stages, indices, num_stages, tied)
+
+
+def _part(model: nn.Module, name: str) -> nn.Module | None:
+    return getattr(model, name, None)
 
 
 def _holding_ranks(model: nn.Module, ranges: list[range], parts: list[set[str]],
@@ -266,7 +166,7 @@ def _holding_ranks(model: nn.Module, ranges: list[range], parts: list[set[str]],
     ranks: dict[int, set[int]] = {}
     for s, (layers, used) in enumerate(zip(ranges, parts)):
         modules = [model.layers[str(i)] for i in layers]
-        modules += [getattr(model, n) for n in sorted(used) if getattr(model, n, None) is not None]
+        modules += [_part(model, n) for n in sorted(used) if _part(model, n) is not None]
         for module in modules:
             for p in module.parameters():
                 ranks.setdefault(id(p), set()).add(s % pp)
@@ -274,83 +174,24 @@ def _holding_ranks(model: nn.Module, ranges: list[range], parts: list[set[str]],
     return [(pid, tuple(sorted(ranks[pid]))) for pid in order if len(ranks.get(pid, ())) > 1]
 
 
-def _check_one_root_per_tensor(model: nn.Module, ranges: list[range], parts: list[set[str]], cfg: Config) -> None:
-    """FSDP2 makes each stage a root that owns the parameters outside its blocks, so no tensor may be used by two
-    stages of one rank (an encoder-decoder's embedding when the encoder's and the decoder's first stages share a
-    rank); checked for every rank alike, so that all of them refuse."""
-    pp, seen = cfg.parallel.pp, {}
-    for s, used in enumerate(parts):
-        for name in sorted(used):
-            module = getattr(model, name, None)
-            for p in module.parameters() if module is not None else ():
-                first = seen.setdefault((id(p), s % pp), s)
-                if first != s:
-                    raise ConfigError(
-                        f"parallel.engine=fsdp with parallel.pp_schedule={cfg.parallel.pp_schedule}: pipeline stages "
-                        f"{first} and {s} (blocks {ranges[first].start}-{ranges[first].stop - 1} and "
-                        f"{ranges[s].start}-{ranges[s].stop - 1}) share {name} on pipeline rank {s % pp}, which FSDP2 "
-                        "cannot shard in two stage roots; use parallel.pp_layers that keep them on different ranks, "
-                        "parallel.pp_schedule=1f1b or gpipe, or parallel.engine=ddp or deepspeed"
-                    )
-
-
 def _view(holder: nn.Module, layers: range, parts: set[str]) -> nn.Module:
-    """A stage: a shallow copy of the holder that runs only ``layers`` and the ``parts`` they need (an
-    encoder-decoder's inside an :class:`EncoderDecoderStage`)."""
-    view = copy.copy(holder)
+    """A second instance of the holder's class whose children are the holder's own modules, keeping only the blocks
+    ``layers`` and the ``parts`` they use. Every other attribute is shared, except nn.Module's own state (hook and
+    child dicts): a hook that FSDP puts on one stage's root must not fire for another stage of the same rank."""
+    view = object.__new__(type(holder))
+    fresh = nn.Module()  # nn.Module's bookkeeping, new for this view
+    view.__dict__.update({k: v for k, v in holder.__dict__.items() if k not in fresh.__dict__})
+    view.__dict__.update(fresh.__dict__)
     view._modules = dict(holder._modules)
     view._parameters = dict(holder._parameters)
     view._buffers = dict(holder._buffers)
+    view._non_persistent_buffers_set = set(holder._non_persistent_buffers_set)
+    view.training = holder.training
     view.layers = nn.ModuleDict({str(i): holder.layers[str(i)] for i in layers})
-    for name in _removable(holder):
+    for name in holder.STAGE_PARTS:
         if name not in parts:
             setattr(view, name, None)
-    return EncoderDecoderStage(view, layers) if _is_encoder_decoder(holder) else view
-
-
-class EncoderDecoderStage(nn.Module):
-    """Blocks ``layers`` of an encoder-decoder view, fed what the stage before sent.
-
-    Inputs by position: source ids (the first stage), encoder hidden states (an encoder stage), or
-    ``(decoder hidden states, encoder output)`` (a decoder stage; a stage starting at the first decoder block gets
-    the encoder output alone). Outputs: the next stage's inputs, or the logits on the last stage.
-    """
-
-    def __init__(self, model: nn.Module, layers: range) -> None:
-        super().__init__()
-        self.model = model
-        self.start, self.stop = layers.start, layers.stop
-        self.encoder_layers = model.num_encoder_layers
-        self.last = layers.stop == model.num_encoder_layers + model.cfg.decoder_layers
-
-    def forward(self, *acts: torch.Tensor, decoder_input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                decoder_padding_mask: torch.Tensor | None = None):
-        m, e = self.model, self.encoder_layers
-        x, memory = acts[0], (acts[1] if len(acts) > 1 else None)
-        if self.start < e:
-            if self.start == 0:
-                x = m.embed_tokens(x)
-            mask, bias = m.encoder_context(x.shape[1], padding_mask, x.device)
-            for i in range(self.start, min(self.stop, e)):
-                x = m.layers[str(i)](x, mask, bias)
-            if self.stop < e:
-                return x
-            memory = m.finish_encoder(x)
-            if self.stop == e:
-                return memory
-        elif self.start == e:
-            memory = x
-        if self.start <= e:
-            x = m.embed_tokens(decoder_input_ids)
-        mask, memory_mask, bias = m.decoder_context(decoder_input_ids.shape[1], padding_mask, decoder_padding_mask,
-                                                    x.device)
-        for i in range(max(self.start, e), self.stop):
-            x = m.layers[str(i)](x, memory, mask, memory_mask, bias)
-        if self.last:
-            return m.head(x)
-        # A received encoder output goes on as a new tensor, not the input itself or a view of it: the schedules
-        # free a stage's outputs after its backward by detaching them in place.
-        return x, (memory if memory.grad_fn is not None else memory.clone())
+    return view
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Tensor-parallel plans: which module of a family becomes which parallel layer, and the function that applies a plan.
+"""Tensor-parallel plans: which module of a model becomes which parallel layer, and the function that applies a plan.
 
-A plan names modules by pattern (``fnmatch``, ``*`` matching any part of a name) and says what each becomes:
+A model states its plan as data (``TP_PLAN`` beside its code, ``models/``), so nothing here names a family. A plan
+names modules by pattern (``fnmatch``, ``*`` matching any part of a name) and says what each becomes:
 
     column   ColumnParallelLinear: output features split over the group (q, gate, up, and the LM head)
     row      RowParallelLinear: input features split, partial outputs summed (o, down)
@@ -18,21 +19,23 @@ every rank computes the same gradient for the table.
 
 ``apply_plan`` runs on the plain model on the meta device, right after it is built and before activation
 checkpointing, compile and the engine: the new layers are created on meta with this rank's shapes, so each rank
-later materializes only its shards, from the same layout-free initial values. Parameter names do not change.
+later materializes only its shards, from the same layout-free initial values. Parameter names do not change. The
+modules that need more than a swap get their behaviour by a class of their own (``ShardedRNG``,
+``SequenceShardedParams``, ``SequenceSplit``, ``HeadSplit`` mixed into their class, as FSDP2 does), so ``print(model)``
+shows it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.parallel.collectives import copy_to_group, split_to_group
+from megatron_lite.parallel.extend import extend
 from megatron_lite.parallel.random import sharded_rng
 from megatron_lite.parallel.tensor import (
     SEQUENCE_DIM,
@@ -61,78 +64,21 @@ class TPPlan:
         return None
 
 
-DECODER_PLAN = TPPlan(
-    layers={
-        "embed": "vocab",
-        "layers.*.attn.q_proj": "column",
-        "layers.*.attn.k_proj": "kv",
-        "layers.*.attn.v_proj": "kv",
-        "layers.*.attn.o_proj": "row",
-        "layers.*.mlp.gate_proj": "column",
-        "layers.*.mlp.up_proj": "column",
-        "layers.*.mlp.down_proj": "row",
-        "lm_head": "column",  # logits stay split over the vocabulary: the loss is vocab-parallel
-    },
-    sharded_rng=("layers.*.attn",),
-    sequence_params=("layers.*.attn_norm", "layers.*.mlp_norm", "final_norm"),
-    sequence_dropout=("dropout", "layers.*.dropout"),
-    sequence_split=("pos_embed",),
-)
+def plan_of(model: nn.Module | type) -> TPPlan:
+    """The plan a model (or model class) states as ``TP_PLAN``."""
+    spec = getattr(model, "TP_PLAN", None)
+    if spec is None:
+        raise ConfigError(f"{getattr(model, '__name__', type(model).__name__)} states no tensor-parallel plan "
+                          "(TP_PLAN): it cannot run with parallel.tp > 1")
+    return TPPlan(**spec)
 
 
-_ENCDEC_ATTENTION = {
-    f"layers.*.{attn}.{proj}": kind
-    for attn in ("attn", "cross_attn")
-    for proj, kind in (("q_proj", "column"), ("k_proj", "kv"), ("v_proj", "kv"), ("o_proj", "row"))
-}
-
-ENCODER_DECODER_PLAN = TPPlan(
-    layers={
-        "embed": "vocab",  # shared by the encoder, the decoder and a tied head
-        **_ENCDEC_ATTENTION,  # self- and cross-attention split by heads alike
-        "layers.*.mlp.gate_proj": "column",
-        "layers.*.mlp.up_proj": "column",
-        "layers.*.mlp.down_proj": "row",
-        "lm_head": "column",
-    },
-    sharded_rng=("layers.*.attn", "layers.*.cross_attn"),
-    head_split=("encoder_pos_bias", "decoder_pos_bias"),
-)
-
-
-def check_tensor_parallel(cfg: Config, tp: int) -> None:
-    """Refuse shapes the group cannot split, naming the key (decoder family)."""
-    if tp == 1:
-        return
-    m = cfg.model
-    heads, kv = m.num_heads, m.kv_heads
-    if heads % tp:
-        raise ConfigError(f"model.num_heads={heads} is not divisible by parallel.tp={tp}")
-    if kv % tp and (heads // kv) % (heads // tp):
-        raise ConfigError(
-            f"model.num_kv_heads={kv} with parallel.tp={tp}: the group must divide the kv heads, or each rank's "
-            f"{heads // tp} query heads must share one kv head (they use {heads // kv} query heads per kv head)"
-        )
-    if m.ffn_size % tp:
-        raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={tp}")
-    if m.padded_vocab_size % tp:
-        raise ConfigError(
-            f"the padded vocabulary ({m.padded_vocab_size} = model.vocab_size={m.vocab_size} rounded up to "
-            f"model.pad_vocab_multiple={m.pad_vocab_multiple}) is not divisible by parallel.tp={tp}"
-        )
-    if cfg.parallel.sequence_parallel and m.family == "encoder_decoder":
-        raise ConfigError("parallel.sequence_parallel is not supported for model.family=encoder_decoder; use "
-                          "parallel.tp alone")
-    if cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
-        raise ConfigError(
-            f"parallel.sequence_parallel needs data.seq_len={cfg.data.seq_len} divisible by parallel.tp={tp}"
-        )
-
-
-def apply_plan(model: nn.Module, plan: TPPlan, cfg: Config, topology: Topology) -> nn.Module:
-    """Swap the plan's modules for tensor-parallel layers (on meta) and wrap the modules that need it; in place."""
+def apply_plan(model: nn.Module, cfg: Config, topology: Topology) -> nn.Module:
+    """Swap the modules of the model's plan for tensor-parallel layers (on meta) and extend the modules that need
+    more; in place."""
     if topology.tp == 1:
         return model
+    plan = plan_of(model)
     group, sp = topology.group("tp"), cfg.parallel.sequence_parallel
     ties = _ties(model)
     for name, module in list(model.named_modules()):
@@ -140,16 +86,15 @@ def apply_plan(model: nn.Module, plan: TPPlan, cfg: Config, topology: Topology) 
         if kind is not None:
             _replace(model, name, _parallel_layer(kind, name, module, cfg, topology, group, sp))
     _retie(model, ties)
-    device = topology.device
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):
         if _matches(name, plan.sharded_rng) or (sp and _matches(name, plan.sequence_dropout)):
-            _wrap_forward(module, lambda f, rank=topology.tp_rank: _with_sharded_rng(f, rank, device))
+            extend(module, ShardedRNG, tp_rank=topology.tp_rank, rng_device=topology.device)
         if sp and _matches(name, plan.sequence_params):
-            _wrap_forward(module, lambda f, m=module: _with_summed_param_grads(f, m, group))
+            extend(module, SequenceShardedParams, tp_group=group)
         if sp and _matches(name, plan.sequence_split):
-            _wrap_forward(module, lambda f: _with_sequence_split(f, group))
+            extend(module, SequenceSplit, tp_group=group)
         if _matches(name, plan.head_split):
-            _wrap_forward(module, lambda f: _with_head_split(f, group))
+            extend(module, HeadSplit, tp_group=group)
     return model
 
 
@@ -206,48 +151,54 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
             setattr(module, p_name, shared)
 
 
-def _wrap_forward(module: nn.Module, wrap: Callable[[Callable], Callable]) -> None:
-    module.forward = wrap(module.forward)
+class ShardedRNG:
+    """Draws its random numbers (dropout) from a stream of its own on each rank of the tensor-parallel group: it acts
+    on activations split over the group, where one mask for every rank would be wrong (``parallel/random.py``)."""
+
+    tp_rank: int
+    rng_device: torch.device
+
+    def forward(self, *args, **kwargs):
+        with sharded_rng(self.tp_rank, self.rng_device):
+            return super().forward(*args, **kwargs)
 
 
-def _with_sharded_rng(forward: Callable, tp_rank: int, device: torch.device) -> Callable:
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        with sharded_rng(tp_rank, device):
-            return forward(*args, **kwargs)
+class SequenceShardedParams:
+    """Runs on sequence shards, so each rank holds part of its parameters' gradients: the parameters pass through
+    ``copy_to_group``, whose backward sums the parts over the group.
 
-    return run
+    torch has no hook through which a module's parameters enter one call's autograd graph as other tensors, so they
+    are substituted in ``_parameters`` for the call and put back after it (as ``torch.func.functional_call`` does);
+    names do not change. Under FSDP2 the substituted tensors are the gathered parameters FSDP installed for the call.
+    """
 
+    tp_group: object
 
-def _with_summed_param_grads(forward: Callable, module: nn.Module, group) -> Callable:
-    """Run ``module`` with each parameter passed through ``copy_to_group``: on sequence shards every rank holds part
-    of the parameter's gradient, and the backward of ``copy_to_group`` sums the parts (names do not change)."""
-
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        saved = dict(module._parameters)
+    def forward(self, *args, **kwargs):
+        saved = dict(self._parameters)
         try:
             for key, p in saved.items():
                 if p is not None:
-                    module._parameters[key] = copy_to_group(p, group)
-            return forward(*args, **kwargs)
+                    self._parameters[key] = copy_to_group(p, self.tp_group)
+            return super().forward(*args, **kwargs)
         finally:
-            module._parameters.update(saved)
-
-    return run
+            self._parameters.update(saved)
 
 
-def _with_sequence_split(forward: Callable, group) -> Callable:
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        return split_to_group(forward(*args, **kwargs), SEQUENCE_DIM, group)
+class SequenceSplit:
+    """Computes for the whole sequence (positions) and returns only this rank's part of it (dimension 1)."""
 
-    return run
+    tp_group: object
+
+    def forward(self, *args, **kwargs):
+        return split_to_group(super().forward(*args, **kwargs), SEQUENCE_DIM, self.tp_group)
 
 
-def _with_head_split(forward: Callable, group) -> Callable:
-    @functools.wraps(forward)
-    def run(*args, **kwargs):
-        return split_to_group(forward(*args, **kwargs), 1, group)
+class HeadSplit:
+    """Keeps its small table whole and returns only this rank's heads (dimension 1 of a [1, heads, q, k] bias); the
+    split's backward gathers the heads' gradients, so every rank computes the whole table's gradient."""
 
-    return run
+    tp_group: object
+
+    def forward(self, *args, **kwargs):
+        return split_to_group(super().forward(*args, **kwargs), 1, self.tp_group)

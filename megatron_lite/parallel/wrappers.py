@@ -5,23 +5,21 @@ DeepSpeed), as in torchtitan: checkpointing must see the sharded modules, compil
 and FSDP's all-gather hooks go outermost so that each block gathers its weights once per forward (and again for the
 recomputation in backward).
 
-Both wrap each block *in place*: the checkpointed forward replaces the block's ``forward`` attribute, and
-``nn.Module.compile`` compiles the block's call, so parameter names (and with them checkpoints and the
-initial-value rules) do not change, unlike ``checkpoint_wrapper``, which inserts a ``_checkpoint_wrapped_module``
+Both act on each block *in place*: checkpointing gives the block a class of its own (``Checkpointed``, see
+``extend.py``), and ``nn.Module.compile`` compiles the block's call, so parameter names (and with them checkpoints and
+the initial-value rules) do not change, unlike ``checkpoint_wrapper``, which inserts a ``_checkpoint_wrapped_module``
 level into every name.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.config import Config, ConfigError
-from megatron_lite.parallel.plans import TPPlan, apply_plan
+from megatron_lite.config import Config
+from megatron_lite.parallel.extend import extend
+from megatron_lite.parallel.plans import apply_plan
 from megatron_lite.topology import Topology
 
 
@@ -33,16 +31,20 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers.values())
 
 
-def _checkpointed(forward: Callable, *args, **kwargs):
-    if not torch.is_grad_enabled():  # evaluation: nothing to recompute
-        return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+class Checkpointed:
+    """Recomputes its activations in backward instead of keeping them (``torch.utils.checkpoint``, non-reentrant);
+    evaluation, which keeps none, runs plainly."""
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each block's activations in backward instead of keeping them (full recomputation per block)."""
     for block in blocks(model):
-        block.forward = functools.partial(_checkpointed, block.forward)
+        extend(block, Checkpointed)
     return model
 
 
@@ -53,12 +55,11 @@ def apply_compile(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_model(model: nn.Module, cfg: Config, topology: Topology, plan: TPPlan | None) -> nn.Module:
-    """Apply what the config asks for between the plain model and the engine, in the documented order."""
+def prepare_model(model: nn.Module, cfg: Config, topology: Topology) -> nn.Module:
+    """Apply what the config asks for between the plain model and the engine, in the documented order: the model's
+    tensor-parallel plan, activation checkpointing, compile."""
     if topology.tp > 1:
-        if plan is None:
-            raise ConfigError(f"parallel.tp={topology.tp}: model.family={cfg.model.family!r} has no tensor-parallel plan")
-        model = apply_plan(model, plan, cfg, topology)
+        model = apply_plan(model, cfg, topology)
     if cfg.model.activation_checkpointing:
         model = apply_activation_checkpointing(model)
     if cfg.training.compile:

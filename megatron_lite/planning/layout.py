@@ -178,10 +178,11 @@ def rank_layers(spec: ModelConfig | EncDecSpec, pp: int, layout: "Layout | None"
 
 
 def _placement(spec: ModelConfig | EncDecSpec, module: str) -> str | None:
-    """How tensor parallelism splits ``module``: the family's plan (``parallel/plans.py``), the one training uses."""
-    from megatron_lite.parallel.plans import DECODER_PLAN, ENCODER_DECODER_PLAN
+    """How tensor parallelism splits ``module``: the model's own plan (``TP_PLAN``), the one training applies."""
+    from megatron_lite.models import model_class
+    from megatron_lite.parallel.plans import plan_of
 
-    return (ENCODER_DECODER_PLAN if isinstance(spec, EncDecSpec) else DECODER_PLAN).placement(module)
+    return plan_of(model_class("encoder_decoder" if isinstance(spec, EncDecSpec) else "decoder")).placement(module)
 
 
 def _tp_slice(spec: ModelConfig | EncDecSpec, name: str, shape: Shape, tp: int) -> Shape:

@@ -13,16 +13,16 @@ ModelSpec = ModelConfig | EncDecSpec
 def meta_counts(spec: ModelSpec) -> dict[str, int] | None:
     """Total and embedding counts of the real model class on the meta device (no memory, no init).
 
-    The model is built by its family's constructor from the registry (``megatron_lite/families.py``), the one the
-    trainer uses; an encoder-decoder spec from the ``ModelConfig`` that builds its shape.
+    The model is built by ``models.construct``, the constructor training uses; an encoder-decoder spec from the
+    ``ModelConfig`` that builds its shape.
     """
     import torch
 
-    from megatron_lite.families import get_family
+    from megatron_lite.models import construct
 
     cfg = spec.to_model_config() if isinstance(spec, EncDecSpec) else spec
     with torch.device("meta"):
-        model = get_family(cfg.family).construct(cfg)
+        model = construct(cfg)
     named = dict(model.named_parameters())  # deduplicates tied tensors, keeping the first name
     total = sum(p.numel() for p in named.values())
     embedding = sum(p.numel() for n, p in named.items() if n in EMBEDDING_NAMES)
