@@ -1,8 +1,9 @@
 """Tokenize a corpus into a ``.bin/.idx`` pair: parallel across processes, streaming, in input order.
 
 The main process reads documents and cuts them into chunks; worker processes tokenize chunks; the main process writes
-results in submission order. At most ``2 * workers + 1`` chunks are in flight, so memory stays bounded whatever the
-corpus size, and the output bytes do not depend on ``workers``.
+results in submission order. At most ``2 * workers + 1`` chunks are in flight (``8 * workers`` at the start, while the
+fast encoder is being checked), so memory stays bounded whatever the corpus size, and the output bytes do not depend on
+``workers``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # about 1 MB of text per task: big enough to amortize IPC, small enough to bound memory
 CHUNK_DOCS = 2048
+# Chunks per worker handed out before the fast encoder's check has passed: enough to keep the workers busy while the
+# main process loads tokenizers for it (about a second for a 128k vocabulary; a worker encodes a chunk in ~0.1 s).
+EARLY_CHUNKS_PER_WORKER = 8
 
 
 @dataclass
@@ -162,7 +166,7 @@ def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, wor
         # The workers start on the fast encoder while the main process checks it (loading tokenizers to do so);
         # nothing is written before the check has passed, and a failed check discards their work.
         pool = _start_pool(tok, tokenizer, workers, append_eod, dtype)
-        head = [first, *itertools.islice(chunks, 2 * workers - 1)]
+        head = [first, *itertools.islice(chunks, EARLY_CHUNKS_PER_WORKER * workers - 1)]
         early = [(pool.apply_async(_encode_chunk, (texts,)), done) for texts, done in head]
     try:
         check = check_encoder(tok, check_sample(first[0])) if first else "no documents"

@@ -268,3 +268,24 @@ def test_random_merge_lists_tiktoken_is_exact_wherever_it_is_taken(tmp_path):
             taken += 1
             assert tok.encode_batch(strings) == tok.reference_encode_batch(strings), merges
     assert taken >= 8  # most random lists are exact; the test would say nothing if none were
+
+
+def test_the_benchmark_rebuilds_each_published_structure_and_auto_takes_tiktoken(tmp_path):
+    """``tools/bench.py data`` rebuilds the published tokenizers from rank files; here from this module's ranks."""
+    import base64
+
+    from megatron_lite.bench.data import BUILDERS
+
+    ranks_file = tmp_path / "ranks.tiktoken"
+    ranks_file.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in RANKS.items()))
+    tekken = {"config": {"pattern": LLAMA3, "default_vocab_size": len(RANKS) + 5, "default_num_special_tokens": 5},
+              "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
+                        for t, r in RANKS.items()]}
+    (tmp_path / "tekken.json").write_text(json.dumps(tekken))
+    for name, build in BUILDERS.items():
+        out = tmp_path / name
+        build(tmp_path / ("tekken.json" if name == "tekken" else "ranks.tiktoken"), out)
+        tok = load_tokenizer(out, "auto")
+        assert tok.encoder == "tiktoken", (name, tok.fallback)
+        assert tok.encode_batch(CHECK) == tok.reference_encode_batch(CHECK), name
+    assert load_tokenizer(tmp_path / "tekken").eod_id == 2  # </s>, below the vocabulary as in tekken
