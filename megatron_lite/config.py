@@ -434,6 +434,12 @@ def _check_split(split: str | list, key: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def read_yaml(path: str | Path) -> dict:
+    """The settings a YAML config file holds, merged over its ``base:`` chain exactly as ``load_config`` reads them:
+    what the file itself sets, before defaults and overrides are applied (the planner tells the two apart)."""
+    return _read_yaml(Path(path))
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read one YAML file and merge it over its ``base:`` (a path relative to the file), recursively."""
     path = path.resolve()

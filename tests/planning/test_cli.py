@@ -1,7 +1,11 @@
-"""tools/plan.py end to end: JSON keys, readable tables, one-line errors with exit status 2."""
+"""tools/plan.py end to end: JSON keys, readable tables, one-line errors with exit status 2.
+
+The answers are ``megatron_lite.planning.commands``'; the command line is loaded from its file to run its ``main``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -11,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lite.planning.units import parse_bytes
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-import plan  # noqa: E402
+_spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "tools" / "plan.py")
+plan = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(plan)
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -330,7 +337,7 @@ def test_seq_len_past_the_position_table_warns(capsys: pytest.CaptureFixture) ->
 
 
 def test_memory_units_are_plain(capsys: pytest.CaptureFixture) -> None:
-    assert plan.parse_bytes("80GB") == 80 * 10**9 and plan.parse_bytes("80G") == plan.parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80G") == parse_bytes("80GiB") == 80 * 2**30
     text = plan.build_parser()._subparsers._group_actions[0].choices["memory"].format_help()
     assert "80GB is decimal" in " ".join(text.split()) and "80G or 80GiB binary" in " ".join(text.split())
     code, out, _ = run(capsys, "memory", "--preset", "gpt2-124m", "--gpu-memory", "80GB")
