@@ -72,6 +72,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": GROUND | {"data", "models", "parallel", "step", "engines", "planning", "convert", "families"},
     "parity": GROUND | {"data", "models", "parallel", "step", "engines", "planning", "convert", "families",
                         "training"},
+    "dryrun": GROUND | {"data", "models", "parallel", "step", "engines", "planning", "convert", "families"},
     "bench": GROUND | {"data", "models", "parallel", "step", "engines", "planning", "convert", "families",
                        "training", "parity"},
 }

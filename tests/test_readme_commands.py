@@ -31,7 +31,7 @@ def launch_commands() -> list[tuple[str, str]]:
 
 
 def ranks_of(argv: list[str]) -> int:
-    for flag in ("--nproc_per_node", "--num_gpus"):
+    for flag in ("--nproc_per_node", "--num_gpus", "--world"):  # --world: a dry run's simulated ranks
         if flag in argv:
             return int(argv[argv.index(flag) + 1])
     return 1
@@ -48,4 +48,5 @@ def test_documented_launch_command_is_valid(source: str, command: str) -> None:
     config = argv[argv.index("--config") + 1]
     overrides = [a for a in argv[argv.index("--config") + 2:] if re.match(r"^\w+(\.\w+)+=", a)]
     cfg = load_config(ROOT / config, overrides)
-    check_layout(cfg, ranks_of(argv), "cpu")  # raises ConfigError for a layout training refuses
+    device = "cuda" if "--dry-run" in argv else "cpu"  # a dry run checks the cluster's layout
+    check_layout(cfg, ranks_of(argv), device)  # raises ConfigError for a layout training refuses

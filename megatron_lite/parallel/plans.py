@@ -153,14 +153,25 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
 
 class ShardedRNG:
     """Draws its random numbers (dropout) from a stream of its own on each rank of the tensor-parallel group: it acts
-    on activations split over the group, where one mask for every rank would be wrong (``parallel/random.py``)."""
+    on activations split over the group, where one mask for every rank would be wrong (``parallel/random.py``). A
+    module that draws none (no dropout, or evaluation) runs as it is: no generator is forked or advanced."""
 
     tp_rank: int
     rng_device: torch.device
 
     def forward(self, *args, **kwargs):
+        if not (self.training and _draws_random(self)):
+            return super().forward(*args, **kwargs)
         with sharded_rng(self.tp_rank, self.rng_device):
             return super().forward(*args, **kwargs)
+
+
+def _draws_random(module: nn.Module) -> bool:
+    """Whether ``module`` drops anything in training: an ``nn.Dropout`` in it with p > 0, or a dropout probability
+    it applies itself (attention's ``dropout``)."""
+    if isinstance(getattr(module, "dropout", None), float) and module.dropout > 0:
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
 
 
 class SequenceShardedParams:

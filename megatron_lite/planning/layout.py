@@ -38,6 +38,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     engine: str = "deepspeed"  # "deepspeed" (ZeRO 0-3) or "fsdp" (FSDP2, fully sharded)
+    dp_replicate: int = 1  # FSDP2 as HSDP: replica groups, each sharding over dp / dp_replicate ranks
     zero: int = 0
     offload: str | None = None  # None, "optimizer" or "params"
     micro_batch: int = 1
@@ -101,6 +102,8 @@ class Layout:
             raise PlanError(f"--pp {self.pp} exceeds the number of layers ({spec.num_layers})")
         if self.engine not in ("deepspeed", "fsdp"):
             raise PlanError(f"unknown engine '{self.engine}'; use deepspeed or fsdp")
+        if self.dp_replicate < 1 or self.dp % self.dp_replicate:
+            raise PlanError(f"--dp-replicate {self.dp_replicate} must divide the data-parallel size {self.dp}")
         if not 0 <= self.zero <= 3:
             raise PlanError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.offload not in (None, "optimizer", "params"):

@@ -15,7 +15,8 @@ DeepSpeed, ZeRO 3: each tensor is split into ceil(numel/dp)-element partitions; 
   threshold (1e5 elements by default) also stay whole on every rank. Gradients: the partitions. Optimizer: fp32
   partitions, moments, and a step counter per group. Gathered while it runs: the largest module with its gradient,
   plus the prefetch bucket (``stage3_prefetch_bucket_size``), capped at ``stage3_max_live_parameters``.
-FSDP2 (``fully_shard``): each tensor is split along dim 0 into dp chunks of ceil(d0/dp) rows (rank 0, the most loaded,
+FSDP2 (``fully_shard``): each tensor is split along dim 0 into dp chunks of ceil(d0/dp) rows (under HSDP, into
+  dp / dp_replicate chunks in each replica group; rank 0, the most loaded,
   holds a full chunk); parameters stay fp32 in the shard (the mixed-precision policy casts the gathered copy),
   gradients are fp32 shards, and torch AdamW keeps two moments and a 4-byte step counter per tensor.
 Gradient accumulation (m = global_batch / (dp * micro_batch) > 1) changes what two engines hold while the microbatches
@@ -83,7 +84,8 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
     accumulating = layout.num_microbatches > 1
     step = cpu = 0
     if layout.engine == "fsdp":
-        local = sum(math.ceil(s[0] / dp) * _numel(s[1:]) for _, s in shapes)
+        shards = dp // layout.dp_replicate
+        local = sum(math.ceil(s[0] / shards) * _numel(s[1:]) for _, s in shapes)
         w, g, o = 4 * local, 4 * (total if accumulating else local), 8 * local + 4 * len(shapes)
         if layout.offload == "params":  # CPUOffloadPolicy: sharded weights, gradients and AdamW states on the host
             cpu = w + 4 * local + o

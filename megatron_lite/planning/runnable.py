@@ -30,7 +30,8 @@ def engine_config(spec: ModelSpec, layout) -> Config:
     """
     spec = as_spec(spec)
     par = {"engine": layout.engine, "tp": layout.tp, "pp": layout.pp, "sequence_parallel": layout.sequence_parallel,
-           "pp_schedule": layout.schedule, "pp_virtual_stages": layout.virtual_stages}
+           "pp_schedule": layout.schedule, "pp_virtual_stages": layout.virtual_stages,
+           "dp_replicate": layout.dp_replicate}
     if layout.engine == "deepspeed":
         par["zero_stage"] = layout.zero
         par["offload_optimizer"] = layout.offload in ("optimizer", "params")
@@ -60,7 +61,8 @@ _ANSWERS: dict[tuple, str | None] = {}  # search asks for thousands of layouts t
 def refusal(spec: ModelSpec, layout) -> str | None:
     """Why training would refuse ``layout`` for this model (one line), or None when it runs."""
     spec = as_spec(spec)
-    key = (repr(spec), layout.gpus, layout.tp, layout.pp, layout.engine, layout.zero, layout.offload, layout.dtype,
+    key = (repr(spec), layout.gpus, layout.tp, layout.pp, layout.engine, layout.dp_replicate, layout.zero,
+           layout.offload, layout.dtype,
            layout.schedule, layout.virtual_stages, layout.micro_batch, layout.global_batch, layout.seq_len,
            layout.target_len, layout.sequence_parallel)
     if key not in _ANSWERS:
