@@ -27,11 +27,20 @@ def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def ensure_adamw_state_for(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
-    """``ensure_adamw_state`` for the given tensors (e.g. flat partitions an optimizer wrapper steps on)."""
+    """``ensure_adamw_state`` for the given tensors (e.g. flat partitions an optimizer wrapper steps on).
+
+    The entries sit where torch AdamW itself (and its ``load_state_dict``) puts them: moments beside the tensor, and
+    the step count on the tensor's device for a fused or capturable optimizer (its kernels read it there; a CPU step
+    fails on CUDA) but on the CPU otherwise. A tensor outside the parameter groups (ZeRO-3 adds its partitions only
+    for the length of a step) follows the optimizer's defaults.
+    """
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for p in tensors:
         state = optimizer.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            group = groups.get(id(p), optimizer.defaults)
+            on_device = bool(group.get("fused")) or bool(group.get("capturable"))
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
