@@ -137,7 +137,8 @@ class ZeROCheckpointState:
         and each key is held by exactly one of them, so a rank ends with about 12 bytes x parameters / world size on
         the CPU, plus one parameter's full tensor on the device at a time while ZeRO assembles it. Parameters are
         assembled one by one on every rank, in the same order, because the assembly is a collective over the data
-        axis. With tensor parallelism each tensor-parallel rank's owner writes its shard, as a part of the full tensor.
+        axis. With tensor parallelism each tensor-parallel rank's owner writes its shard, as a part of the full tensor,
+        through a view of the CPU copy itself (``tensor_parallel_view``): nothing goes back to the device to be written.
         """
         self._ensure_optimizer_state()
         step = self._step_count()
@@ -169,19 +170,22 @@ class ZeROCheckpointState:
         """Read the logical tensors in groups of at most ``load_budget_bytes`` and scatter each group into ZeRO.
 
         ``safe_set_full_*`` takes the full tensor on every rank and keeps that rank's partition, so every rank reads
-        each group whole; a group is dropped before the next is read, so no rank holds the whole model at once.
+        each group whole; a group is dropped before the next is read, so no rank holds the whole model at once. The
+        group's buffers are allocated on the device (the mesh's), and each tensor-parallel view wraps its buffer's
+        memory (``tensor_parallel_view`` checks it), so what DCP reads is what ZeRO receives.
         """
         self._ensure_optimizer_state()
         named = self._names()
         steps: set[float] = set()
+        dev = self.topology.device  # the mesh's device: where ZeRO takes the full tensors, and DCP's views live
         for group in budget_groups([self._entry_bytes(p) for p, _ in named], self.load_budget_bytes):
             entries = [named[i] for i in group]
             state: dict[str, torch.Tensor] = {}
             for p, names in entries:
                 shape = self._shape(p)
-                state[f"model.{names[0]}"] = torch.empty(shape, dtype=torch.float32)
+                state[f"model.{names[0]}"] = torch.empty(shape, dtype=torch.float32, device=dev)
                 for key in MOMENT_KEYS:
-                    state[f"optim.{self._first(names)}.{key}"] = torch.empty(shape, dtype=torch.float32)
+                    state[f"optim.{self._first(names)}.{key}"] = torch.empty(shape, dtype=torch.float32, device=dev)
                 state[f"optim.{self._first(names)}.step"] = torch.zeros((), dtype=torch.float32)
             read_logical({key: self._view(t, param_name_of(key)) for key, t in state.items()}, path)
             for p, names in entries:

@@ -98,26 +98,46 @@ def tensor_parallel_view(t: torch.Tensor, shard: TPShard | None, topology: Topol
     """``t`` (this rank's piece of a tensor-parallel shard, plain or an FSDP DTensor) as a DTensor of the full tensor.
 
     DCP then writes each rank's piece at its offset in the full tensor and reads back whatever box a layout needs, so
-    checkpoints keep full shapes under plain names at any TP size. Shares ``t``'s memory: loading fills it in place.
-    A replicated tensor (``shard`` None) is returned as it is.
+    checkpoints keep full shapes under plain names at any TP size. The view wraps ``t``'s own memory on whatever device
+    ``t`` is (a CPU buffer under a CUDA mesh, an FSDP-offloaded shard), so loading fills ``t`` in place and saving
+    writes it without a copy; ``DTensor.from_local`` would copy a tensor whose device differs from the mesh's, and the
+    load would fill the copy. A replicated tensor (``shard`` None) is returned as it is.
     """
     if shard is None or topology.tp == 1:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
     from torch.distributed.tensor.placement_types import _StridedShard
 
     full = torch.Size(shard.global_shape)
     stride = torch.empty(full, device="meta").stride()
     if not isinstance(t, DTensor):
-        return DTensor.from_local(t, topology.mesh_of("tp"), [Shard(shard.dim)], run_check=False, shape=full,
-                                  stride=stride)
-    # FSDP splits the tensor-parallel shard along dim 0 over the data mesh; add the tensor axis after the data axes.
-    placements = []
-    for placement in t.placements:
-        if isinstance(placement, Replicate) or placement.dim != shard.dim:
-            placements.append(placement)
-        else:  # both split dim 0: the data axis splits each tensor-parallel shard, not the whole tensor
-            placements.append(_StridedShard(shard.dim, split_factor=shard.size))
-    mesh = topology.mesh_of(*t.device_mesh.mesh_dim_names, "tp")
-    return DTensor.from_local(t.to_local(), mesh, [*placements, Shard(shard.dim)], run_check=False, shape=full,
-                              stride=stride)
+        local, mesh, placements = t, topology.mesh_of("tp"), [Shard(shard.dim)]
+    else:
+        # FSDP splits the tensor-parallel shard along dim 0 over the data mesh; add the tensor axis after the data axes.
+        placements = []
+        for placement in t.placements:
+            if isinstance(placement, Replicate) or placement.dim != shard.dim:
+                placements.append(placement)
+            else:  # both split dim 0: the data axis splits each tensor-parallel shard, not the whole tensor
+                placements.append(_StridedShard(shard.dim, split_factor=shard.size))
+        local, mesh = t.to_local(), topology.mesh_of(*t.device_mesh.mesh_dim_names, "tp")
+        placements.append(Shard(shard.dim))
+    spec = DTensorSpec(mesh, tuple(placements), tensor_meta=TensorMeta(full, stride, local.dtype))
+    view = DTensor(local.detach(), spec, requires_grad=False)
+    check_view_of(view, local)
+    return view
+
+
+def check_view_of(view: torch.Tensor, buffer: torch.Tensor) -> None:
+    """Raise unless the DTensor ``view`` holds ``buffer``'s memory: a checkpoint read through a copy would leave the
+    buffer as it was (uninitialized, for a load buffer) without any error."""
+    local = view.to_local() if hasattr(view, "to_local") else view
+    same = local.device == buffer.device and (
+        buffer.numel() == 0 or local.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr())
+    if not same:
+        mesh = getattr(view, "device_mesh", None)
+        raise RuntimeError(
+            f"checkpoint view of a {tuple(buffer.shape)} {buffer.dtype} tensor on {buffer.device} is a copy on "
+            f"{local.device} (mesh on {mesh.device_type if mesh is not None else 'none'}): reading would not fill it"
+        )

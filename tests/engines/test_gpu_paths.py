@@ -72,3 +72,63 @@ def test_fused_adamw_steps_on_the_state_created_ahead_of_time():
         ahead.step()
         lazy.step()
     assert torch.equal(a, b) and float(ahead.state[a]["step"]) == 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tensor-parallel checkpoint views on a mesh of another device (DeepSpeed's CPU buffers under a CUDA mesh)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _views_under_a_meta_mesh(rank: int, out: str) -> None:
+    """Rank 0 of a fake (pp 1, dp 2, tp 2) job whose mesh is typed ``meta``: a device the CPU buffers are not on."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_lite.engines.logical import check_view_of, tensor_parallel_view
+    from megatron_lite.parallel.tensor import TPShard
+    from megatron_lite.topology import Topology
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    topo = Topology(world_size=4, pp=1, dp=2, tp=2)
+    topo.mesh = init_device_mesh("meta", (1, 2, 2), mesh_dim_names=("pp", "dp", "tp"))
+    shard = TPShard(dim=0, rank=0, size=2, global_shape=(8, 3))
+    result = {}
+
+    buffer = torch.zeros(4, 3)  # a load buffer: this rank's tensor-parallel shard
+    view = tensor_parallel_view(buffer, shard, topo)
+    view.to_local().fill_(7.0)  # what DCP does when it reads into the view
+    result["plain"] = {"device": view.to_local().device.type, "filled": bool((buffer == 7.0).all()),
+                       "shape": list(view.shape)}
+
+    # an FSDP shard kept on the CPU (CPUOffloadPolicy) within the tensor-parallel shard, on the dp mesh
+    local = torch.zeros(2, 3)
+    spec = DTensorSpec(topo.mesh["dp"], (Shard(0),), tensor_meta=TensorMeta(torch.Size((4, 3)), (3, 1), local.dtype))
+    fsdp_param = DTensor(local, spec, requires_grad=False)
+    view = tensor_parallel_view(fsdp_param, shard, topo)
+    view.to_local().fill_(3.0)
+    box = compute_local_shape_and_global_offset(view.shape, view.device_mesh, view.placements)
+    result["fsdp"] = {"filled": bool((local == 3.0).all()), "box": [list(box[0]), list(box[1])]}
+
+    # what DTensor.from_local makes of the same buffer: a copy on the mesh's device, which the check refuses
+    copy = DTensor.from_local(buffer, topo.mesh_of("tp"), [Shard(0)], run_check=False, shape=torch.Size((8, 3)),
+                              stride=(3, 1))
+    try:
+        check_view_of(copy, buffer)
+        result["copy_error"] = None
+    except RuntimeError as e:
+        result["copy_error"] = str(e)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def test_tensor_parallel_views_fill_their_buffers_whatever_the_mesh_device(tmp_path):
+    out = tmp_path / "views.json"
+    run_ranks(_views_under_a_meta_mesh, 1, (str(out),), timeout=60)
+    result = json.loads(out.read_text())
+    assert result["plain"] == {"device": "cpu", "filled": True, "shape": [8, 3]}
+    assert result["fsdp"] == {"filled": True, "box": [[2, 3], [0, 0]]}
+    assert result["copy_error"].startswith("checkpoint view of a (4, 3) torch.float32 tensor on cpu is a copy on meta")
