@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import Config
-from megatron_lite.engines.build import ModelFactory
+from megatron_lite.engines.build import Built, ModelFactory
 from megatron_lite.engines.torch_engine import TorchEngine
 from megatron_lite.parallel.wrappers import blocks
 from megatron_lite.topology import Topology, ensure_process_group
@@ -73,6 +73,18 @@ class FSDPEngine(TorchEngine):
             mesh = init_device_mesh(self.topology.device.type, (1,), mesh_dim_names=("dp",))
         self.mesh = mesh
         shard_model(model, mesh, self.cfg, roots)  # in place
+
+    def materialize(self, model: nn.Module, rules: dict, seed: int, built: Built) -> None:
+        """Fill this rank's shards, on ``materialize_device``."""
+        from megatron_lite.engines.materialize import materialize
+
+        materialize(model, rules, seed, self.materialize_device(), built.shards, built.aliases)
+
+    def materialize_device(self) -> torch.device:
+        """Where the shards are made: the CPU under ``parallel.fsdp_cpu_offload`` (``CPUOffloadPolicy`` keeps them there,
+        copies each unit to the GPU for its all-gather, and refuses parameters materialized anywhere else), else this
+        rank's device."""
+        return torch.device("cpu") if self.cfg.parallel.fsdp_cpu_offload else self.topology.device
 
     def logical_state(self) -> dict[str, torch.Tensor]:
         """Reshard first: a root unit keeps its gathered weights after a forward that no backward followed (an

@@ -132,3 +132,26 @@ def test_tensor_parallel_views_fill_their_buffers_whatever_the_mesh_device(tmp_p
     assert result["plain"] == {"device": "cpu", "filled": True, "shape": [8, 3]}
     assert result["fsdp"] == {"filled": True, "box": [[2, 3], [0, 0]]}
     assert result["copy_error"].startswith("checkpoint view of a (4, 3) torch.float32 tensor on cpu is a copy on meta")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FSDP2 CPU offload: the shards are made on the CPU even when the rank trains on a GPU
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offload, expected", [(True, "cpu"), (False, "cuda")])
+def test_fsdp_materializes_on_the_cpu_under_cpu_offload(monkeypatch, offload, expected):
+    from types import SimpleNamespace
+
+    import megatron_lite.engines.materialize as materialize_module
+    from megatron_lite.config import load_config
+    from megatron_lite.engines.fsdp import FSDPEngine
+    from megatron_lite.topology import Topology
+
+    seen = []
+    monkeypatch.setattr(materialize_module, "materialize", lambda model, rules, seed, device, *a: seen.append(device))
+    engine = FSDPEngine.__new__(FSDPEngine)  # only its build steps: no process group, no model
+    engine.cfg = load_config(None, ["parallel.engine=fsdp", f"parallel.fsdp_cpu_offload={str(offload).lower()}"])
+    engine.topology = Topology(device=torch.device("cuda", 0))  # a GPU rank (the device is only named, never used)
+    engine.materialize(nn.Linear(2, 2), {}, 0, SimpleNamespace(shards={}, aliases={}))
+    assert [d.type for d in seen] == [expected]
