@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.config import Config
@@ -76,6 +77,7 @@ class TorchEngine(Engine):
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+            self._agree_on_overflow()
         named = list(self.model.named_parameters())
         grad_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
         if self.scaler is None and not math.isfinite(grad_norm):
@@ -91,9 +93,31 @@ class TorchEngine(Engine):
         self.scaler.update()
         return grad_norm, self.scaler.get_scale() < scale_before
 
+    @torch.no_grad()
+    def _agree_on_overflow(self) -> None:
+        """After unscaling: every rank's GradScaler sees the overflow (inf/NaN gradient) that any rank found.
+
+        A rank's scaler checks only the gradients it holds; under tensor parallelism those are different pieces of the
+        model, so one rank would skip the step and halve its scale while the others step, and the replicated weights
+        would part. One MAX all-reduce over all ranks (DDP replicas agree anyway) makes them skip and back off together.
+        """
+        if not self.topology.is_distributed:
+            return
+        per_optimizer = getattr(self.scaler, "_per_optimizer_states", None)
+        if per_optimizer is None or "found_inf_per_device" not in per_optimizer.get(id(self.optimizer), {}):
+            raise RuntimeError(f"torch {torch.__version__}: GradScaler no longer keeps found_inf_per_device after "
+                               "unscale_; fp16 ranks cannot agree on overflow")
+        found = per_optimizer[id(self.optimizer)]["found_inf_per_device"]
+        flag = torch.zeros((), dtype=torch.float32, device=self.topology.device)
+        for value in found.values():
+            flag = torch.maximum(flag, value.to(flag.device, torch.float32).reshape(()))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        for value in found.values():
+            value.copy_(flag.to(value.device).reshape(value.shape))
+
     def extra_state(self) -> dict[str, Any]:
         """The GradScaler's scale and growth tracker (fp16): without them a resumed run restarts at 2**16 and skips
-        steps until it has backed off again. The same on every rank, since it only sees all-reduced gradients."""
+        steps until it has backed off again. The same on every rank: the ranks agree on every overflow."""
         if self.scaler is None:
             return {}
         state = self.scaler.state_dict()

@@ -155,3 +155,34 @@ def test_fsdp_materializes_on_the_cpu_under_cpu_offload(monkeypatch, offload, ex
     engine.topology = Topology(device=torch.device("cuda", 0))  # a GPU rank (the device is only named, never used)
     engine.materialize(nn.Linear(2, 2), {}, 0, SimpleNamespace(shards={}, aliases={}))
     assert [d.type for d in seen] == [expected]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fp16 with tensor parallelism: the ranks agree on every overflow
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fp16_tp_with_an_inf_on_rank_1(rank: int, config: str, out: str) -> None:
+    """Two fp16 steps at tp 2; at the first, rank 1's shard of one attention weight gets an inf gradient."""
+    from tests.engines.conftest import engine_and_batches
+
+    engine, batches = engine_and_batches(config, ["parallel.engine=ddp", "parallel.tp=2", "training.precision=fp16"],
+                                         steps=2)
+    params = dict(engine.model.named_parameters())
+    sharded = sorted(name for name in engine.shards if name.endswith("attn.q_proj.weight"))[0]
+    hook = params[sharded].register_hook(lambda g: torch.full_like(g, float("inf"))) if rank == 1 else None
+    skipped = [engine.train_step(next(batches), lr=1e-2).skipped]
+    if hook is not None:
+        hook.remove()
+    skipped.append(engine.train_step(next(batches), lr=1e-2).skipped)
+    replicated = params["final_norm.weight"].detach()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"scale": engine.scaler.get_scale(), "skipped": skipped, "norm_weight": replicated.tolist()}, f)
+
+
+def test_fp16_tensor_parallel_ranks_skip_and_back_off_together(tiny_config, tmp_path):
+    run_ranks(_fp16_tp_with_an_inf_on_rank_1, 2, (tiny_config, str(tmp_path)), timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["scale"] for r in ranks] == [32768.0, 32768.0], ranks  # both backed off once from 2**16
+    assert [r["skipped"] for r in ranks] == [[True, False], [True, False]]
+    assert ranks[0]["norm_weight"] == ranks[1]["norm_weight"]  # the replicated weight stayed replicated
