@@ -6,11 +6,13 @@ attention reads its local head counts from tensor shapes rather than from the co
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Norms
@@ -135,17 +137,28 @@ def build_attention_mask(
     document_ids: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
     device: torch.device | None = None,
-) -> torch.Tensor | None:
-    """Boolean mask [b, 1, s, s] (True = may attend) that is causal, within one document and over real keys only.
+    kernel: str = "auto",
+) -> torch.Tensor | BlockMask | None:
+    """The mask that keeps attention causal, within one document and over real keys only; None when only causality is
+    needed, so attention can take SDPA's fast ``is_causal`` path.
 
-    Returns None when only causality is needed, so attention can take SDPA's fast ``is_causal`` path. A query whose
-    whole row would be masked (a left-padded position) is allowed to see itself: its output is junk but finite, and
-    no real token ever attends to it.
+    ``kernel`` picks its form for the attention kernel that will read it (``attention_kernel``): ``"sdpa"`` a dense
+    boolean mask [b, 1, s, s] (True = may attend); ``"flex"`` a FlexAttention ``BlockMask``, which skips the blocks
+    nobody attends to and never holds s x s scores; ``"auto"`` the one this device runs fast. A query whose whole row
+    would be masked (a left-padded position) is allowed to see itself: its output is junk but finite, and no real
+    token ever attends to it. (The block mask lets every padded query see itself; real queries see exactly the same
+    keys in both forms.)
     """
     if document_ids is None and padding_mask is None:
         return None
     ref = document_ids if document_ids is not None else padding_mask
-    device = device or ref.device
+    device = torch.device(device or ref.device)
+    if kernel == "auto":
+        kernel = attention_kernel(device)
+    if kernel == "flex":
+        return _block_mask(seq_len, document_ids, padding_mask, device)
+    if kernel != "sdpa":
+        raise ValueError(f"attention kernel {kernel!r}: expected 'auto', 'sdpa' or 'flex'")
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, s, s]
     if document_ids is not None:
         mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
@@ -156,6 +169,66 @@ def build_attention_mask(
         eye = torch.eye(seq_len, dtype=torch.bool, device=device)[None, None]
         mask = mask | (empty_rows & eye)
     return mask
+
+
+def attention_kernel(device: torch.device) -> str:
+    """The kernel masked attention uses on ``device``: FlexAttention on CUDA (with a dense mask and GQA, SDPA would
+    fall back to its math kernel, which materializes every head's s x s scores), dense-mask SDPA elsewhere
+    (FlexAttention has no CPU backward)."""
+    return "flex" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def _block_mask(seq_len: int, document_ids: torch.Tensor | None, padding_mask: torch.Tensor | None,
+                device: torch.device) -> BlockMask:
+    """``build_attention_mask``'s rule as a FlexAttention block mask (one for all heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = None if document_ids is None else document_ids.to(device)
+    real = None if padding_mask is None else padding_mask.to(device).bool()
+
+    def causal_same_document_real_key(b, h, q, kv):
+        allowed = kv <= q
+        if docs is not None:
+            allowed = allowed & (docs[b, q] == docs[b, kv])
+        if real is not None:
+            allowed = allowed & (real[b, kv] | (q == kv))
+        return allowed
+
+    batch = (docs if docs is not None else real).shape[0]
+    return create_block_mask(causal_same_document_real_key, batch, None, seq_len, seq_len, device=device)
+
+
+def dense_mask(mask: BlockMask) -> torch.Tensor:
+    """A block mask's rule as the dense boolean mask [b, 1, q, k], for what FlexAttention does not take (an additive
+    bias, attention dropout, cached keys)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    b, _, q, k = mask.shape
+    return create_mask(mask.mask_mod, b, 1, q, k, device=mask.kv_num_blocks.device)
+
+
+# Head sizes FlexAttention's kernels are sure to take; others run dense-mask SDPA.
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention compiled once per process: uncompiled, it runs a reference implementation that materializes the
+    scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None,
+                   enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention, compiled on CUDA; inside a compiled block the block's compilation covers it, and elsewhere (the
+    CPU, which runs its forward only) it runs eagerly."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        flex = _compiled_flex_attention()
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,7 +261,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head, grouped-query or multi-query attention through ``F.scaled_dot_product_attention``.
+    """Multi-head, grouped-query or multi-query attention through ``F.scaled_dot_product_attention``, or FlexAttention
+    when given a block mask (``build_attention_mask`` makes one on CUDA).
 
     Self-attention by default; with ``kv`` the keys and values come from another sequence (cross-attention).
     ``scale`` multiplies the logits (None: 1/sqrt(head_dim); T5 uses 1.0, having folded the factor into its init).
@@ -220,9 +294,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``x`` [b, s, h] attends to itself, or to ``kv`` [b, t, h] when given.
 
-        ``mask`` (bool, True = may attend, broadcast to [b, heads, s, t]) is used as given, so it must hold causality
-        itself where needed (``build_attention_mask`` builds it so); ``causal`` asks for causality when there is no
-        mask. ``bias`` (float, broadcast to [b, heads, s, t]) is added to the logits: T5's relative positions.
+        ``mask`` (bool, True = may attend, broadcast to [b, heads, s, t], or a FlexAttention ``BlockMask``) is used as
+        given, so it must hold causality itself where needed (``build_attention_mask`` builds it so); ``causal`` asks
+        for causality when there is no mask. A block mask runs FlexAttention, unless the call needs what it lacks (a
+        bias, dropout, cached keys, an unusual head size): then its rule runs as a dense mask through SDPA. ``bias`` (float, broadcast to [b, heads, s, t]) is added to the logits: T5's relative positions.
         ``cache`` keeps keys and values between generation steps; the new queries are the last ``s`` positions.
         """
         q = self.q_proj(x)
@@ -244,6 +319,13 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)
         n_kv, t = k.shape[1], k.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, BlockMask):
+            if bias is None and cache is None and dropout == 0.0 and t == s and self.head_dim in FLEX_HEAD_DIMS:
+                # FlexAttention groups the query heads of each kv head itself (enable_gqa), block mask and all
+                out = flex_attention(q, k, v, mask, self.scale, enable_gqa=n_kv != n_q)
+                return self.o_proj(out.transpose(1, 2).reshape(b, s, n_q * self.head_dim))
+            mask = dense_mask(mask)
         if causal and mask is None and (t != s or bias is not None):
             # SDPA's causal path takes neither a bias nor queries that are the last s of t (cached) positions
             mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
@@ -252,14 +334,20 @@ class Attention(nn.Module):
             bias = bias.to(q.dtype)
             attn_mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
         # GQA / MQA: each kv head serves n_q / n_kv query heads. SDPA does the grouping itself (enable_gqa) rather
-        # than copying the kv heads out, which saves the copy and its backward (a sum over the copies).
+        # than copying the kv heads out, which saves the copy and its backward (a sum over the copies). On CUDA a mask
+        # with enable_gqa leaves SDPA only its math kernel, so there the kv heads are copied out for the
+        # memory-efficient kernel, which takes masks.
+        gqa = n_kv != n_q
+        if gqa and attn_mask is not None and q.device.type == "cuda":
+            k, v = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
+            gqa = False
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             is_causal=causal and attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=dropout,
             scale=self.scale,
-            enable_gqa=n_kv != n_q,
+            enable_gqa=gqa,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, n_q * self.head_dim))
 
