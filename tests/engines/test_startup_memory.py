@@ -13,13 +13,9 @@ copy, AdamW's two moments, the gradient partitions): at most 5 x ``held`` more.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from bench import STARTUP_BASE, STARTUP_SIZES, startup_memory  # noqa: E402
+from megatron_lite.bench.startup import STARTUP_BASE, STARTUP_SIZES, startup_memory
 
 SLACK = 128 * 2**20
 FULL_FP32 = 4 * 400e6  # bytes of the whole model in fp32

@@ -3,16 +3,18 @@ shape (the figures themselves are measured in docs/benchmarks.md, not asserted h
 
 from __future__ import annotations
 
-import argparse
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import bench  # noqa: E402
+from megatron_lite.bench.speed import SpeedOptions, speed_compare
 
 pytest.importorskip("transformers")
+
+_spec = importlib.util.spec_from_file_location("bench_cli", Path(__file__).resolve().parents[2] / "tools" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 TINY = dict(vocab=256, hidden=64, layers=2, heads=4, seq_len=32, batch=2, precision="fp32", device="cpu",
             warmup=1, steps=2, overrides=[])
@@ -20,7 +22,7 @@ TINY = dict(vocab=256, hidden=64, layers=2, heads=4, seq_len=32, batch=2, precis
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_both_sides_are_the_same_model_and_are_timed(style):
-    r = bench.speed_compare(style, argparse.Namespace(**TINY))
+    r = speed_compare(style, SpeedOptions(**TINY))
     assert r["first_loss_ours"] == pytest.approx(r["first_loss_hf"], abs=1e-5)  # same weights, same loss
     for side in ("ours", "hf"):
         assert r[side]["tokens_per_s"] > 0 and r[side]["step_s"] > 0 and r[side]["tflops"] > 0
@@ -33,3 +35,4 @@ def test_the_command_prints_one_row_per_side(capsys):
     assert bench.main(argv) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["gpt2"]]
     assert [r[2] for r in rows] == ["ours", "hf"] and rows[0][-1].endswith("x")
+
