@@ -117,7 +117,8 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """``input_ids`` long [b, s], or float hidden states [b, s, h] when this module has no ``embed``.
 
-        ``position_ids`` default to 0..s-1. With ``document_ids`` a token attends only to earlier tokens of the same
+        ``position_ids`` default to 0..s-1; hidden states may hold part of the sequence that the positions, document
+        ids and padding mask describe whole. With ``document_ids`` a token attends only to earlier tokens of the same
         document; with ``padding_mask`` (True = real token) padded keys are never attended to. ``cache`` (one
         ``KVCache`` per layer, for generation) holds the keys and values of the positions before ``input_ids``.
         """
@@ -141,7 +142,7 @@ class DecoderLM(nn.Module):
         if self.cfg.position == "rotary":
             scaling = getattr(self.cfg, "rope_scaling", None)
             rope = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, scaling, dtype=x.dtype)
-        mask = build_attention_mask(s, document_ids, padding_mask, device=device)
+        mask = build_attention_mask(position_ids.shape[1], document_ids, padding_mask, device=device)
 
         for i, block in enumerate(self.layers.values()):
             x = block(x, rope, mask) if cache is None else block(x, rope, mask, cache[i])

@@ -58,8 +58,14 @@ class CausalLMTask(Task):
         self.group, self.vocab_start = group, vocab_start
 
     def inputs(self, mb: Microbatch) -> dict[str, torch.Tensor]:
-        keys = ("position_ids", "document_ids", "padding_mask")
-        return {"input_ids": mb["input_ids"], **{k: mb[k] for k in keys if k in mb}}
+        """Token ids, and the positions of the whole sequence (given, or 0..s-1): a stage that receives hidden states
+        split along the sequence (sequence parallelism under a pipeline) still sees every position."""
+        ids = mb["input_ids"]
+        positions = mb.get("position_ids")
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        keys = ("document_ids", "padding_mask")
+        return {"input_ids": ids, "position_ids": positions, **{k: mb[k] for k in keys if k in mb}}
 
     def target(self, mb: Microbatch) -> torch.Tensor:
         return mb["labels"]

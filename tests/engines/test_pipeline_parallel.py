@@ -31,6 +31,8 @@ GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activatio
          ["pp2-1f1b", "pp2-interleaved", "fsdp2-pp2-interleaved", "fsdp2-pp2-1f1b", "zero0-pp2-1f1b"]),
         ("8 layers, 4 stages", "tiny_config", ["model.num_layers=8"], ["pp4-1f1b", "pp4-interleaved"]),
         ("padded vocabulary, label smoothing", "vocab500_config", ["training.label_smoothing=0.1"], ["tp2pp2-1f1b"]),
+        # later stages receive hidden states split along the sequence, and positions and documents whole
+        ("sequence parallel, documents", "tiny_config", ["data.reset_at_document=true"], ["tp2-sp-pp2-1f1b"]),
     ],
 )
 def test_pipeline_layouts_match_single(request, variant, config, extra, layouts):
