@@ -99,25 +99,27 @@ def run_speed(a: argparse.Namespace) -> int:
     """Our trainer's step against Hugging Face's model for the same shapes, interleaved; one table."""
     import torch
 
-    from megatron_lite.bench.speed import SpeedOptions, speed_compare
+    from megatron_lite.bench.speed import SpeedOptions, mfu_peak, speed_compare, speed_config
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     opts = SpeedOptions(**{f.name: getattr(a, f.name) for f in dataclasses.fields(SpeedOptions)})
-    peak = 989e12 if a.device == "cuda" else None  # dense bf16 datasheet figure of H100/H200
+    styles = a.styles.split(",")
+    peak, source = mfu_peak(speed_config(styles[0], opts))
+    mfu = f"MFU against {peak / 1e12:g} TFLOP/s ({source})" if peak else f"MFU: - ({source})"
     mem = "step mem"
     what = "allocated" if a.device == "cuda" else "resident"
     print(f"{a.steps} timed steps after {a.warmup} warm-up, batch {a.batch} x seq {a.seq_len}, {a.precision}, "
           f"{a.device}; median step; step mem: largest growth of {what} memory during one step (activations, "
-          "gradients), planned: the planner's activations + gradients; MFU against 989 TFLOP/s (GPU only)")
+          f"gradients), planned: the planner's activations + gradients; {mfu}")
     print(f"{'model':>8} {'params':>7} {'side':>5} {'first loss':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
           f"{mem:>10} {'planned':>9} {'ours/HF':>8}")
-    for style in a.styles.split(","):
+    for style in styles:
         r = speed_compare(style, opts)
         for side in ("ours", "hf"):
             x = r[side]
-            mfu = f"{x['tflops'] * 1e12 / peak:.1%}" if peak else "-"
+            mfu = f"{x['mfu']:.1%}" if x["mfu"] is not None else "-"
             ratio = f"{r['ours']['tokens_per_s'] / r['hf']['tokens_per_s']:.2f}x" if side == "ours" else ""
             planned = f"{r['planned_bytes'] / 2**30:.2f} GiB" if side == "ours" else ""
             print(f"{style:>8} {r['params'] / 1e6:>6.1f}M {side:>5} {r['first_loss_' + side]:>10.5f} "

@@ -2,7 +2,9 @@
 
 Both sides start from the same weights (ours converted with ``convert.hf``), so their first losses agree; then they
 take turns step by step (which goes first alternates), and each side's median step time and the largest growth of
-memory during one step are kept.
+memory during one step are kept. MFU is against the peak the trainer uses (``training.metrics.device_peak_flops``):
+``logging.peak_flops`` when an override sets it, else this GPU's dense peak for the precision in
+``planning/hardware.py``; a CPU has none.
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ def speed_config(style: str, opts: SpeedOptions) -> Config:
     ])
 
 
+def mfu_peak(cfg: Config) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device or None, and which number it is): what the trainer divides by for MFU. The dtype is
+    the precision's (fp32 training: the non-tensor-core fp32 peak, 66.9 TFLOP/s on an H100 SXM; bf16: 989)."""
+    import torch
+
+    from megatron_lite.planning.hardware import find_device
+    from megatron_lite.training.metrics import device_peak_flops
+
+    device = torch.device(cfg.training.device)
+    peak = device_peak_flops(cfg.logging, device, cfg.training.precision)
+    if cfg.logging.peak_flops is not None:
+        return peak, "logging.peak_flops"
+    if device.type != "cuda":
+        return None, "a CPU has no peak in planning/hardware.py"
+    name = torch.cuda.get_device_name(device)
+    found = find_device(name)
+    if peak is None:
+        return None, (f"no dense {cfg.training.precision} peak for '{name}' in planning/hardware.py: give "
+                      "logging.peak_flops")
+    return peak, f"{name}: the dense {cfg.training.precision} peak of {found[0]} in planning/hardware.py"
+
+
 class _Clock:
     """Wall time of a step, synchronized with the device so that queued GPU work is counted."""
 
@@ -68,8 +92,8 @@ class _Clock:
 def speed_compare(style: str, opts: SpeedOptions) -> dict:
     """Our training step and Hugging Face's for the same model, interleaved in this process; medians and peaks.
 
-    Per side: ``step_s`` (median), ``tokens_per_s``, ``tflops`` (model FLOPs) and ``peak_bytes`` (the largest growth
-    of allocated GPU or resident host memory during one step).
+    Per side: ``step_s`` (median), ``tokens_per_s``, ``tflops`` (model FLOPs), ``mfu`` (None without a peak) and
+    ``peak_bytes`` (the largest growth of allocated GPU or resident host memory during one step).
     """
     import torch
     import torch.nn.functional as F
@@ -148,10 +172,13 @@ def speed_compare(style: str, opts: SpeedOptions) -> dict:
                                          engine="deepspeed", zero=0, flash_attention=device.type == "cuda",
                                          overhead_bytes=0))
     planned_step = planned["breakdown"]["activations"] + planned["breakdown"]["gradients"]
+    peak_flops, _ = mfu_peak(cfg)
     out = {"style": style, "params": sum(p.numel() for p in ours.model.parameters()), "first_loss_ours": first_ours,
-           "first_loss_hf": first_hf, "flops_per_token": flops_per_token, "planned_bytes": planned_step}
+           "first_loss_hf": first_hf, "flops_per_token": flops_per_token, "planned_bytes": planned_step,
+           "peak_flops": peak_flops}
     for side in ("ours", "hf"):
         median = statistics.median(times[side])
-        out[side] = {"step_s": median, "tokens_per_s": tokens / median,
-                     "tflops": tokens / median * flops_per_token / 1e12, "peak_bytes": peaks[side]}
+        achieved = tokens / median * flops_per_token
+        out[side] = {"step_s": median, "tokens_per_s": tokens / median, "tflops": achieved / 1e12,
+                     "mfu": achieved / peak_flops if peak_flops else None, "peak_bytes": peaks[side]}
     return out

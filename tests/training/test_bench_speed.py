@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lite.bench.speed import SpeedOptions, speed_compare
+from megatron_lite.bench.speed import SpeedOptions, mfu_peak, speed_compare, speed_config
 
 pytest.importorskip("transformers")
 
@@ -36,3 +36,10 @@ def test_the_command_prints_one_row_per_side(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["gpt2"]]
     assert [r[2] for r in rows] == ["ours", "hf"] and rows[0][-1].endswith("x")
 
+
+def test_mfu_is_against_the_peak_training_uses():
+    """The MFU denominator is the trainer's (``logging.peak_flops``, else the GPU's dense peak in
+    ``planning/hardware.py``); a CPU has none, so MFU is not printed there."""
+    assert mfu_peak(speed_config("gpt2", SpeedOptions(**TINY)))[0] is None
+    peak, source = mfu_peak(speed_config("gpt2", SpeedOptions(**{**TINY, "overrides": ["logging.peak_flops=2e12"]})))
+    assert (peak, source) == (2e12, "logging.peak_flops")
