@@ -125,7 +125,7 @@ class Topology:
             return topo
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
+            init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
         from torch.distributed.device_mesh import init_device_mesh
 
         topo.mesh = init_device_mesh(dev.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
@@ -153,7 +153,33 @@ def ensure_process_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """The one place the default process group is made: NCCL's error handling is set first (``nccl_environment``)."""
+    if backend == "nccl":
+        nccl_environment()
+    dist.init_process_group(backend, **kwargs)
+
+
+NCCL_ERROR_HANDLING = "2"  # TORCH_NCCL_ASYNC_ERROR_HANDLING: CleanUpOnly
+
+
+def nccl_environment() -> None:
+    """Make a failed NCCL collective an exception in the training loop instead of a killed process.
+
+    Under torch's default (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``; torchrun sets 1 for its workers), NCCL's watchdog
+    thread takes the process down when a collective times out or a peer is lost: no Python exception, so no one-line
+    report naming the peer. With 2 (clean up only) the watchdog aborts the group's communicators and leaves the
+    process alive; whatever waited on the collective returns, and the next collective (or the wait on the failed one)
+    raises ``DistBackendError``, which the trainer turns into ``PeerLostError`` (``training/cluster.py``). With
+    ``TORCH_NCCL_BLOCKING_WAIT=1`` every wait blocks the CPU and raises on timeout itself, so the variable is left as
+    it is. ProcessGroupNCCL reads both when a group is made, so this runs before the first one.
+    """
+    if os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ERROR_HANDLING
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:

@@ -2,9 +2,11 @@
 rank under the run directory, one collective timeout for every process group, and a failed collective explained.
 
 A node that dies shows up on the others as a failed collective: gloo reports "Connection closed by peer [addr]:port"
-at once, and a peer that hangs shows up as a timeout. Neither names a host or a rank, and the launchers then print
-every surviving rank's traceback. The host table gathered at start turns the peer's address into "node1 (ranks
-2-3)", so a user reads one line that says which node to look at.
+at once, and a peer that hangs shows up as a timeout. NCCL reports a lost peer as a remote error ("Connection closed
+by remote peer host<port>") and a hung one through its watchdog, which aborts the communicators after the timeout
+(``topology.nccl_environment`` keeps it from killing the process instead). None of these names a host or a rank, and
+the launchers then print every surviving rank's traceback. The host table gathered at start turns the peer's address
+into "node1 (ranks 2-3)", so a user reads one line that says which node to look at.
 """
 
 from __future__ import annotations
@@ -117,32 +119,60 @@ def apply_collective_timeout(seconds: float) -> None:
 
 
 _PEER = re.compile(r"by peer \[([0-9a-fA-F.:]+)\]:\d+")  # gloo: "Connection closed by peer [10.0.0.2]:50354"
-_LOST = ("closed by peer", "reset by peer", "Broken pipe", "Timed out", "timed out", "Timeout")
+# NCCL's "Last error" line: "socketProgress: Connection closed by remote peer node1<45312>" (a name or an address)
+_NCCL_PEER = re.compile(r"closed by remote peer ([^\s<>]+)<\d+>")
+# NCCL through ProcessGroupNCCL: a peer's process ended ("remote process exited or there was a network error ...
+# ncclRemoteError: ..."), a collective timed out ("[Rank 0] Watchdog caught collective operation timeout:
+# WorkNCCL(SeqNum=5, OpType=ALLREDUCE, ...) ran for 60012 milliseconds before timing out."), or the watchdog
+# aborted the communicators after either ("NCCL communicator was aborted on rank 0. ...").
+_REMOTE_EXIT = ("remote process exited", "ncclRemoteError", "closed by remote peer")
+_LOST = ("closed by peer", "reset by peer", "Broken pipe", "Timed out", "timed out", "Timeout",
+         "Watchdog caught collective operation timeout", "communicator was aborted", *_REMOTE_EXIT)
+_NCCL_OP = re.compile(r"OpType=(\w+)")
+_NCCL_OPS = {"ALLREDUCE": "all_reduce", "ALLGATHER": "all_gather", "_ALLGATHER_BASE": "all_gather_into_tensor",
+             "REDUCE_SCATTER": "reduce_scatter", "_REDUCE_SCATTER_BASE": "reduce_scatter_tensor",
+             "BROADCAST": "broadcast", "REDUCE": "reduce", "BARRIER": "barrier", "SEND": "send", "RECV": "recv",
+             "ALLTOALL": "all_to_all", "ALLTOALL_BASE": "all_to_all_single", "GATHER": "gather", "SCATTER": "scatter"}
 
 
 def explain_lost_peer(error: BaseException, hosts: list[RankHost], me: RankHost, timeout_s: float
                       ) -> PeerLostError | None:
-    """A one-line error for a collective that failed because a peer died or hung; None for other errors."""
+    """A one-line error for a collective that failed because a peer died or hung; None for other errors.
+
+    Reads gloo's error text and NCCL's (``topology.nccl_environment`` makes NCCL's failures exceptions); a peer's
+    address, when the text has one, names its host and ranks from the table gathered at start.
+    """
     text = str(error)
     if not isinstance(error, (RuntimeError, dist.DistError)) or not any(k in text for k in _LOST):
         return None
-    where = _collective_of(error)
-    match = _PEER.search(text)
+    op = _NCCL_OP.search(text)
+    where = _collective_of(error, _NCCL_OPS.get(op.group(1), op.group(1).lower()) if op else None)
+    match = _PEER.search(text) or _NCCL_PEER.search(text)
     if match:
         address = match.group(1)
-        ranks = [h.rank for h in hosts if h.address == address and h.rank != me.rank]
-        name = next((h.host for h in hosts if h.address == address), address)
-        peer = f"{name} ({_span(ranks)}, {address})" if ranks else address
+        peer_hosts = [h for h in hosts if address in (h.address, h.host) or h.host.startswith(address + ".")
+                      or address.startswith(h.host + ".")]
+        ranks = [h.rank for h in peer_hosts if h.rank != me.rank]
+        name = peer_hosts[0].host if peer_hosts else address
+        shown = peer_hosts[0].address if peer_hosts else address
+        peer = f"{name} ({_span(ranks)}, {shown})" if ranks else address
         return PeerLostError(f"rank {me.rank} on {me.host}: lost its peer {peer} during {where}: the peer's "
                              "process ended (look at that host's log); the last checkpoint is kept")
     others = by_host([h for h in hosts if h.host != me.host]) or by_host(hosts)
     peers = "; ".join(f"{name}: {_span(r)}" for (name, _), r in others.items())
+    if any(k in text for k in _REMOTE_EXIT):
+        return PeerLostError(f"rank {me.rank} on {me.host}: lost a peer during {where}: a peer's process ended or "
+                             f"the network failed (hosts: {peers}); the last checkpoint is kept")
     return PeerLostError(f"rank {me.rank} on {me.host}: {where} got no answer within parallel.timeout_s="
                          f"{timeout_s:g} s; a peer hangs or died (hosts: {peers}); the last checkpoint is kept")
 
 
-def _collective_of(error: BaseException) -> str:
-    """'all_reduce in metrics.max_over_ranks': the collective and our function that called it, from the traceback."""
+def _collective_of(error: BaseException, op: str | None = None) -> str:
+    """'all_reduce in metrics.max_over_ranks': the collective and our function that called it, from the traceback.
+
+    ``op`` is the collective the error itself names (NCCL's watchdog does); when the traceback shows another one, the
+    error surfaced at a later collective (NCCL's aborted communicators) and the caller is left out.
+    """
     tb = error.__traceback__
     frames = []
     while tb is not None:
@@ -150,7 +180,10 @@ def _collective_of(error: BaseException) -> str:
         tb = tb.tb_next
     ours = [f for f in frames if "megatron_lite" in f.f_code.co_filename]
     theirs = [f for f in frames if f.f_code.co_filename.endswith("distributed_c10d.py")]
-    op = theirs[-1].f_code.co_name if theirs else "a collective"
+    called = theirs[-1].f_code.co_name if theirs else None
+    if op is not None and op != called:
+        return op
+    op = called or "a collective"
     if not ours:
         return op
     caller = ours[-1]
