@@ -49,8 +49,14 @@ def global_grad_norm(
             by_weight.setdefault(split / (stage_ranks * copies.get(name, 1)), []).append(grad)
     total = torch.zeros((), dtype=torch.float64, device=topology.device)
     for weight, grads in by_weight.items():
-        # per-tensor norms in the gradients' dtype with the multi-tensor kernel (as clip_grad_norm_), summed in fp64
-        total += torch.nn.utils.get_total_norm(grads, foreach=True).double().square() * weight
+        # fp32 gradients: per-tensor norms with the multi-tensor kernel (as clip_grad_norm_), summed in fp64. bf16 and
+        # fp16 ones (ZeRO-0 keeps them so) each in fp32: the multi-tensor kernel would round every norm, and their
+        # total, to the gradients' dtype (~0.2% off in bf16).
+        wide = [g for g in grads if g.dtype in (torch.float32, torch.float64)]
+        if wide:
+            total += torch.nn.utils.get_total_norm(wide, foreach=True).double().square() * weight
+        for g in (g for g in grads if g.dtype not in (torch.float32, torch.float64)):
+            total += torch.linalg.vector_norm(g, dtype=torch.float32).double().square() * weight
     if topology.is_distributed:
         dist.all_reduce(total)
     return total.sqrt()
