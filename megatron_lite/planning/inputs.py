@@ -19,6 +19,7 @@ from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.hardware import device_memory, known_devices, peak_flops
 from megatron_lite.planning.layout import Layout
 from megatron_lite.planning.presets import get_preset
+from megatron_lite.planning.runnable import LAYOUT_KEYS, planned_offload
 from megatron_lite.planning.units import GiB
 
 ModelSpec = ModelConfig | EncDecSpec
@@ -103,26 +104,31 @@ def _model_max_seq_len(path: str, overrides: list[str]) -> int:
     return int(value)
 
 
+# Planned only when the command asks: sequence parallelism (--sequence-parallel) and HSDP replica groups.
+_NOT_READ = ("sequence_parallel", "dp_replicate")
+
+
 def config_settings(cfg: Config, keys: set[str]) -> dict[str, Any]:
-    """The layout settings of ``cfg`` that ``keys`` (what its file and overrides set) name, by ``Layout`` field."""
-    p, t = cfg.parallel, cfg.training
-    found: dict[str, tuple[str, Any]] = {
-        "data.seq_len": ("seq_len", cfg.data.seq_len),
-        "training.global_batch_size": ("global_batch", cfg.global_batch_size),
-        "training.global_batch_tokens": ("global_batch", cfg.global_batch_size),
-        "training.micro_batch_size": ("micro_batch", t.micro_batch_size),
-        "training.precision": ("dtype", t.precision), "parallel.tp": ("tp", p.tp), "parallel.pp": ("pp", p.pp),
-        "parallel.zero_stage": ("zero", p.zero_stage),
-        "parallel.engine": ("engine", p.engine if p.engine in ("deepspeed", "fsdp") else None),
-        "parallel.pp_schedule": ("schedule", p.pp_schedule),
-        "parallel.pp_virtual_stages": ("virtual_stages", p.pp_virtual_stages),
-        "model.activation_checkpointing": ("recompute", "full" if cfg.model.activation_checkpointing else None),
-    }
-    settings = {name: value for key, (name, value) in found.items() if key in keys and value is not None}
-    if p.offload_params or p.fsdp_cpu_offload:
-        settings["offload"] = "params"
-    elif p.offload_optimizer:
-        settings["offload"] = "optimizer"
+    """The layout settings of ``cfg`` that ``keys`` (what its file and overrides set) name, by ``Layout`` field:
+    ``runnable.LAYOUT_KEYS`` and ``runnable.offload_keys`` read backwards, so the settings a config plans with are
+    the ones ``engine_config`` writes for the layout."""
+    values: dict[str, Any] = {}
+    for name, dotted in LAYOUT_KEYS.items():
+        if name not in _NOT_READ:
+            node: Any = cfg
+            for part in dotted.split("."):
+                node = getattr(node, part)
+            values[name] = node
+    values["global_batch"] = cfg.global_batch_size  # samples per step, also when the config gives tokens
+    if values["engine"] not in ("deepspeed", "fsdp"):
+        values["engine"] = None  # single and DDP: the planner's engines are DeepSpeed (ZeRO 0-3) and FSDP2
+    given = keys | ({LAYOUT_KEYS["global_batch"]} if "training.global_batch_tokens" in keys else set())
+    settings = {name: value for name, value in values.items() if LAYOUT_KEYS[name] in given and value is not None}
+    if "model.activation_checkpointing" in keys and cfg.model.activation_checkpointing:
+        settings["recompute"] = "full"
+    offload = planned_offload(cfg.parallel)
+    if offload is not None:
+        settings["offload"] = offload
     return settings
 
 

@@ -376,3 +376,25 @@ def test_memory_with_torchtitans_op_policy(capsys: pytest.CaptureFixture) -> Non
     assert r["phases"]["activations"] < json.loads(out)["phases"]["activations"]
     code, out, _ = run(capsys, "search", *argv, "--recompute", "selective-op", "--gpu-memory", "80GiB", "--top", "1")
     assert code == 0 and "selective-op" in out
+
+
+@pytest.mark.parametrize("engine,zero,offload", [("deepspeed", 1, None), ("deepspeed", 2, "optimizer"),
+                                                 ("deepspeed", 3, "params"), ("fsdp", 0, "params")])
+def test_a_config_plans_with_the_layout_it_was_written_from(tmp_path: Path, engine: str, zero: int,
+                                                            offload: str | None) -> None:
+    """``--config`` reads a config back through the keys ``engine_config`` writes a layout to: a layout's own
+    config plans as that layout."""
+    from megatron_lite.planning.inputs import ModelOptions, load_model
+    from megatron_lite.planning.layout import Layout
+    from megatron_lite.planning.presets import get_preset
+    from megatron_lite.planning.runnable import engine_config
+
+    layout = Layout(gpus=16, tp=2, pp=2, engine=engine, zero=zero, offload=offload, micro_batch=2, global_batch=64,
+                    seq_len=2048, dtype="bf16", schedule="interleaved", virtual_stages=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(engine_config(get_preset("llama2-7b"), layout).to_yaml())
+    _, settings, _ = load_model(ModelOptions(config=str(path)))
+    for name in ("tp", "pp", "engine", "micro_batch", "global_batch", "seq_len", "dtype", "schedule",
+                 "virtual_stages", "offload"):
+        assert settings.get(name) == getattr(layout, name), name
+    assert settings["zero"] == zero
