@@ -224,11 +224,11 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
                    enable_gqa: bool) -> torch.Tensor:
     """FlexAttention, compiled on CUDA; inside a compiled block the block's compilation covers it, and elsewhere (the
     CPU, which runs its forward only) it runs eagerly."""
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
-        flex = _compiled_flex_attention()
-    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        run = _compiled_flex_attention()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as run
+    return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
