@@ -1,1 +1,2 @@
-"""Benchmarks behind tools/bench.py: each module measures one thing and prints its table."""
+"""Benchmarks behind tools/bench.py, one measurement per module (data, train, startup, speed, conversion); the tool
+parses arguments and prints their rows."""

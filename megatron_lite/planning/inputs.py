@@ -104,21 +104,16 @@ def _model_max_seq_len(path: str, overrides: list[str]) -> int:
     return int(value)
 
 
-# Planned only when the command asks: sequence parallelism (--sequence-parallel) and HSDP replica groups.
-_NOT_READ = ("sequence_parallel", "dp_replicate")
-
-
 def config_settings(cfg: Config, keys: set[str]) -> dict[str, Any]:
     """The layout settings of ``cfg`` that ``keys`` (what its file and overrides set) name, by ``Layout`` field:
     ``runnable.LAYOUT_KEYS`` and ``runnable.offload_keys`` read backwards, so the settings a config plans with are
     the ones ``engine_config`` writes for the layout."""
     values: dict[str, Any] = {}
     for name, dotted in LAYOUT_KEYS.items():
-        if name not in _NOT_READ:
-            node: Any = cfg
-            for part in dotted.split("."):
-                node = getattr(node, part)
-            values[name] = node
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        values[name] = node
     values["global_batch"] = cfg.global_batch_size  # samples per step, also when the config gives tokens
     if values["engine"] not in ("deepspeed", "fsdp"):
         values["engine"] = None  # single and DDP: the planner's engines are DeepSpeed (ZeRO 0-3) and FSDP2
@@ -220,7 +215,8 @@ def layout(opts: LayoutOptions, spec: ModelSpec, settings: dict[str, Any], notes
         recompute=pick(opts.recompute, "recompute", "none"), schedule=pick(opts.schedule, "schedule", "1f1b"),
         virtual_stages=pick(opts.virtual_stages, "virtual_stages", 2),
         dtype=pick(opts.dtype, "dtype", "bf16", "dtype bf16"),
-        sequence_parallel=opts.sequence_parallel, flash_attention=opts.flash_attention,
+        sequence_parallel=opts.sequence_parallel or bool(settings.get("sequence_parallel")),
+        dp_replicate=settings.get("dp_replicate", 1) if engine == "fsdp" else 1, flash_attention=opts.flash_attention,
         overhead_bytes=int(opts.overhead_gib * GiB),
     )
     if planned.global_batch is None and least_global_batch and planned.gpus % (planned.tp * planned.pp) == 0:

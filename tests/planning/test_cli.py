@@ -46,6 +46,16 @@ def test_model_from_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert code == 0 and "agrees" in out and "FLOPs/token @ seq 128" in out
 
 
+def test_memory_plans_a_configs_hsdp_groups(capsys: pytest.CaptureFixture) -> None:
+    """A config's parallel.dp_replicate plans HSDP: each replica group shards over dp / dp_replicate ranks, so the
+    weights a rank holds grow by dp_replicate (the dry run counts the same, tests/test_dry_run.py)."""
+    args = ["memory", "--config", str(ROOT / "configs" / "llama-8b.yaml"), "--gpus", "64", "--json"]
+    _, full, _ = run(capsys, *args)
+    _, hsdp, _ = run(capsys, *args, "--override", "parallel.dp_replicate=8")
+    weights = [json.loads(out)["breakdown"]["weights"] for out in (full, hsdp)]
+    assert weights[1] == pytest.approx(8 * weights[0], rel=1e-3)
+
+
 def test_compute_json(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run(capsys, "compute", "--flops", "1e22", "--gpus", "64", "--gpu", "h100", "--mfu", "0.4",
                        "--price-per-gpu-hour", "2", "--json")
