@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trace", action="store_true", help="with --dry-run: count only, trace no step")
     parser.add_argument("--json", default=None, help="with --dry-run: also write the report as JSON here")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.micro_batch_size=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow the dotted overrides
     if args.dry_run:
         return dry_run_main(args)
     if args.local_rank is not None:

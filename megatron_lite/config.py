@@ -310,6 +310,7 @@ class ParallelConfig:
     engine: Literal["auto", "single", "ddp", "deepspeed", "fsdp"] = "auto"  # auto: single for 1 rank, else ddp
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallelism: each sample's sequence split over cp ranks (load-balanced causal chunks)
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards (all-gather / reduce-scatter)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"  # zb: interleaved zero-bubble
     pp_virtual_stages: int = 2  # stages per pipeline rank for the interleaved and zb schedules
@@ -324,7 +325,7 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # a collective waiting longer than this on a peer fails, naming the peer
 
     def validate(self, where: str = "parallel") -> None:
-        _positive(self, where, "tp", "pp", "dp_replicate", "timeout_s")
+        _positive(self, where, "tp", "pp", "cp", "dp_replicate", "timeout_s")
         if not 0 <= self.zero_stage <= 3:
             raise ConfigError(f"{where}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
 

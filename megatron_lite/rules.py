@@ -27,6 +27,7 @@ class Sizes:
     dp: int
     tp: int
     dp_replicate: int
+    cp: int = 1
 
     @property
     def dp_shard(self) -> int:
@@ -34,12 +35,14 @@ class Sizes:
 
 
 def data_parallel_size(par: ParallelConfig, world: int) -> int:
-    """The data axis of ``world`` ranks: tp x pp must divide the world, and dp_replicate the data axis."""
-    if world % (par.tp * par.pp):
+    """The data axis of ``world`` ranks: tp x pp (x cp) must divide the world, and dp_replicate the data axis."""
+    model = par.tp * par.pp * par.cp
+    if world % model:
+        cp = f" x parallel.cp={par.cp}" if par.cp > 1 else ""
         raise ConfigError(
-            f"world size {world} is not divisible by parallel.tp={par.tp} x parallel.pp={par.pp} (= {par.tp * par.pp})"
+            f"world size {world} is not divisible by parallel.tp={par.tp} x parallel.pp={par.pp}{cp} (= {model})"
         )
-    dp = world // (par.tp * par.pp)
+    dp = world // model
     if dp % par.dp_replicate:
         raise ConfigError(f"data-parallel size {dp} is not divisible by parallel.dp_replicate={par.dp_replicate}")
     return dp
@@ -48,7 +51,7 @@ def data_parallel_size(par: ParallelConfig, world: int) -> int:
 def sizes(cfg: Config, world: int) -> Sizes:
     """Split ``world`` ranks into (pp, dp, tp)."""
     par = cfg.parallel
-    return Sizes(world, par.pp, data_parallel_size(par, world), par.tp, par.dp_replicate)
+    return Sizes(world, par.pp, data_parallel_size(par, world), par.tp, par.dp_replicate, par.cp)
 
 
 def engine_name(cfg: Config, world: int) -> str:
@@ -71,6 +74,7 @@ def check_layout(cfg: Config, world: int, device_type: str) -> str:
     check_engine_settings(cfg, name, device_type)
     check_pipeline(cfg, name, size.dp)
     check_tensor_parallel(cfg)
+    check_context_parallel(cfg)
     return name
 
 
@@ -267,6 +271,28 @@ def check_tensor_parallel(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.sequence_parallel needs data.seq_len={cfg.data.seq_len} divisible by parallel.tp={tp}"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Context parallelism
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_context_parallel(cfg: Config) -> None:
+    """The sequence splits into 2 x cp equal chunks (each cp rank takes one from each end, so every rank does the
+    same causal work); the decoder family only; under sequence parallelism each rank's part splits again over tp."""
+    cp, tp = cfg.parallel.cp, cfg.parallel.tp
+    if cp == 1:
+        return
+    if cfg.model.family == "encoder_decoder":
+        raise ConfigError("parallel.cp is not supported for model.family=encoder_decoder (its cross-attention reads "
+                          "the whole encoder output); use parallel.tp or parallel.pp")
+    if cfg.data.seq_len % (2 * cp):
+        raise ConfigError(f"parallel.cp={cp} needs data.seq_len={cfg.data.seq_len} divisible by 2 x cp = {2 * cp} "
+                          "(each rank takes a chunk from each end of the sequence)")
+    if cfg.parallel.sequence_parallel and (cfg.data.seq_len // cp) % tp:
+        raise ConfigError(f"parallel.sequence_parallel with parallel.cp={cp}: each rank's {cfg.data.seq_len // cp} "
+                          f"tokens must split over parallel.tp={tp}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""The process layout: a (pp, dp, tp) mesh with its process groups, passed explicitly to whatever needs it.
+"""The process layout: a (pp, dp, cp, tp) mesh with its process groups, passed explicitly to whatever needs it.
 
 There are no module-level globals: code that needs a rank or a group along an axis asks the Topology object it was
 given. A single process gets a Topology of size 1 on every axis and no process groups, so the same code paths run
 with or without ``torch.distributed``.
 
-Rank order is pp-major, tp-minor (tp ranks are neighbours, so they land on one node first), as in Megatron-LM.
+Rank order is pp-major, then dp and cp, tp-minor (tp ranks are neighbours, so they land on one node first, and the cp
+ranks of one sample next to them), as in Megatron-LM.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class Topology:
     dp_replicate: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: "torch.distributed.device_mesh.DeviceMesh | None" = None
+    cp: int = 1  # context parallelism: ranks that split each sample's sequence
+
+    @property
+    def data_size(self) -> int:
+        """Ranks that hold the same weights and average their gradients: data-parallel x context-parallel."""
+        return self.dp * self.cp
 
     @property
     def dp_shard(self) -> int:
@@ -48,7 +55,7 @@ class Topology:
         return self.rank == 0
 
     def coord(self, axis: str) -> int:
-        """This rank's index along ``axis`` ("pp", "dp", "tp")."""
+        """This rank's index along ``axis`` ("pp", "dp", "cp", "tp")."""
         if self.mesh is None:
             return 0
         return self.mesh.get_local_rank(axis)
@@ -65,6 +72,15 @@ class Topology:
     def pp_rank(self) -> int:
         return self.coord("pp")
 
+    @property
+    def cp_rank(self) -> int:
+        return self.coord("cp")
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the ``data_size`` ranks that average gradients (dp-major, cp-minor)."""
+        return self.dp_rank * self.cp + self.cp_rank
+
     def group(self, axis: str) -> "dist.ProcessGroup | None":
         """The process group along ``axis``; None in a single process."""
         if self.mesh is None:
@@ -76,34 +92,68 @@ class Topology:
             return None
         return self.mesh[axes if len(axes) > 1 else axes[0]]
 
+    def data_group(self) -> "dist.ProcessGroup | None":
+        """The ranks that average gradients (and that ZeRO partitions over): data-parallel x context-parallel."""
+        if self.mesh is None:
+            return None
+        return self.group("dp") if self.cp == 1 else self.data_mesh_1d().get_group()
+
+    def data_mesh_1d(self) -> "torch.distributed.device_mesh.DeviceMesh":
+        """The dp x cp ranks as one mesh dimension (``dp`` itself without context parallelism)."""
+        if self.cp == 1:
+            return self.mesh["dp"]
+        return self._flat(self.mesh, ("dp", "cp"), "dp_cp")
+
     def data_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh | None":
-        """The data-parallel mesh: 1-D (dp) or, for HSDP, 2-D (dp_replicate, dp_shard)."""
+        """The mesh FSDP2 shards over: 1-D (dp, or dp x cp flattened) or, for HSDP, 2-D (dp_replicate, dp_shard,
+        with cp folded into the shards)."""
         if self.mesh is None:
             return None
         if self.dp_replicate == 1:
-            return self.mesh["dp"]
-        return self._hsdp_mesh()["dp_replicate", "dp_shard"]
+            return self.data_mesh_1d()
+        hsdp = self._hsdp_mesh()
+        if self.cp > 1:
+            self._flat(hsdp, ("dp_shard", "cp"), "dp_shard_cp")
+            return hsdp["dp_replicate", "dp_shard_cp"]
+        return hsdp["dp_replicate", "dp_shard"]
 
     def mesh_of(self, *axes: str) -> "torch.distributed.device_mesh.DeviceMesh":
-        """The submesh over ``axes``, which may name the HSDP axes (dp_replicate, dp_shard) beside pp and tp."""
-        if any(a in ("dp_replicate", "dp_shard") for a in axes):
+        """The submesh over ``axes``, which may name the HSDP axes (dp_replicate, dp_shard, dp_shard_cp) or the
+        flattened data axis (dp_cp) beside pp and tp."""
+        if any(a in ("dp_replicate", "dp_shard", "dp_shard_cp") for a in axes):
+            self.data_mesh()  # the flattened dims exist once made
             return self._hsdp_mesh()[axes]
+        if "dp_cp" in axes:
+            self.data_mesh_1d()
         return self.mesh[axes if len(axes) > 1 else axes[0]]
 
+    @staticmethod
+    def _flat(mesh, axes: tuple[str, ...], name: str):
+        """``axes`` of ``mesh`` flattened into one dimension called ``name`` (made once)."""
+        import warnings as _warnings
+
+        with _warnings.catch_warnings():  # slicing a flattened dim from the root mesh: still the way in torch 2.13
+            _warnings.simplefilter("ignore", UserWarning)
+            try:
+                return mesh[name]
+            except KeyError:
+                return mesh[axes]._flatten(name)
+
     def _hsdp_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh":
-        """A second mesh over the same ranks, (pp, dp_replicate, dp_shard, tp): data index = replica * shards + shard,
-        so its coordinates agree with the main mesh's. Built on first use."""
+        """A second mesh over the same ranks, (pp, dp_replicate, dp_shard, cp, tp): data index = replica * shards +
+        shard, so its coordinates agree with the main mesh's. Built on first use."""
         key = "_hsdp"
         if getattr(self, key, None) is None:
             from torch.distributed.device_mesh import init_device_mesh
 
-            shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
-            names = ("pp", "dp_replicate", "dp_shard", "tp")
+            shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+            names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
             object.__setattr__(self, key, init_device_mesh(self.device.type, shape, mesh_dim_names=names))
         return getattr(self, key)
 
     def describe(self) -> str:
-        return f"world={self.world_size} pp={self.pp} dp={self.dp} tp={self.tp}" + (
+        return f"world={self.world_size} pp={self.pp} dp={self.dp}{f' cp={self.cp}' if self.cp > 1 else ''} " \
+               f"tp={self.tp}" + (
             f" (dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard})" if self.dp_replicate > 1 else ""
         )
 
@@ -117,10 +167,10 @@ class Topology:
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = resolve_device(device, local_rank)
-        tp, pp = parallel.tp, parallel.pp
+        tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
         dp = rules.data_parallel_size(parallel, world_size)
         check_tp_fits_node(tp)
-        topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev)
+        topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev, cp=cp)
         if world_size == 1:
             return topo
         if not dist.is_initialized():
@@ -128,7 +178,7 @@ class Topology:
             init_process_group(backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
         from torch.distributed.device_mesh import init_device_mesh
 
-        topo.mesh = init_device_mesh(dev.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+        topo.mesh = init_device_mesh(dev.type, (pp, dp, cp, tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
         return topo
 
 

@@ -157,6 +157,9 @@ CASES = {
                           ["world size 1 is not divisible by parallel.tp=3"]),
     "batch-does-not-divide": (lambda ws: _pretrain(ws, "batch", "training.global_batch_size=7"),
                               ["training.global_batch_size=7 is not divisible by training.micro_batch_size=2"]),
+    "context-parallel-sequence": (
+        lambda ws: _pretrain(ws, "cp-seq", "--dry-run", "--world", "2", "parallel.cp=2", "data.seq_len=30"),
+        ["parallel.cp=2 needs data.seq_len=30 divisible by 2 x cp = 4"]),
     "precision-the-device-lacks": (
         lambda ws: _pretrain(ws, "precision", "parallel.engine=deepspeed", "training.precision=fp16"),
         ["training.precision=fp16 with parallel.engine=deepspeed needs a GPU"]),

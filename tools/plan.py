@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpus-per-node", type=positive_int, default=LayoutOptions.gpus_per_node)
         p.add_argument("--tp", type=positive_int)
         p.add_argument("--pp", type=positive_int)
+        p.add_argument("--cp", type=positive_int, help="context parallelism: ranks that split each sequence")
         p.add_argument("--zero", type=int, choices=range(4))
         p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully sharded) instead of DeepSpeed ZeRO")
         p.add_argument("--offload", choices=("optimizer", "params"))

@@ -69,7 +69,7 @@ class DryRunReport:
         def gib(b: int | None) -> str:
             return "-" if b is None else f"{b / GIB:.2f}"
 
-        head = (f"{'rank':>6} {'pp':>3} {'dp':>4} {'tp':>3} {'params':>13} {'weights':>8} {'grads':>8} {'optim':>8} "
+        head = (f"{'rank':>6} {'pp':>3} {'dp':>4} {'cp':>3} {'tp':>3} {'params':>13} {'weights':>8} {'grads':>8} {'optim':>8} "
                 f"{'gathered':>8} {'traced':>8} | {'planner w/g/o GiB':>20}")
         lines = [head, "-" * len(head)]
         for r in self.ranks:
@@ -77,7 +77,8 @@ class DryRunReport:
             plan = "-" if st is None else "/".join(gib(st["breakdown"][k]) for k in ("weights", "gradients",
                                                                                      "optimizer"))
             mark = " <- most loaded" if r.rank == self.worst_rank else ""
-            lines.append(f"{r.rank:>6} {r.coords['pp']:>3} {r.coords['dp']:>4} {r.coords['tp']:>3} {r.params:>13,} "
+            lines.append(f"{r.rank:>6} {r.coords['pp']:>3} {r.coords['dp']:>4} {r.coords.get('cp', 0):>3} "
+                         f"{r.coords['tp']:>3} {r.params:>13,} "
                          f"{gib(r.param_bytes):>8} {gib(r.grad_bytes):>8} {gib(r.optimizer_bytes):>8} "
                          f"{gib(r.gathered_bytes):>8} {gib((r.traced or {}).get('total')):>8} | {plan:>20}{mark}")
         w = self.worst()
@@ -106,7 +107,7 @@ def planner_layout(cfg: Config, world: int):
     torch_engine = par.engine in ("single", "ddp", "auto")
     offload = "params" if par.fsdp_cpu_offload or par.offload_params else "optimizer" if par.offload_optimizer else None
     return Layout(gpus=world, tp=par.tp, pp=par.pp, engine="fsdp" if par.engine == "fsdp" else "deepspeed",
-                  dp_replicate=par.dp_replicate,
+                  dp_replicate=par.dp_replicate, cp=par.cp,
                   zero=par.zero_stage, offload=offload, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                   target_len=cfg.data.target_seq_len, global_batch=cfg.global_batch_size,
                   recompute="full" if cfg.model.activation_checkpointing else "none", schedule=par.pp_schedule,
@@ -137,8 +138,9 @@ def dry_run(cfg: Config, world: int, ranks: str | list[int] = "classes", gpu: st
             held.append(simulate(cfg, world, r)[0])
         log(f"rank {r}: {held[-1].params:,} parameters")
     worst = max(held, key=lambda h: (h.state_bytes + h.gathered_bytes, -h.rank))
-    layout = {"engine": name, "world": world, "pp": cfg.parallel.pp, "tp": cfg.parallel.tp,
-              "dp": world // (cfg.parallel.pp * cfg.parallel.tp), "dp_replicate": cfg.parallel.dp_replicate,
+    layout = {"engine": name, "world": world, "pp": cfg.parallel.pp, "tp": cfg.parallel.tp, "cp": cfg.parallel.cp,
+              "dp": world // (cfg.parallel.pp * cfg.parallel.tp * cfg.parallel.cp),
+              "dp_replicate": cfg.parallel.dp_replicate,
               "zero_stage": cfg.parallel.zero_stage, "precision": cfg.training.precision,
               "micro_batch_size": cfg.training.micro_batch_size, "seq_len": cfg.data.seq_len,
               "sequence_parallel": cfg.parallel.sequence_parallel, "pp_schedule": cfg.parallel.pp_schedule,

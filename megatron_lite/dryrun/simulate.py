@@ -122,7 +122,7 @@ def holdings(cfg: Config, topology: Topology, built: Built, rank: int) -> RankHo
     compute = DTYPE_BYTES.get(precision, 4)
     blocks = sorted({int(n.split(".")[1]) for n in local if n.startswith("layers.")})
     if engine == "deepspeed":
-        w, g, o, gathered = _zero_bytes(cfg, built, topology.dp, local, m)
+        w, g, o, gathered = _zero_bytes(cfg, built, topology.data_size, local, m)
     else:
         optimizer = build_adamw(built.model, cfg.optimizer, torch.device("cpu"), built.no_decay)
         stepped = [p for group in optimizer.param_groups for p in group["params"]]
@@ -131,7 +131,7 @@ def holdings(cfg: Config, topology: Topology, built: Built, rank: int) -> RankHo
         g = 4 * (sum(tp_local.values()) if engine == "fsdp" and m > 1 else total)
         o = 8 * elements + 4 * len(stepped)
         gathered = 2 * max(_per_block(tp_local).values()) * compute if engine == "fsdp" else 0
-    coords = {"pp": topology.pp_rank, "dp": topology.dp_rank, "tp": topology.tp_rank}
+    coords = {"pp": topology.pp_rank, "dp": topology.dp_rank, "cp": topology.cp_rank, "tp": topology.tp_rank}
     return RankHoldings(rank, coords, total, w, g, o, gathered, blocks, local)
 
 
@@ -182,13 +182,14 @@ def simulate(cfg: Config, world: int, rank: int) -> tuple[RankHoldings, Topology
 
 def rank_classes(cfg: Config, world: int) -> list[int]:
     """Ranks that stand for all others: every pipeline stage, the first and last tensor-parallel rank, and the first
-    and last data-parallel shard (where a dimension splits unevenly, the last shard holds less; the first, most)."""
+    and last data-parallel shard (where a dimension splits unevenly, the last shard holds less; the first, most; the
+    shards run over dp x cp)."""
     par = cfg.parallel
-    dp = world // (par.tp * par.pp)
+    dp = world // (par.tp * par.pp * par.cp)
     shards = dp // par.dp_replicate
     ranks = set()
     for pp in range(par.pp):
         for tp in sorted({0, par.tp - 1}):
-            for d in sorted({0, shards - 1}):
-                ranks.add((pp * dp + d) * par.tp + tp)  # rank order pp-major, tp-minor (topology.py)
+            for d, c in sorted({(0, 0), (shards - 1, par.cp - 1)}):
+                ranks.add(((pp * dp + d) * par.cp + c) * par.tp + tp)  # rank order pp, dp, cp, tp (topology.py)
     return sorted(ranks)

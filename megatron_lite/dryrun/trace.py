@@ -89,11 +89,16 @@ def _microbatch(cfg: Config, task, topology: Topology, built: Built) -> tuple[di
         mb = {"input_ids": torch.randint(0, vocab, (b, s)), "labels": labels}
         kwargs = task.inputs(mb)
         return {"args": (kwargs.pop("input_ids"),), "kwargs": kwargs}, labels
+    from megatron_lite.parallel.context import split_sequence
+
+    mb = split_sequence({"input_ids": torch.randint(0, vocab, (b, s)), "labels": labels}, topology.cp,
+                        topology.cp_rank)
+    kwargs = task.inputs(mb)  # token ids and the positions of this rank's part of the sequence
+    ids = kwargs.pop("input_ids")
     if first:
-        args = (torch.randint(0, vocab, (b, s)),)
+        args = (ids,)
     else:
         dtype = torch.bfloat16 if cfg.parallel.engine == "fsdp" and cfg.training.precision == "bf16" else torch.float32
-        if cfg.parallel.sequence_parallel:  # hidden states travel split along the sequence
-            s //= topology.tp
-        args = (torch.randn(b, s, cfg.model.hidden_size, dtype=dtype, requires_grad=True),)
-    return {"args": args, "kwargs": {}}, labels if last else None
+        local = ids.shape[1] // (topology.tp if cfg.parallel.sequence_parallel else 1)  # split along the sequence
+        args = (torch.randn(b, local, cfg.model.hidden_size, dtype=dtype, requires_grad=True),)
+    return {"args": args, "kwargs": kwargs}, mb["labels"] if last else None

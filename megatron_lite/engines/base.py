@@ -14,8 +14,9 @@ The step itself lives here, once (``Engine.train_step`` and ``Engine.eval_loss``
   microbatch, skipping gradient synchronization between microbatches, and the end of the step (clipping with the
   norm of their own gradients, the optimizer step, the fp16 scaler).
 
-Engines average gradients over the data-parallel ranks (DDP, FSDP and DeepSpeed all reduce with a mean), so a
-microbatch's backward runs on ``loss_sum * dp / total_tokens``.
+Engines average gradients over the data-parallel ranks (DDP, FSDP and DeepSpeed all reduce with a mean), and with
+context parallelism over the cp ranks too (each holding part of every sample's tokens), so a microbatch's backward
+runs on ``loss_sum * dp * cp / total_tokens``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 
 from megatron_lite.config import Config
 from megatron_lite.engines.build import Built
+from megatron_lite.parallel.context import split_sequence
 from megatron_lite.topology import Topology
 from megatron_lite.step.tasks import Microbatch, Task
 
@@ -159,7 +161,7 @@ class Engine(ABC):
             "engine": type(self).__name__,
             "module": type(self.module).__name__,
             "world": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp, "dp_replicate": topo.dp_replicate,
-            "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "tp": topo.tp_rank},
+            "cp": topo.cp, "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "cp": topo.cp_rank, "tp": topo.tp_rank},
             "sequence_parallel": any(getattr(m, "sequence_parallel", False) for m in self.model.modules()),
             "stages": list(self.pipeline.parts.indices) if self.pipeline is not None else [0],
             "num_stages": self.pipeline.parts.num_stages if self.pipeline is not None else 1,
@@ -184,13 +186,18 @@ class Engine(ABC):
     # The shared step
     # ------------------------------------------------------------------------------------------------------------------
 
+    def _local(self, microbatch: Microbatch) -> Microbatch:
+        """This rank's part of a microbatch: its context-parallel chunks of each sequence (all of it without cp)."""
+        return split_sequence(microbatch, self.topology.cp, self.topology.cp_rank)
+
     def to_device(self, microbatch: Microbatch) -> Microbatch:
         dev = self.topology.device
         return {k: v.to(dev, non_blocking=True) for k, v in microbatch.items()}
 
     def _sum_over(self, axes: tuple[str, ...], *values: torch.Tensor) -> list[float]:
-        """Sum scalars over the ranks along ``axes`` ("dp": data-parallel ranks; "pp": pipeline stages, of which
-        only the last computes losses), in float64."""
+        """Sum scalars over the ranks along ``axes`` ("dp": data-parallel ranks; "cp": the context-parallel ranks
+        holding parts of the same samples; "pp": pipeline stages, of which only the last computes losses), in
+        float64."""
         stacked = torch.stack([v.detach().to(self.topology.device, torch.float64).reshape(()) for v in values])
         if self.topology.is_distributed:
             for axis in axes:
@@ -219,15 +226,15 @@ class Engine(ABC):
     def train_step(self, microbatches: list[Microbatch], lr: float) -> StepMetrics:
         """One optimizer step over this rank's share of the global batch."""
         self._begin_step(lr, len(microbatches))
-        batches = [self.to_device(mb) for mb in microbatches]
+        batches = [self.to_device(self._local(mb)) for mb in microbatches]
         targets = [self.task.target(mb) for mb in batches]
-        (tokens,) = self._sum_over(("dp",), sum(self.task.num_tokens(t) for t in targets))
-        scale = self.topology.dp / max(tokens, 1.0)
+        (tokens,) = self._sum_over(("dp", "cp"), sum(self.task.num_tokens(t) for t in targets))
+        scale = self.topology.data_size / max(tokens, 1.0)
         loss_sum = self._forward_backward(batches, targets, scale)
         if self.on_gradients is not None:
             self.on_gradients()
         grad_norm, skipped = self._finish_step(self.cfg.training.grad_clip)
-        (loss_sum_global,) = self._sum_over(("dp", "pp"), loss_sum)
+        (loss_sum_global,) = self._sum_over(("dp", "cp", "pp"), loss_sum)
         loss = loss_sum_global / max(tokens, 1.0)
         return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=int(tokens))
 
@@ -236,7 +243,7 @@ class Engine(ABC):
         """Summed token loss over the microbatches of all data-parallel ranks / their valid tokens, without gradients."""
         self.module.eval()
         try:
-            batches = [self.to_device(mb) for mb in microbatches]
+            batches = [self.to_device(self._local(mb)) for mb in microbatches]
             targets = [self.task.target(mb) for mb in batches]
             tokens = sum(self.task.num_tokens(t) for t in targets)
             if self.pipeline is not None:
@@ -249,6 +256,6 @@ class Engine(ABC):
                         loss_sum += self.task.loss(self._forward(self.task.inputs(mb)), target, False)[0]
         finally:
             self.module.train()
-        (loss_sum_global,) = self._sum_over(("dp", "pp"), loss_sum)
-        (tokens_global,) = self._sum_over(("dp",), tokens)
+        (loss_sum_global,) = self._sum_over(("dp", "cp", "pp"), loss_sum)
+        (tokens_global,) = self._sum_over(("dp", "cp"), tokens)
         return loss_sum_global / max(tokens_global, 1.0)

@@ -34,10 +34,10 @@ class DDPEngine(TorchEngine):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.topology.device)
-        if self.topology.dp == 1:  # nothing to synchronize (e.g. tensor or pipeline parallelism alone)
+        if self.topology.data_size == 1:  # nothing to synchronize (e.g. tensor or pipeline parallelism alone)
             return model
         device_ids = [self.topology.device.index] if self.topology.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.topology.group("dp"))
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.topology.data_group())
 
     def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
         if last or not isinstance(self.module, DistributedDataParallel):
@@ -46,7 +46,7 @@ class DDPEngine(TorchEngine):
 
     @torch.no_grad()
     def _reduce_pipeline_gradients(self) -> None:
-        if self.topology.dp == 1:
+        if self.topology.data_size == 1:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         bucket: list[torch.Tensor] = []
@@ -54,8 +54,8 @@ class DDPEngine(TorchEngine):
             bucket.append(grad)
             if sum(g.numel() * g.element_size() for g in bucket) >= BUCKET_BYTES or i == len(grads) - 1:
                 flat = torch.cat([g.reshape(-1) for g in bucket])
-                dist.all_reduce(flat, group=self.topology.group("dp"))
-                flat /= self.topology.dp
+                dist.all_reduce(flat, group=self.topology.data_group())
+                flat /= self.topology.data_size
                 offset = 0
                 for g in bucket:
                     g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -73,7 +73,7 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         os.environ.setdefault("WORLD_SIZE", str(topology.world_size))
         os.environ.setdefault("LOCAL_RANK", str(topology.local_rank))
         deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        self.ds_config, overrides = deepspeed_config(cfg, topology.dp)
+        self.ds_config, overrides = deepspeed_config(cfg, topology.dp, topology.cp)
         if overrides and topology.is_main:
             print(f"deepspeed_overrides merged into the generated DeepSpeed config: {overrides}", flush=True)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
@@ -103,7 +103,7 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         whole model; ZeRO 0-2 keep full weights on every rank by design. (ZeRO-3 with tensor or pipeline
         parallelism is refused by the rules.)"""
         if self.stage == 3:
-            partition_for_zero3(model, self.ds_config, self.topology.group("dp"), self._deepspeed)
+            partition_for_zero3(model, self.ds_config, self.topology.data_group(), self._deepspeed)
 
     def materialize(self, model: nn.Module, rules: dict, seed: int, built) -> None:
         """ZeRO-3: each rank fills its own partitions with their initial values; else the whole (TP-local) model."""

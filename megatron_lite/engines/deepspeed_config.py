@@ -40,8 +40,13 @@ OWNED_KEYS = {
 NO_PRINT = 2**31 - 1  # DeepSpeed's own step logging is off: the trainer prints one line per log interval
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks, and the overrides that were applied."""
+def deepspeed_config(cfg: Config, dp_size: int, cp_size: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DeepSpeed config dict for ``cfg`` on ``dp_size`` data-parallel ranks, and the overrides that were applied.
+
+    With context parallelism DeepSpeed's data axis is dp x cp ranks, each running the step's microbatches on its part
+    of the same samples; its batch size check (train = micro x accumulation x ranks) counts every rank's part as a
+    sample, so it is told ``cp_size`` times the global batch.
+    """
     t, par = cfg.training, cfg.parallel
     gbs, mbs = cfg.global_batch_size, t.micro_batch_size
     accumulation = microbatches_per_rank(gbs, mbs, dp_size)
@@ -51,7 +56,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> tuple[dict[str, Any], dict[st
     if par.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     ds: dict[str, Any] = {
-        "train_batch_size": gbs,
+        "train_batch_size": gbs * cp_size,
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": accumulation,
         # 0 disables clipping in DeepSpeed too. ZeRO-0 under our pipeline schedule clips itself (DeepSpeed's ZeRO-0

@@ -17,13 +17,14 @@ class TopologyMPU:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self._model_group = topology.group("tp")
-        if topology.pp > 1:  # the norm is summed over the stages too: one group per data-parallel coordinate
+        if topology.pp > 1:  # the norm is summed over the stages too: one group per (dp, cp) coordinate
             mesh = topology.mesh.mesh
             for d in range(topology.dp):
-                ranks = sorted(int(r) for r in mesh[:, d, :].flatten())
-                group = dist.new_group(ranks)  # every rank creates every group, in the same order
-                if topology.rank in ranks:
-                    self._model_group = group
+                for c in range(topology.cp):
+                    ranks = sorted(int(r) for r in mesh[:, d, c, :].flatten())
+                    group = dist.new_group(ranks)  # every rank creates every group, in the same order
+                    if topology.rank in ranks:
+                        self._model_group = group
 
     def get_model_parallel_rank(self) -> int:
         return self.topology.tp_rank  # replicated parameters are counted on tensor rank 0 of every stage
@@ -43,17 +44,18 @@ class TopologyMPU:
     def get_tensor_model_parallel_group(self):
         return self.topology.group("tp")
 
+    # ZeRO's data axis is every rank holding the same weights: data-parallel x context-parallel.
     def get_data_parallel_rank(self) -> int:
-        return self.topology.dp_rank
+        return self.topology.data_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.topology.dp
+        return self.topology.data_size
 
     def get_data_parallel_group(self):
-        return self.topology.group("dp")
+        return self.topology.data_group()
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.topology.group("dp"))
+        return dist.get_process_group_ranks(self.topology.data_group())
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return self.topology.pp

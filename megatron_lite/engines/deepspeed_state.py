@@ -144,8 +144,8 @@ class ZeROCheckpointState:
         step = self._step_count()
         named, buffers = self._names(), self._buffers()
         sizes = [self._entry_bytes(p) for p, _ in named] + [b.numel() * b.element_size() for _, b in buffers]
-        owners = balance_owners(sizes, self.topology.dp)
-        mine = [owner == self.topology.dp_rank for owner in owners]
+        owners = balance_owners(sizes, self.topology.data_size)
+        mine = [owner == self.topology.data_rank for owner in owners]
         out: dict[str, torch.Tensor] = {}
         for (p, names), keep in zip(named, mine):
             weight = self._full(p, None, keep)

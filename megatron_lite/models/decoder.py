@@ -142,7 +142,7 @@ class DecoderLM(nn.Module):
         if self.cfg.position == "rotary":
             scaling = getattr(self.cfg, "rope_scaling", None)
             rope = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, scaling, dtype=x.dtype)
-        mask = build_attention_mask(position_ids.shape[1], document_ids, padding_mask, device=device)
+        mask = self.attention_mask(position_ids, document_ids, padding_mask, device)
 
         for i, block in enumerate(self.layers.values()):
             x = block(x, rope, mask) if cache is None else block(x, rope, mask, cache[i])
@@ -152,6 +152,12 @@ class DecoderLM(nn.Module):
         if self.lm_head is not None:
             x = self.lm_head(x)
         return x
+
+    def attention_mask(self, position_ids: torch.Tensor, document_ids: torch.Tensor | None,
+                       padding_mask: torch.Tensor | None, device: torch.device):
+        """The mask every layer's attention takes (``build_attention_mask``; None: plain causal). A point to extend
+        where each process holds part of the sequence and its queries meet the other parts' keys."""
+        return build_attention_mask(position_ids.shape[1], document_ids, padding_mask, device=device)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:

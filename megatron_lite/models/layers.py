@@ -281,6 +281,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
 
+    def gather_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The self-attention keys and values [b, heads, t, d] the queries see: those just projected. A point to
+        extend where the sequence is split over processes and the other parts' keys must join (they come after the
+        rotary embedding, in the order the mask's columns follow)."""
+        return k, v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -318,10 +324,13 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None:
                 k, v = cache.update(k, v)
+            elif kv is None:
+                k, v = self.gather_keys(k, v)
         n_kv, t = k.shape[1], k.shape[2]
         dropout = self.dropout if self.training else 0.0
         if isinstance(mask, BlockMask):
-            if bias is None and cache is None and dropout == 0.0 and t == s and self.head_dim in FLEX_HEAD_DIMS:
+            if bias is None and cache is None and dropout == 0.0 and tuple(mask.shape[-2:]) == (s, t) \
+                    and self.head_dim in FLEX_HEAD_DIMS:
                 # FlexAttention groups the query heads of each kv head itself (enable_gqa), block mask and all
                 out = flex_attention(q, k, v, mask, self.scale, enable_gqa=n_kv != n_q)
                 return self.o_proj(out.transpose(1, 2).reshape(b, s, n_q * self.head_dim))

@@ -270,15 +270,16 @@ class PipelineRunner:
 
 
 def tied_groups(topology: Topology, rank_sets: list[tuple[int, ...]]) -> dict[tuple[int, ...], object]:
-    """For each set of pipeline ranks holding a tied tensor: the group of those ranks with this rank's data and
-    tensor coordinates (every rank creates every group, in the same order; only this rank's are returned)."""
-    mesh = topology.mesh.mesh  # [pp, dp, tp] global ranks
+    """For each set of pipeline ranks holding a tied tensor: the group of those ranks with this rank's data, context
+    and tensor coordinates (every rank creates every group, in the same order; only this rank's are returned)."""
+    mesh = topology.mesh.mesh  # [pp, dp, cp, tp] global ranks
     mine = {}
     for pp_ranks in dict.fromkeys(rank_sets):
         for d in range(topology.dp):
-            for t in range(topology.tp):
-                ranks = sorted({int(mesh[r, d, t]) for r in pp_ranks})
-                group = dist.new_group(ranks)
-                if topology.rank in ranks:
-                    mine[pp_ranks] = group
+            for c in range(topology.cp):
+                for t in range(topology.tp):
+                    ranks = sorted({int(mesh[r, d, c, t]) for r in pp_ranks})
+                    group = dist.new_group(ranks)
+                    if topology.rank in ranks:
+                        mine[pp_ranks] = group
     return mine

@@ -9,14 +9,16 @@ Layout names are dash-separated parts, read left to right:
     zero<K>           DeepSpeed ZeRO stage K over 2 data-parallel ranks (change with dp<N>)
     offload           with zero<K>: offload optimizer state and parameters (stage 3) to the CPU
     dp<N>             the data-parallel size, for engines named without one
-    tp<N>, pp<N>      tensor / pipeline parallel sizes; may be fused, e.g. tp2pp2
+    tp<N>, pp<N>,     tensor / pipeline / context parallel sizes; may be fused, e.g. tp2pp2, tp2cp2
+    cp<N>
     sp                with tp<N>: sequence parallelism
     gpipe, 1f1b,      with pp<N>: the pipeline schedule (default 1f1b); interleaved and zb (interleaved zero-bubble)
     interleaved, zb   run v<N> stages per rank (default 2)
     v<N>              virtual stages per pipeline rank
 
 e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2-sp`` (2 ranks), ``fsdp2-tp2``,
-``pp2-interleaved-v2``, ``fsdp2-pp2-1f1b`` (4 ranks), ``tp2pp2-1f1b``. The world size is dp x tp x pp.
+``pp2-interleaved-v2``, ``fsdp2-pp2-1f1b`` (4 ranks), ``tp2pp2-1f1b``, ``cp2``, ``fsdp2-cp2`` (4 ranks). The world size is
+dp x tp x pp x cp.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Layout:
     sequence_parallel: bool = False
     schedule: str = "1f1b"
     virtual: int = 2
+    cp: int = 1
 
     @property
     def stages_per_rank(self) -> int:
@@ -55,7 +58,7 @@ class Layout:
 
 def parse_layout(name: str) -> Layout:
     """Turn a layout name (see the module docstring) into a world size and config overrides."""
-    engine, dp, dp_replicate, tp, pp = None, None, 1, 1, 1
+    engine, dp, dp_replicate, tp, pp, cp = None, None, 1, 1, 1, 1
     stage, offload, sequence_parallel = None, False, False
     schedule, virtual = "1f1b", 2
     for part in name.lower().split("-"):
@@ -75,26 +78,28 @@ def parse_layout(name: str) -> Layout:
             schedule = part
         elif m := re.fullmatch(r"v(\d+)", part):
             virtual = int(m.group(1))
-        elif re.fullmatch(r"((dp|tp|pp)\d+)+", part):
-            for axis, size in re.findall(r"(dp|tp|pp)(\d+)", part):
+        elif re.fullmatch(r"((dp|tp|pp|cp)\d+)+", part):
+            for axis, size in re.findall(r"(dp|tp|pp|cp)(\d+)", part):
                 if axis == "dp":
                     dp = int(size)
                 elif axis == "tp":
                     tp = int(size)
+                elif axis == "cp":
+                    cp = int(size)
                 else:
                     pp = int(size)
         else:
             raise ConfigError(
                 f"layout '{name}': unknown part '{part}' (expected single, ddp<N>, fsdp<N>, hsdp<R>x<S>, zero<K>, "
-                "offload, dp<N>, tp<N>, pp<N>, sp, gpipe, 1f1b, interleaved, zb, v<N>)"
+                "offload, dp<N>, tp<N>, pp<N>, cp<N>, sp, gpipe, 1f1b, interleaved, zb, v<N>)"
             )
     if dp is None:
         dp = ZERO_DEFAULT_DP if engine == "deepspeed" else 1
-    world = dp * tp * pp
+    world = dp * tp * pp * cp
     if engine is None:
         engine = "single" if world == 1 else "ddp"
     if engine == "single" and world > 1:
-        raise ConfigError(f"layout '{name}': 'single' is one process, but tp x pp x dp = {world}")
+        raise ConfigError(f"layout '{name}': 'single' is one process, but tp x pp x cp x dp = {world}")
     if offload and engine not in ("deepspeed", "fsdp"):
         raise ConfigError(f"layout '{name}': 'offload' needs zero<K> or fsdp<N>")
     if sequence_parallel and tp == 1:
@@ -104,6 +109,7 @@ def parse_layout(name: str) -> Layout:
         f"parallel.engine={engine}",
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
+        f"parallel.cp={cp}",
         f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
         f"parallel.pp_schedule={schedule}",
         f"parallel.pp_virtual_stages={virtual}",
@@ -114,4 +120,4 @@ def parse_layout(name: str) -> Layout:
         f"parallel.fsdp_cpu_offload={str(offload and engine == 'fsdp').lower()}",
     ]
     return Layout(name, world, overrides, engine, dp, tp, pp, dp_replicate, stage or 0, offload, sequence_parallel,
-                  schedule, virtual)
+                  schedule, virtual, cp)

@@ -42,8 +42,8 @@ def _rank_errors(layout: Layout, h: dict) -> list[str]:
     errors = []
     if h["engine"] != ENGINE_CLASSES[layout.engine]:
         errors.append(f"engine {h['engine']}, expected {ENGINE_CLASSES[layout.engine]}")
-    for axis in ("dp", "tp", "pp", "dp_replicate"):
-        if h[axis] != getattr(layout, axis):
+    for axis in ("dp", "tp", "pp", "cp", "dp_replicate"):
+        if h.get(axis, 1) != getattr(layout, axis):
             errors.append(f"{axis}={h[axis]}, the layout says {getattr(layout, axis)}")
     if layout.pp == 1:
         wrapper = {"ddp": "DistributedDataParallel" if layout.dp > 1 else None, "deepspeed": "DeepSpeedEngine"}
@@ -67,10 +67,10 @@ def _rank_errors(layout: Layout, h: dict) -> list[str]:
 
 
 def _groups(ranks: list[dict], *fixed: str) -> dict[tuple, list[dict]]:
-    """The ranks grouped by their coordinates along ``fixed`` (e.g. ranks differing only in dp)."""
+    """The ranks grouped by their coordinates along ``fixed`` (e.g. ranks differing only in dp and cp)."""
     out: dict[tuple, list[dict]] = {}
     for h in ranks:
-        out.setdefault(tuple(h["coords"][a] for a in fixed), []).append(h)
+        out.setdefault(tuple(h["coords"].get(a, 0) for a in fixed), []).append(h)
     return out
 
 
@@ -83,11 +83,11 @@ def _group_errors(layout: Layout, ranks: list[dict]) -> list[str]:
     # Pipeline: each pipeline rank's blocks are its own, and together they are all the blocks.
     blocks = {r: {int(m.group(1)) for n in h["params"] if (m := BLOCK.match(n))} for r, h in enumerate(ranks)}
     everything = set().union(*blocks.values())
-    for (dp, tp), group in _groups(ranks, "dp", "tp").items():
+    for (dp, cp, tp), group in _groups(ranks, "dp", "cp", "tp").items():
         held = [blocks[ranks.index(h)] for h in group]
         if sum(map(len, held)) != len(everything) or set().union(*held) != everything:
-            errors.append(f"pipeline ranks at dp={dp}, tp={tp} hold blocks {[sorted(b) for b in held]}: not a "
-                          f"partition of the {len(everything)} blocks")
+            errors.append(f"pipeline ranks at dp={dp}, cp={cp}, tp={tp} hold blocks {[sorted(b) for b in held]}: "
+                          f"not a partition of the {len(everything)} blocks")
     # Elements per tensor over the data-parallel group (same pp and tp coordinates): sharded or whole, as named.
     for (pp, tp), group in _groups(ranks, "pp", "tp").items():
         names = group[0]["params"]
@@ -95,7 +95,7 @@ def _group_errors(layout: Layout, ranks: list[dict]) -> list[str]:
             held = [h["params"][name][1] for h in group if name in h["params"]]
             local = full // layout.tp if layout.tp > 1 and _split_by_tp(name) else None
             errors += _tensor_errors(layout, name, full, local, held, (pp, tp))
-        if layout.engine == "deepspeed" and layout.zero_stage in (1, 2) and layout.dp > 1:
+        if layout.engine == "deepspeed" and layout.zero_stage in (1, 2) and layout.dp * layout.cp > 1:
             steps = [h["optimizer_numel"] for h in group]
             total = sum(held for _, held in names.values())
             if any(n >= total for n in steps) or sum(steps) < total:
@@ -109,9 +109,10 @@ def _tensor_errors(layout: Layout, name: str, full: int, local: int | None, held
     """``held``: the elements of ``name`` on each rank of one data-parallel group; ``local``: the tensor-parallel
     shard's size where the name must be split over the tensor axis."""
     at = f"{name} at pp={where[0]}, tp={where[1]}"
-    shard_group = layout.dp // layout.dp_replicate if layout.engine == "fsdp" else 1
+    data = layout.dp * layout.cp  # the ranks that hold the same weights
+    shard_group = data // layout.dp_replicate if layout.engine == "fsdp" else 1
     if layout.engine == "deepspeed" and layout.zero_stage == 3:
-        part = math.ceil(full / layout.dp)
+        part = math.ceil(full / data)
         if any(h != part for h in held):
             return [f"{at}: ZeRO-3 ranks hold {held} elements, expected partitions of {part} (of {full})"]
         return []

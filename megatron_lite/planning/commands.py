@@ -270,7 +270,7 @@ def run_search(opts: SearchOptions) -> Answer:
     settings.pop("offload", None)
     memory = inputs.gpu_memory(opts.gpu, opts.gpu_memory)
     base = inputs.layout(opts, spec, settings, notes)
-    fixed = Constraints(tp=opts.tp, pp=opts.pp, engine="fsdp" if opts.fsdp else None, zero=opts.zero,
+    fixed = Constraints(tp=opts.tp, pp=opts.pp, cp=opts.cp, engine="fsdp" if opts.fsdp else None, zero=opts.zero,
                         micro_batch=opts.micro_batch, recompute=opts.recompute)
     if opts.global_batch is not None:
         source = "--global-batch"
@@ -297,12 +297,12 @@ def run_search(opts: SearchOptions) -> Answer:
         need = smallest_footprint(spec, base, fixed)
         return Answer(rows, f"{head}\nno layout fits: the smallest needs {gib(need)} per GPU", None, notes.warnings)
     lines = [head, "ranked by the estimated time of that step (docs/plan.md, search); only layouts training runs",
-             f"{'tp':>3}{'pp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<13}{'GiB/GPU':>9}"
+             f"{'tp':>3}{'pp':>4}{'cp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<13}{'GiB/GPU':>9}"
              f"{'step':>10}{'tok/s':>12}{'MFU':>7}"]
     for x in rows:
         lay = x["layout"]
         eng = "fsdp" if lay["engine"] == "fsdp" else f"zero{lay['zero']}"
-        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}"
+        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay.get('cp', 1):>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}"
                      f"{lay['num_microbatches']:>6}  {lay['recompute']:<13}{x['per_gpu_bytes'] / GiB:>9.1f}"
                      f"{duration(x['step_time_s']):>10}{x['tokens_per_s']:>12,.0f}{x['mfu']:>7.1%}")
     return Answer(rows, "\n".join(lines), None, notes.warnings)

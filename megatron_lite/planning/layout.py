@@ -39,6 +39,7 @@ class Layout:
     pp: int = 1
     engine: str = "deepspeed"  # "deepspeed" (ZeRO 0-3) or "fsdp" (FSDP2, fully sharded)
     dp_replicate: int = 1  # FSDP2 as HSDP: replica groups, each sharding over dp / dp_replicate ranks
+    cp: int = 1  # context parallelism: each sample's sequence split over cp ranks (they shard states like dp ranks)
     zero: int = 0
     offload: str | None = None  # None, "optimizer" or "params"
     micro_batch: int = 1
@@ -58,7 +59,12 @@ class Layout:
 
     @property
     def dp(self) -> int:
-        return self.gpus // (self.tp * self.pp)
+        return self.gpus // (self.tp * self.pp * self.cp)
+
+    @property
+    def data(self) -> int:
+        """Ranks holding the same weights, over which gradients average and states shard: dp x cp."""
+        return self.dp * self.cp
 
     @property
     def sharded(self) -> bool:
@@ -73,11 +79,12 @@ class Layout:
 
     def name(self) -> str:
         eng = "fsdp" if self.engine == "fsdp" else f"zero{self.zero}"
-        return f"tp{self.tp} pp{self.pp} dp{self.dp} {eng} mb{self.micro_batch} {self.recompute}"
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return f"tp{self.tp} pp{self.pp}{cp} dp{self.dp} {eng} mb{self.micro_batch} {self.recompute}"
 
     def check_sizes(self) -> None:
         """The model-independent checks: every count is a positive integer and the overhead is not negative."""
-        for name in ("gpus", "gpus_per_node", "tp", "pp", "micro_batch", "seq_len", "virtual_stages"):
+        for name in ("gpus", "gpus_per_node", "tp", "pp", "cp", "micro_batch", "seq_len", "virtual_stages"):
             if getattr(self, name) <= 0:
                 raise PlanError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         for name in ("target_len", "global_batch"):
@@ -96,8 +103,9 @@ class Layout:
         from megatron_lite.planning.runnable import refusal
 
         self.check_sizes()
-        if self.gpus % (self.tp * self.pp):
-            raise PlanError(f"--gpus {self.gpus} is not divisible by tp*pp = {self.tp}*{self.pp}")
+        if self.gpus % (self.tp * self.pp * self.cp):
+            cp = f"*cp = {self.tp}*{self.pp}*{self.cp}" if self.cp > 1 else f" = {self.tp}*{self.pp}"
+            raise PlanError(f"--gpus {self.gpus} is not divisible by tp*pp{cp}")
         if self.pp > spec.num_layers:
             raise PlanError(f"--pp {self.pp} exceeds the number of layers ({spec.num_layers})")
         if self.engine not in ("deepspeed", "fsdp"):

@@ -78,7 +78,7 @@ def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[s
     live only during the step. ``cpu``: what offload keeps in host memory for this rank.
     """
     p = DTYPE_BYTES[layout.dtype]
-    dp = layout.dp
+    dp = layout.data  # context-parallel ranks hold the same weights: states shard over dp x cp
     groups = param_groups(shapes)
     total = sum(_numel(s) for _, s in shapes)
     accumulating = layout.num_microbatches > 1
@@ -185,10 +185,11 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool 
     else:
         s, h, d = layout.seq_len, spec.hidden_size, spec.head_dim
         attn_do, resid_do = spec.attention_dropout > 0, spec.residual_dropout > 0
+        q = s // layout.cp  # context parallelism: this rank's queries; its keys and values are gathered whole
         parts = [
-            _block_bytes(layout, s, s, b, h, spec.num_heads * d, spec.kv_heads * d, spec.num_heads, attn_do, resid_do,
+            _block_bytes(layout, q, s, b, h, spec.num_heads * d, spec.kv_heads * d, spec.num_heads, attn_do, resid_do,
                          scores),
-            _mlp_bytes(layout, s, b, h, spec.ffn_size, spec.activation == "swiglu", resid_do),
+            _mlp_bytes(layout, q, b, h, spec.ffn_size, spec.activation == "swiglu", resid_do),
         ]
     rep = sum(r for r, _ in parts)
     shard = sum(x for _, x in parts)
@@ -227,7 +228,7 @@ def _op_policy_bytes(spec: ModelConfig, layout: Layout) -> tuple[float, float]:
     the rest it keeps too, so the layer recomputed in backward adds only its other activations.
     """
     p = DTYPE_BYTES[layout.dtype]
-    tokens = layout.seq_len * layout.micro_batch
+    tokens = layout.seq_len // layout.cp * layout.micro_batch
     t, h = layout.tp, spec.hidden_size
     x = tokens * h * p / (t if layout.sequence_parallel else 1)
     saved = shared = x
@@ -244,8 +245,9 @@ def _op_policy_bytes(spec: ModelConfig, layout: Layout) -> tuple[float, float]:
 
 
 def _layer_input_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool) -> float:
-    """Full recomputation keeps only each layer's input (s*b*h values; split over TP with sequence parallel)."""
-    s = layout.seq_len
+    """Full recomputation keeps only each layer's input (s*b*h values, s / cp of them per context-parallel rank;
+    split over TP with sequence parallel)."""
+    s = layout.seq_len // layout.cp
     if isinstance(spec, EncDecSpec) and decoder_layer:
         s = layout.target_len or layout.seq_len
     x = s * layout.micro_batch * spec.hidden_size * DTYPE_BYTES[layout.dtype]
@@ -294,7 +296,7 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
     p = DTYPE_BYTES[layout.dtype]
     b, h = layout.micro_batch, spec.hidden_size
     if stage == layout.pp - 1:  # final norm and head inputs, and the loss's logits at the start of backward
-        s = (layout.target_len or layout.seq_len) if isinstance(spec, EncDecSpec) else layout.seq_len
+        s = (layout.target_len or layout.seq_len) if isinstance(spec, EncDecSpec) else layout.seq_len // layout.cp
         vocab = spec.padded_vocab_size
         total += 2 * s * b * h * p + s * b * math.ceil(vocab / layout.tp) * LOSS_LOGIT_BYTES
     return int(math.ceil(total))
@@ -358,7 +360,8 @@ def estimate(spec: ModelSpec, layout: Layout, gpu_memory: int | None = None) -> 
                        "cpu_bytes": states["cpu"], "params": sum(math.prod(s) for _, s in shapes)})
     worst = max(stages, key=lambda st: st["per_gpu_bytes"])
     out = {
-        "layout": {"gpus": layout.gpus, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "engine": layout.engine,
+        "layout": {"gpus": layout.gpus, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp,
+                   "engine": layout.engine,
                    "zero": layout.zero, "offload": layout.offload, "micro_batch": layout.micro_batch,
                    "seq_len": layout.seq_len, "target_len": layout.target_len, "global_batch": layout.global_batch,
                    "num_microbatches": layout.num_microbatches,

@@ -25,6 +25,7 @@ ModelSpec = ModelConfig | EncDecSpec
 LAYOUT_KEYS: dict[str, str] = {
     "seq_len": "data.seq_len", "dtype": "training.precision", "global_batch": "training.global_batch_size",
     "micro_batch": "training.micro_batch_size", "engine": "parallel.engine", "tp": "parallel.tp", "pp": "parallel.pp",
+    "cp": "parallel.cp",
     "sequence_parallel": "parallel.sequence_parallel", "schedule": "parallel.pp_schedule",
     "virtual_stages": "parallel.pp_virtual_stages", "dp_replicate": "parallel.dp_replicate",
     "zero": "parallel.zero_stage",
@@ -99,7 +100,7 @@ _ANSWERS: dict[tuple, str | None] = {}  # search asks for thousands of layouts t
 def refusal(spec: ModelSpec, layout) -> str | None:
     """Why training would refuse ``layout`` for this model (one line), or None when it runs."""
     spec = as_spec(spec)
-    key = (repr(spec), layout.gpus, layout.tp, layout.pp, layout.engine, layout.dp_replicate, layout.zero,
+    key = (repr(spec), layout.gpus, layout.tp, layout.pp, layout.cp, layout.engine, layout.dp_replicate, layout.zero,
            layout.offload, layout.dtype,
            layout.schedule, layout.virtual_stages, layout.micro_batch, layout.global_batch, layout.seq_len,
            layout.target_len, layout.sequence_parallel)

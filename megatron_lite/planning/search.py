@@ -36,6 +36,7 @@ class Constraints:
 
     tp: int | None = None
     pp: int | None = None
+    cp: int | None = None
     engine: str | None = None  # "deepspeed" or "fsdp"
     zero: int | None = None  # with engine "deepspeed"
     micro_batch: int | None = None
@@ -86,15 +87,14 @@ def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None =
     tps = [fixed.tp] if fixed.tp else [t for t in _divisors(base.gpus)
                                        if t <= base.gpus_per_node and not spec.num_heads % t]
     for tp in tps:
-        pps = [fixed.pp] if fixed.pp else [p for p in _divisors(max(base.gpus // tp, 1)) if p <= spec.num_layers]
-        for pp in pps:
-            dp = max(base.gpus // (tp * pp), 1)
+        for pp, cp in _pp_cp(spec, base, tp, fixed):
+            dp = max(base.gpus // (tp * pp * cp), 1)
             mbs = [fixed.micro_batch] if fixed.micro_batch else MICRO_BATCHES  # validate() keeps those dividing gb/dp
-            for engine, zero in _engines(pp, dp, fixed):
+            for engine, zero in _engines(pp, dp * cp, fixed):
                 for mb in mbs:
                     for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
-                        lay = dataclasses.replace(base, tp=tp, pp=pp, engine=engine, zero=zero, micro_batch=mb,
-                                                  recompute=rc, offload=None)
+                        lay = dataclasses.replace(base, tp=tp, pp=pp, cp=cp, engine=engine, zero=zero,
+                                                  micro_batch=mb, recompute=rc, offload=None)
                         if pp == 1 and lay.schedule in INTERLEAVED:
                             lay.schedule = "1f1b"
                         try:
@@ -107,6 +107,22 @@ def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None =
         where = f" with {fixed.flags()}" if fixed.flags() else ""
         raise PlanError(f"no valid layout on {base.gpus} GPUs{where}: {first_error or 'nothing to enumerate'}")
     return out
+
+
+LONG_SEQUENCE = 16384  # from this length on, the search also splits sequences over context-parallel ranks
+CONTEXT_PARALLEL = (1, 2, 4, 8)
+
+
+def _pp_cp(spec: ModelSpec, base: Layout, tp: int, fixed: Constraints) -> list[tuple[int, int]]:
+    """(pp, cp) pairs for ``tp``: pp up to the layers; cp > 1 only for long sequences of a decoder (or as fixed)."""
+    pps = [fixed.pp] if fixed.pp else [p for p in _divisors(max(base.gpus // tp, 1)) if p <= spec.num_layers]
+    if fixed.cp:
+        cps = [fixed.cp]
+    elif base.seq_len >= LONG_SEQUENCE and not isinstance(spec, EncDecSpec):
+        cps = [c for c in CONTEXT_PARALLEL if not base.seq_len % (2 * c)]
+    else:
+        cps = [1]
+    return [(pp, cp) for pp in pps for cp in cps]  # Layout.validate refuses a split the GPUs do not divide
 
 
 def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: float | None = None,
@@ -130,12 +146,12 @@ def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: flo
     if base.global_batch is None:
         base = dataclasses.replace(base, global_batch=default_global_batch(spec, base, fixed.micro_batch))
     results = []
-    params: dict[tuple[int, int], int] = {}
+    params: dict[tuple[int, int, int], int] = {}
     for lay in candidate_layouts(spec, base, fixed):
         mem = estimate(spec, lay, gpu_memory)
         if not mem["fits"]:
             continue
-        key = (lay.tp, lay.pp)
+        key = (lay.tp, lay.pp, lay.cp)
         if key not in params:
             params[key] = stage_params(spec, lay)
         row = {"layout": mem["layout"], "per_gpu_bytes": mem["per_gpu_bytes"], "breakdown": mem["breakdown"]}
@@ -151,7 +167,7 @@ def _drop_ties(rows: list[dict]) -> list[dict]:
     kept, seen = [], set()
     for r in rows:
         lay = r["layout"]
-        key = (lay["tp"], lay["pp"], lay["micro_batch"], lay["recompute"], r["step_time_s"])
+        key = (lay["tp"], lay["pp"], lay.get("cp", 1), lay["micro_batch"], lay["recompute"], r["step_time_s"])
         if key not in seen:
             seen.add(key)
             kept.append(r)

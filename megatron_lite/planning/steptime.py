@@ -120,8 +120,9 @@ def _training_flops(spec: ModelSpec, layout: Layout) -> float:
 
 
 def _dp_bytes(layout: Layout, params: int, m: int) -> float:
-    """Bytes one data-parallel rank moves per step through ring collectives (see the module docstring)."""
-    d, p = layout.dp, DTYPE_BYTES[layout.dtype]
+    """Bytes one data-parallel rank moves per step through ring collectives (see the module docstring); context-
+    parallel ranks average and shard with them."""
+    d, p = layout.data, DTYPE_BYTES[layout.dtype]
     if d == 1:
         return 0.0
     ring = (d - 1) / d * params
@@ -179,23 +180,30 @@ def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float | None = 
     layers = max(len(ids) for ids in rank_layers(spec, pp, layout))
     passes = 4 / 3 if layout.recompute == "full" else 1.0
     fixed = m * layers * layer_overhead_s * passes
-    act = s * b * spec.hidden_size * DTYPE_BYTES[layout.dtype]
+    act = s // layout.cp * b * spec.hidden_size * DTYPE_BYTES[layout.dtype]  # one rank's part of the sequence
     tp_bw = net.intra_node if t <= layout.gpus_per_node else net.inter_node
     n_ar = 6 if layout.recompute == "full" else 4
     tp_comm = 0.0 if t == 1 else m * layers * n_ar * 2 * (t - 1) / t * act / tp_bw
     pp_bw = net.intra_node if t * pp <= layout.gpus_per_node else net.inter_node
     pp_comm = 0.0 if pp == 1 else m * 2 * act / pp_bw
+    # Context parallelism all-gathers each layer's keys and values in forward (again when recomputing) and
+    # reduce-scatters their gradients in backward; the cp ranks sit beside the tp ranks.
+    c = layout.cp
+    kv = 0.0 if isinstance(spec, EncDecSpec) else s * b * spec.kv_heads * spec.head_dim * DTYPE_BYTES[layout.dtype] / t
+    cp_bw = net.intra_node if t * c <= layout.gpus_per_node else net.inter_node
+    cp_comm = 0.0 if c == 1 else m * layers * (3 if layout.recompute == "full" else 2) * 2 * (c - 1) / c * kv / cp_bw
     v = layout.virtual_stages if layout.schedule in INTERLEAVED else 1
     share = bubble_fraction(pp, m, v)
-    bubble = share / (1 - share) * (compute + fixed + tp_comm + pp_comm)
+    bubble = share / (1 - share) * (compute + fixed + tp_comm + pp_comm + cp_comm)
     dp_bw = net.intra_node if layout.gpus <= layout.gpus_per_node else net.inter_node
     params = stage_params(spec, layout) if params is None else params
     dp_total = _dp_bytes(layout, params, m) / dp_bw
     dp_comm = exposed_dp_comm(layout, dp_total, compute + fixed, layers)
-    total = compute + fixed + tp_comm + pp_comm + bubble + dp_comm
+    total = compute + fixed + tp_comm + pp_comm + cp_comm + bubble + dp_comm
     model_flops = layout.global_batch * sequence_flops(spec, s, layout.target_len, causal=False)[0]
     mfu_achieved = model_flops / total / (layout.gpus * peak)
     return {"step_time_s": total, "compute_s": compute, "fixed_s": fixed, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
+            "cp_comm_s": cp_comm,
             "bubble_s": bubble, "dp_comm_s": dp_comm, "dp_comm_total_s": dp_total, "global_batch": layout.global_batch,
             "microbatches": m, "tokens_per_step": tokens, "tokens_per_s": tokens / total, "mfu": mfu_achieved,
             "matmul_efficiency": efficiency}
