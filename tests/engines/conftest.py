@@ -132,3 +132,12 @@ def engine_and_batches(config: str, overrides: list[str], steps: int):
     batches = iter(GlobalBatchLoader(data, cfg.global_batch_size, cfg.training.micro_batch_size, topology.dp_rank,
                                      topology.dp, 0, prefetch=0))
     return engine, batches
+
+
+def assert_layouts_match(report, steps: int | None = None, tolerance: float = 1e-5) -> None:
+    """Every layout of a parity report ran (all ``steps``) and matches the reference: losses, every gradient piece,
+    what each rank built."""
+    assert not report.errors, report.errors
+    if steps is not None:
+        assert all(len(v) == steps for v in report.losses.values())
+    assert report.failures(tolerance) == [], report.table()
