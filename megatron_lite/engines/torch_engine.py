@@ -26,12 +26,10 @@ from megatron_lite.engines.logical import model_state, tensor_parallel_view, tor
 from megatron_lite.step.checkpoint_format import param_name_of, read_logical, write_logical
 from megatron_lite.engines.build import build_model
 from megatron_lite.engines.materialize import local_box
-from megatron_lite.parallel.pipeline import PipelineRunner
+from megatron_lite.parallel.pipeline import HALF_DTYPES, PipelineRunner
 from megatron_lite.topology import Topology
 from megatron_lite.step.optim import build_adamw
 from megatron_lite.step.tasks import Task
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchEngine(Engine):
@@ -52,7 +50,7 @@ class TorchEngine(Engine):
         self.copies = parts.copies if parts else {}
         self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, built.no_decay)
         precision = cfg.training.precision
-        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        self.autocast_dtype = HALF_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(topology.device.type) if precision == "fp16" else None
 
     wraps_pipeline_stages = True  # False: the engine's wrapper is not applied to pipeline stages

@@ -223,6 +223,12 @@ class DecoderLM(nn.Module):
         parts it lacks and takes hidden states when it has no embedding."""
         return self
 
+    def stage_boundary(self, block: int, input_ids: torch.Tensor, **_inputs) -> tuple[tuple[int, ...], ...]:
+        """Shapes of what passes into block ``block`` for one microbatch of ``input_ids`` [b, s]: the hidden states;
+        after the last block, the logits."""
+        b, s = input_ids.shape
+        return ((b, s, self.cfg.padded_vocab_size if block == self.cfg.num_layers else self.cfg.hidden_size),)
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied matrix counts once). ``exclude_embeddings`` drops the token and learned
         position tables, the usual convention for FLOPs estimates; an untied lm_head stays, as it is a real matmul."""

@@ -370,6 +370,18 @@ class EncoderDecoderLM(nn.Module):
         """What a pipeline stage holding ``layers`` of this model runs (``EncoderDecoderStage``)."""
         return EncoderDecoderStage(self, layers)
 
+    def stage_boundary(self, block: int, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                       **_inputs) -> tuple[tuple[int, ...], ...]:
+        """Shapes of what passes into block ``block`` for one microbatch (source ``input_ids`` [b, s], target
+        ``decoder_input_ids`` [b, t]), as ``EncoderDecoderStage`` sends it: encoder hidden states up to the encoder's
+        end, then (decoder hidden states, encoder output); after the last block, the logits."""
+        (b, s), t, d = input_ids.shape, decoder_input_ids.shape[1], self.cfg.hidden_size
+        if block <= self.num_encoder_layers:
+            return ((b, s, d),)
+        if block == self.num_encoder_layers + self.cfg.decoder_layers:
+            return ((b, t, self.cfg.padded_vocab_size),)
+        return ((b, t, d), (b, s, d))
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied matrix counts once); ``exclude_embeddings`` drops the token and learned
         position tables."""

@@ -12,6 +12,13 @@ run removed. The holder is what engines shard, materialize, optimize and save; t
 The first stage takes token ids, later stages hidden states; position ids, document ids and padding masks reach every
 stage as keyword arguments.
 
+**Static shapes.** Each stage is told what it receives and sends (``stage_io``) instead of inferring it by sending
+shapes and a trial forward between stages at start: the model says the shapes at each block boundary for a microbatch
+(``stage_boundary``), sequence parallelism splits the hidden states along the sequence and tensor parallelism the
+logits along the vocabulary, and ``boundary_dtypes`` gives the dtype the engine's precision computes them in. Every
+stage's output is checked against what it declared on every forward, so a wrong declaration fails on the sending rank
+in one line rather than as a receive of the wrong size.
+
 **Schedules** come from ``torch.distributed.pipelining`` (GPipe, 1F1B, interleaved 1F1B, interleaved zero-bubble),
 built by hand from ``PipelineStage``: no schedule is written here. Their loss is the shared step's token-weighted one:
 each microbatch's summed token loss times ``dp / global tokens``, with ``scale_grads=False``.
@@ -112,6 +119,7 @@ class PipelineParts:
     indices: list[int]
     num_stages: int
     tied: list[TiedCopies] = field(default_factory=list)  # every rank's list, in the same order
+    ranges: list[range] = field(default_factory=list)  # every stage's blocks, in stage order
 
     @property
     def copies(self) -> dict[str, int]:
@@ -152,7 +160,7 @@ def split_model(model: nn.Module, cfg: Config, topology: Topology) -> PipelinePa
         names.setdefault(id(p), name)
     tied = [TiedCopies(ranks, names.get(pid), ranks[0] == rank) for pid, ranks in holders]
     stages = [_view(model, ranges[s], parts[s]).as_stage(ranges[s]) for s in indices]
-    return PipelineParts(model, stages, indices, num_stages, tied)
+    return PipelineParts(model, stages, indices, num_stages, tied, ranges)
 
 
 def _part(model: nn.Module, name: str) -> nn.Module | None:
@@ -195,6 +203,69 @@ def _view(holder: nn.Module, layers: range, parts: set[str]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Static shapes
+# ----------------------------------------------------------------------------------------------------------------------
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def boundary_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of the hidden states stages send, and of the logits the last stage returns.
+
+    Engines that hold or cast the weights in half precision (FSDP2's ``MixedPrecisionPolicy``, DeepSpeed bf16) run
+    the whole residual stream in it. Under autocast (single, DDP) the weights stay fp32, so the embedding's output
+    and every residual sum are fp32, while the head, a matmul, returns the autocast dtype."""
+    half = HALF_DTYPES.get(cfg.training.precision)
+    if half is None:
+        return torch.float32, torch.float32
+    return (half if cfg.parallel.engine in ("fsdp", "deepspeed") else torch.float32), half
+
+
+def stage_io(model: nn.Module, cfg: Config, tp: int, ranges: list[range], index: int,
+             microbatch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Meta tensors of what stage ``index`` takes by position and returns for one ``microbatch`` (the model's
+    inputs, as the task gives them): token ids on the first stage, else what crosses the boundary before its first
+    block; what crosses the boundary after its last block, or the logits on the last stage. ``tp`` ranks split the
+    logits along the vocabulary and, under sequence parallelism, the hidden states along the sequence."""
+    hidden, logits = boundary_dtypes(cfg)
+    end = ranges[-1].stop
+
+    def crossing(block: int) -> tuple[torch.Tensor, ...]:
+        tensors = []
+        for shape in model.stage_boundary(block, **microbatch):
+            shape = list(shape)
+            if block == end:
+                shape[-1] //= tp
+            elif cfg.parallel.sequence_parallel:
+                shape[1] //= tp
+            tensors.append(torch.empty(shape, dtype=logits if block == end else hidden, device="meta",
+                                       requires_grad=True))
+        return tuple(tensors)
+
+    blocks = ranges[index]
+    first = (microbatch["input_ids"].to("meta"),) if index == 0 else crossing(blocks.start)
+    return first, crossing(blocks.stop)
+
+
+def _describe(tensors: tuple[torch.Tensor, ...]) -> str:
+    return ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" for t in tensors)
+
+
+def _check_output(index: int, declared: tuple[torch.Tensor, ...], cfg: Config):
+    """A forward hook: the stage's output has the shapes and dtypes its ``PipelineStage`` was given."""
+    def hook(module: nn.Module, args, output) -> None:
+        produced = output if isinstance(output, tuple) else (output,)
+        if len(produced) != len(declared) or any(p.shape != d.shape or p.dtype != d.dtype
+                                                 for p, d in zip(produced, declared)):
+            raise RuntimeError(
+                f"pipeline stage {index} returned {_describe(produced)} but declared {_describe(declared)} "
+                f"(parallel.engine={cfg.parallel.engine}, training.precision={cfg.training.precision}): the static "
+                "stage shapes (parallel/pipeline.py stage_io) disagree with the model"
+            )
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Running a step
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -202,20 +273,41 @@ def _view(holder: nn.Module, layers: range, parts: set[str]) -> nn.Module:
 class PipelineRunner:
     """The schedule over this rank's stages, with the shared step's token-weighted loss on the last stage."""
 
+    static_shapes = True  # False: torch infers the shapes by an exchange between stages at start (a benchmark's baseline)
+
     def __init__(self, stages: list[nn.Module], parts: PipelineParts, cfg: Config, topology: Topology,
                  loss: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]) -> None:
-        from torch.distributed.pipelining import PipelineStage
-
-        self.parts, self.topology, self.loss = parts, topology, loss
+        self.parts, self.topology, self.loss, self.cfg = parts, topology, loss, cfg
         self.schedule_name = cfg.parallel.pp_schedule
-        group = topology.group("pp")
-        self.stages = [PipelineStage(module, index, parts.num_stages, topology.device, group=group)
-                       for module, index in zip(stages, parts.indices)]
+        self.modules = stages
+        self.stages: list = []  # PipelineStages, made at the first step from its microbatch's shapes
+        self._shapes: dict[str, torch.Size] = {}
         self.is_first = 0 in parts.indices
         self.is_last = parts.num_stages - 1 in parts.indices
         self.scale = 1.0
         self._schedules: dict[tuple[int, bool], object] = {}
         self._tied_groups = tied_groups(topology, [t.ranks for t in parts.tied])
+
+    def _make_stages(self, microbatch: dict[str, torch.Tensor]) -> None:
+        """Each of this rank's stages with the shapes it takes and returns (``stage_io``), and their check."""
+        from torch.distributed.pipelining import PipelineStage
+
+        shapes = {k: v.shape for k, v in microbatch.items()}
+        if self.stages:
+            if shapes != self._shapes:
+                raise RuntimeError(f"pipeline microbatch shapes changed from {self._shapes} to {shapes}; the stages "
+                                   "were given static shapes at the first step")
+            return
+        group = self.topology.group("pp")
+        for module, index in zip(self.modules, self.parts.indices):
+            inputs = outputs = None
+            if self.static_shapes:
+                inputs, outputs = stage_io(self.parts.holder, self.cfg, self.topology.tp, self.parts.ranges, index,
+                                           microbatch)
+                module.register_forward_hook(_check_output(index, outputs, self.cfg))
+            self.stages.append(PipelineStage(module, index, self.parts.num_stages, self.topology.device,
+                                             input_args=inputs, output_args=outputs, group=group))
+        self._shapes = shapes
 
     def _schedule(self, n: int, train: bool):
         key = (n, train)
@@ -242,6 +334,7 @@ class PipelineRunner:
             train: bool) -> torch.Tensor:
         """Forward (and backward) every microbatch; this rank's summed token loss (0 off the last stage)."""
         self.scale = scale
+        self._make_stages(inputs[0])
         batch = {k: torch.cat([mb[k] for mb in inputs]) for k in inputs[0]}
         first_input = batch.pop("input_ids")
         args = (first_input,) if self.is_first else ()

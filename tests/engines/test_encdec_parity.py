@@ -156,6 +156,16 @@ def test_pipeline_layouts_match_single(encdec_config, variant, extra, layouts, s
     assert report.failures(TOLERANCE) == [], report.table()
 
 
+def test_half_precision_engines_send_what_their_stages_declare(encdec_config):
+    """FSDP2's bf16 policy and DeepSpeed bf16 send (decoder hidden states, encoder output) in bf16 between stages; a
+    stage whose output differs from its declaration fails (``parallel/pipeline.py``)."""
+    layouts = ["fsdp2-pp2-1f1b", "zero1-pp2-1f1b"]
+    report = compare_layouts(encdec_config, layouts, steps=1, grad_steps=1, timeout=300,
+                             overrides=[*PP_RUN, "training.micro_batch_size=1", "training.precision=bf16"])
+    assert not report.errors, report.errors
+    assert all(report.problems(name, 5e-3, 1e-1) == [] for name in layouts), report.table(5e-3, 1e-1)
+
+
 def test_each_stage_holds_its_blocks_and_the_parts_they_use(encdec_config):
     """Interleaved over 2 ranks, one block per stage: stages 0-1 hold the encoder's blocks, 2-3 the decoder's; each
     stack's bias table is on both ranks (tied copies), the embedding only on rank 0, which embeds both stacks."""

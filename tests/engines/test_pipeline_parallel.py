@@ -7,7 +7,9 @@ The padded-vocabulary run has 500 real tokens in 512 columns, the padding on the
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +126,63 @@ def test_balanced_split_counts_the_embedding_and_the_head():
     assert [len(r) for r in split_layers(cfg, 10, 0, 30)] == [6, 2]  # largest stage 60 either way: earlier fills first
     cfg = load_config(None, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "model.num_layers=8"])
     assert [r.start for r in split_layers(cfg, 10, 0, 0)] == [0, 2, 4, 6]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Static stage shapes: no shapes exchanged at start, and a wrong declaration named on the rank that sends
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _refuse_shape_exchange(monkeypatch) -> None:
+    """Planted: torch's start-up exchange of shapes between stages (its dynamic mode) raises on any rank."""
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pipeline stage exchanged shapes at start")
+
+    monkeypatch.setattr(PipelineStage, "_send_meta", refuse)
+    monkeypatch.setattr(PipelineStage, "_recv_meta", refuse)
+
+
+def _train_then_evaluate(rank: int, config: str, overrides: list[str], out: str) -> None:
+    from tests.engines.conftest import engine_and_batches
+
+    engine, loader = engine_and_batches(config, overrides, steps=3)
+    losses = [engine.train_step(next(loader), lr=1e-2).loss for _ in range(2)]
+    valid = engine.eval_loss(next(loader))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"train": losses, "valid": float(valid)}))
+
+
+@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-interleaved"])
+def test_stages_train_and_evaluate_from_static_shapes(tiny_config, tmp_path, monkeypatch, layout):
+    """No stage sends another its shapes at start (the exchange is planted to fail), for training and then
+    evaluation (forward only), and both give one process's losses."""
+    _refuse_shape_exchange(monkeypatch)
+    (tmp_path / "single").mkdir(), (tmp_path / "pp").mkdir()
+    run_ranks(_train_then_evaluate, 1, (tiny_config, RUN, str(tmp_path / "single")))
+    run_ranks(_train_then_evaluate, 2, (tiny_config, [*RUN, *parse_layout(layout).overrides], str(tmp_path / "pp")))
+    single = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    piped = json.loads((tmp_path / "pp" / "rank0.json").read_text())
+    assert max(abs(a - b) for a, b in zip(piped["train"], single["train"])) < TOLERANCE, (piped, single)
+    assert abs(piped["valid"] - single["valid"]) < TOLERANCE, (piped, single)
+
+
+def test_each_engine_and_precision_sends_what_its_stages_declare(tiny_config, monkeypatch):
+    """The declared dtype of what crosses a stage boundary depends on the engine and precision (fp32 residuals under
+    autocast, bf16 under FSDP2's policy and DeepSpeed bf16); every stage's output is checked against it."""
+    _refuse_shape_exchange(monkeypatch)
+    layouts = ["pp2-1f1b", "fsdp2-pp2-1f1b", "zero1-pp2-1f1b", "tp2-sp-pp2-1f1b"]
+    report = compare_layouts(tiny_config, layouts, steps=1, grad_steps=1,
+                             overrides=[*RUN, "training.precision=bf16"], timeout=300)
+    assert not report.errors, report.errors
+    assert all(report.problems(name, 1e-3, 5e-2) == [] for name in layouts), report.table(1e-3, 5e-2)
+
+
+def test_a_wrong_declaration_fails_on_the_sending_stage_naming_it(tiny_config, tmp_path, monkeypatch):
+    """Planted: the pipeline declares bf16 hidden states for an fp32 run; stage 0 fails before it sends."""
+    import megatron_lite.parallel.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "boundary_dtypes", lambda cfg: (torch.bfloat16, torch.bfloat16))
+    with pytest.raises(Exception) as failed:
+        run_ranks(_train_then_evaluate, 2, (tiny_config, [*RUN, *parse_layout("pp2-1f1b").overrides], str(tmp_path)))
+    assert "pipeline stage 0 returned float32[2, 32, 128] but declared bfloat16[2, 32, 128]" in str(failed.value)
