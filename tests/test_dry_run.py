@@ -97,12 +97,39 @@ def test_the_planner_agrees_with_the_counts(overrides, world):
     (["parallel.engine=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"], 64),
     (["parallel.engine=ddp", "parallel.pp=2"], 64),
     (["parallel.engine=fsdp", "parallel.dp_replicate=2"], 64),
+    # the worst rank's first stage (of two on the rank) sends hidden states: split by SP, bf16 under the policy
+    (["parallel.engine=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2",
+      "parallel.pp_schedule=interleaved"], 64),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.pp=2", "parallel.pp_schedule=interleaved"], 64),
 ])
 def test_a_step_traces_at_world_64(overrides, world):
+    """A pipeline stage's traced output also matches what the stage declares to the next (``stage_io``)."""
     report = dry_run(_small(*overrides), world, trace=True)
     traced = report.worst().traced
     assert report.trace_error is None and traced, report.trace_error
     assert traced["total"] > 0 and traced.get("activations", 0) > 0
+
+
+T5_SMALL = ["model.hidden_size=256", "model.num_heads=4", "model.ffn_hidden_size=512", "training.micro_batch_size=1",
+            "training.precision=bf16", "training.global_batch_size=64", "training.eval_samples=64"]
+
+
+def test_an_encoder_decoder_pipeline_stage_traces():
+    """Its decoder stages take (decoder hidden states, encoder output) as the pipeline declares them."""
+    cfg = load_config(ROOT / "configs" / "quickstart-t5.yaml", [*T5_SMALL, "parallel.engine=fsdp", "parallel.pp=2",
+                                                                "parallel.tp=2"])
+    report = dry_run(cfg, 64, trace=True)
+    assert report.trace_error is None and report.worst().traced["total"] > 0, report.trace_error
+
+
+def test_a_stage_that_returns_other_than_it_declares_is_reported(monkeypatch):
+    """Planted: fp32 hidden states declared for FSDP2's bf16 policy."""
+    import megatron_lite.parallel.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "boundary_dtypes", lambda cfg: (torch.float32, torch.bfloat16))
+    report = dry_run(_small("parallel.engine=fsdp", "parallel.pp=2", "parallel.pp_schedule=interleaved"), 64)
+    assert report.trace_error.startswith("RuntimeError: the pipeline stage returned [((1, 512, 256), torch.bfloat16)]"
+                                         " but declares [((1, 512, 256), torch.float32)]"), report.trace_error
 
 
 def test_an_over_large_micro_batch_does_not_fit_and_exits_3(pretrain, capsys):
