@@ -4,7 +4,8 @@
 Subcommands: ``data`` (the preprocessing command's whole-process time per tokenizer against a ``datasets.map`` process
 and tiktoken alone, then reader and loader throughput; ``megatron_lite/bench/data.py``), ``train`` (training
 throughput and peak memory per parallel layout, through the real trainer), ``startup`` (peak host memory per rank
-while the engine builds the model), ``speed`` (our training step against Hugging Face's for the same model,
+while the engine builds the model), ``pipeline-start`` (a pipeline's first steps with static stage shapes against
+torch's start-up exchange of shapes), ``speed`` (our training step against Hugging Face's for the same model,
 interleaved in one process), ``convert`` (peak host memory of converting a large random checkpoint to Hugging Face and
 back).
 
@@ -93,6 +94,32 @@ def add_startup(sub) -> None:
     p.add_argument("--layouts", default="single,ddp2,zero3,fsdp2")
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(func=run_startup)
+
+
+def run_pipeline_start(a: argparse.Namespace) -> int:
+    """Each pipeline layout's first steps with static stage shapes and with torch's start-up exchange, alternating."""
+    from megatron_lite.bench.pipeline_start import pipeline_start
+
+    print(f"config {a.config} {' '.join(a.overrides)}; rank 0's step times (s), first step first")
+    for layout in a.layouts.split(","):
+        for repeat in range(a.repeats):
+            for static in (True, False):
+                times = pipeline_start(a.config, layout, a.overrides, a.steps, static, a.timeout)
+                shapes = "static" if static else "exchanged"
+                print(f"{layout:>16} {shapes:>9} #{repeat + 1}: {' '.join(f'{t:.3f}' for t in times)}", flush=True)
+    return 0
+
+
+def add_pipeline_start(sub) -> None:
+    p = sub.add_parser("pipeline-start", help="a pipeline's first steps with static stage shapes against torch's "
+                                              "start-up exchange of shapes (CPU ranks)")
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--layouts", default="pp2-1f1b,pp4-1f1b")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    p.set_defaults(func=run_pipeline_start)
 
 
 def run_speed(a: argparse.Namespace) -> int:
@@ -195,6 +222,7 @@ def main(argv=None) -> int:
     add_data(sub)
     add_train(sub)
     add_startup(sub)
+    add_pipeline_start(sub)
     add_speed(sub)
     add_convert(sub)
     a = p.parse_args(argv)
