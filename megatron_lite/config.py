@@ -29,6 +29,53 @@ from megatron_lite.errors import ConfigError, DataError
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers of the decoder (``num_experts: 0``, the default, keeps them dense).
+
+    Routing is dropless: every token reaches its ``top_k`` experts, so the result does not depend on how the batch is
+    split. ``router: softmax`` is Mixtral's (probabilities over all experts, top-k taken, renormalized when
+    ``normalize_top_k``); ``router: sigmoid`` is DeepSeek-V3's (independent sigmoid scores; a per-expert bias, moved by
+    ``bias_update_rate`` after each step toward equal load, chooses the experts but never weighs them or enters the
+    gradient). The balancing loss (Switch/GShard, per sequence) and the router z-loss are added to the training loss
+    with their coefficients.
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    every: int = 1  # layer i is a mixture when (i + 1) % every == 0 (Qwen-MoE's decoder_sparse_step)
+    expert_ffn_size: int | None = None  # None: model.ffn_hidden_size (or its default)
+    shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek, Qwen-MoE): one MLP this many wide
+    shared_expert_gate: bool = False  # Qwen-MoE: the shared experts' output scaled by sigmoid(a learned gate)
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_top_k: bool = True  # weights of the chosen experts renormalized to sum to 1
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss, per sequence
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean squared log-sum-exp of the router logits
+    bias_update_rate: float = 0.0  # sigmoid router: the balancing bias step after each optimizer step (DeepSeek: 1e-3)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.enabled and (index + 1) % self.every == 0
+
+    def validate(self, where: str = "model.moe") -> None:
+        if self.num_experts == 0:
+            return
+        _positive(self, where, "num_experts", "top_k", "every")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"{where}.top_k={self.top_k} exceeds {where}.num_experts={self.num_experts}")
+        if self.expert_ffn_size is not None and self.expert_ffn_size <= 0:
+            raise ConfigError(f"{where}.expert_ffn_size={self.expert_ffn_size} must be positive")
+        _non_negative(self, where, "shared_experts", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ConfigError(f"{where}.shared_expert_gate=true needs {where}.shared_experts >= 1")
+        if self.bias_update_rate and self.router != "sigmoid":
+            raise ConfigError(f"{where}.bias_update_rate={self.bias_update_rate} needs {where}.router=sigmoid "
+                              "(the balancing bias is DeepSeek-V3's sigmoid-router scheme)")
+
+
+@dataclass
 class ModelConfig:
     """Shape and options of the network. Covers GPT-2 and Llama style decoders, and T5 and original-Transformer
     style encoder-decoders (``family: encoder_decoder``)."""
@@ -55,6 +102,7 @@ class ModelConfig:
     # gelu_tanh: GPT-2's approximation; geglu: gated gelu_tanh (T5 v1.1, encoder_decoder only)
     activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = "gelu"
     bias: bool = True
+    qkv_bias: bool | None = None  # biases on the q, k and v projections; None: same as bias (Qwen2: true, bias false)
     tie_embeddings: bool = True
     embedding_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -66,6 +114,7 @@ class ModelConfig:
     decoder_start_token_id: int = 0  # encoder_decoder: first decoder input (T5 uses its pad id, 0)
     scaled_residual_init: bool = True  # std / sqrt(2 * num_layers) on residual output projections
     activation_checkpointing: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)  # decoder only: mixture-of-experts feed-forward layers
 
     def validate(self, where: str = "model") -> None:
         _positive(self, where, "vocab_size", "pad_vocab_multiple", "hidden_size", "num_layers", "num_heads", "max_seq_len")
@@ -118,6 +167,17 @@ class ModelConfig:
         if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
             raise ConfigError(f"{where}.ffn_hidden_size={self.ffn_hidden_size} must be positive")
         _positive(self, where, "norm_eps", "init_std", "rope_theta")
+        self.moe.validate(f"{where}.moe")
+        if self.moe.enabled:
+            if self.family != "decoder":
+                raise ConfigError(f"{where}.moe.num_experts={self.moe.num_experts} needs {where}.family=decoder")
+            if self.activation != "swiglu":
+                raise ConfigError(f"{where}.moe needs {where}.activation=swiglu (SwiGLU experts), "
+                                  f"got {self.activation!r}")
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe.expert_ffn_size or self.ffn_size
 
     @property
     def kv_heads(self) -> int:
@@ -311,6 +371,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallelism: each sample's sequence split over cp ranks (load-balanced causal chunks)
+    ep: int = 1  # expert parallelism: the experts of each mixture layer split over ep of the data-parallel ranks
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards (all-gather / reduce-scatter)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"  # zb: interleaved zero-bubble
     pp_virtual_stages: int = 2  # stages per pipeline rank for the interleaved and zb schedules
@@ -325,7 +386,7 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # a collective waiting longer than this on a peer fails, naming the peer
 
     def validate(self, where: str = "parallel") -> None:
-        _positive(self, where, "tp", "pp", "cp", "dp_replicate", "timeout_s")
+        _positive(self, where, "tp", "pp", "cp", "ep", "dp_replicate", "timeout_s")
         if not 0 <= self.zero_stage <= 3:
             raise ConfigError(f"{where}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.models.moe import MoE
 from megatron_lite.models.init import InitRule, build_initialized, child_numel, distinct_numel
 from megatron_lite.models.layers import (
     MLP,
@@ -32,18 +33,28 @@ from megatron_lite.models.layers import (
 )
 
 
-class Block(nn.Module):
-    """One transformer layer: attention then MLP, each a residual branch, with pre- or post-norm."""
+def make_moe(cfg: ModelConfig) -> MoE:
+    """The mixture-of-experts feed-forward layer ``cfg.moe`` describes."""
+    m = cfg.moe
+    return MoE(cfg.hidden_size, cfg.expert_ffn_size, m.num_experts, m.top_k, m.router, m.normalize_top_k,
+               m.shared_experts, m.shared_expert_gate, m.aux_loss_coef, m.z_loss_coef)
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+class Block(nn.Module):
+    """One transformer layer: attention then MLP (or a mixture of experts), each a residual branch, with pre- or
+    post-norm."""
+
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, cfg.bias)
         self.attn = Attention(
-            cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.bias, cfg.attention_dropout
+            cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.bias, cfg.attention_dropout,
+            qkv_bias=cfg.qkv_bias,
         )
         self.mlp_norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps, cfg.bias)
-        self.mlp = MLP(cfg.hidden_size, cfg.ffn_size, cfg.activation, cfg.bias)
+        self.mlp = make_moe(cfg) if cfg.moe.is_moe_layer(index) else MLP(
+            cfg.hidden_size, cfg.ffn_size, cfg.activation, cfg.bias)
         self.dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(
@@ -98,7 +109,7 @@ class DecoderLM(nn.Module):
         else:
             self.pos_embed = None  # rotary: applied to q and k inside attention
         self.dropout = nn.Dropout(cfg.embedding_dropout)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
         # Post-norm blocks already end in a norm, so only pre-norm needs a final one.
         self.final_norm = make_norm(cfg.norm, h, cfg.norm_eps, cfg.bias) if cfg.norm_position == "pre" else None
         self.lm_head = nn.Linear(h, cfg.padded_vocab_size, bias=False)

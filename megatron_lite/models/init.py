@@ -85,8 +85,15 @@ def to_empty_keeping_ties(model: nn.Module, device: torch.device | str) -> None:
     ``nn.Module.to_empty`` replaces each module's parameters one module at a time and so unties them; here every
     distinct tensor gets one new parameter that all its modules point to. DTensor parameters (already sharded on the
     meta device) get storage for their local shard only. Buffers have no initial-value rule, so a model built this way
-    must not keep any on the meta device (the decoder computes its position tables on the fly).
+    must not keep any on the meta device (the decoder computes its position tables on the fly), except in a module
+    that sets them itself (``init_buffers``: the mixture layers' balancing bias).
     """
+    for module in model.modules():
+        if hasattr(module, "init_buffers") and any(b.is_meta for b in module.buffers(recurse=False)):
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = torch.empty_like(buf, device=device)
+            module.init_buffers()
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise ValueError(f"buffer {name} is on the meta device and has no initial value; compute it in forward")
