@@ -75,6 +75,7 @@ def check_layout(cfg: Config, world: int, device_type: str) -> str:
     check_pipeline(cfg, name, size.dp)
     check_tensor_parallel(cfg)
     check_context_parallel(cfg)
+    check_experts(cfg, name, size.dp)
     return name
 
 
@@ -293,6 +294,42 @@ def check_context_parallel(cfg: Config) -> None:
     if cfg.parallel.sequence_parallel and (cfg.data.seq_len // cp) % tp:
         raise ConfigError(f"parallel.sequence_parallel with parallel.cp={cp}: each rank's {cfg.data.seq_len // cp} "
                           f"tokens must split over parallel.tp={tp}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixture of experts and expert parallelism
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_experts(cfg: Config, engine: str, dp: int) -> None:
+    """Mixture layers take their balancing loss per whole sequence, so nothing may split a sequence under them; the
+    ep group is carved from the data-parallel ranks and splits the experts evenly."""
+    par, moe = cfg.parallel, cfg.model.moe
+    if moe.enabled and par.cp > 1:
+        raise ConfigError(f"parallel.cp={par.cp} with model.moe: mixture layers need whole sequences (the balancing "
+                          "loss is per sequence); use parallel.ep, tp or pp")
+    if moe.enabled and par.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel with model.moe: mixture layers need whole sequences (the "
+                          "balancing loss is per sequence); use parallel.tp alone")
+    if moe.enabled and cfg.training.precision == "fp16":
+        raise ConfigError("training.precision=fp16 with model.moe is not supported (the auxiliary losses' gradient "
+                          "would miss the fp16 loss scale); use bf16")
+    ep = par.ep
+    if ep == 1:
+        return
+    if not moe.enabled:
+        raise ConfigError(f"parallel.ep={ep} needs mixture-of-experts layers (model.moe.num_experts > 0)")
+    if dp % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size {dp} (the ep group is carved from "
+                          "the data-parallel ranks)")
+    if moe.num_experts % ep:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={ep}")
+    if par.dp_replicate > 1:
+        raise ConfigError(f"parallel.ep={ep} with parallel.dp_replicate={par.dp_replicate}: HSDP with expert "
+                          "parallelism is not supported; use plain FSDP (dp_replicate: 1)")
+    if engine == "deepspeed":
+        raise ConfigError(f"parallel.ep={ep} with parallel.engine=deepspeed is not supported yet; use "
+                          "parallel.engine=fsdp or ddp (DeepSpeed runs mixture models with parallel.ep=1)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class Topology:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: "torch.distributed.device_mesh.DeviceMesh | None" = None
     cp: int = 1  # context parallelism: ranks that split each sample's sequence
+    ep: int = 1  # expert parallelism: data-parallel ranks that split each mixture layer's experts
 
     @property
     def data_size(self) -> int:
@@ -75,6 +76,47 @@ class Topology:
     @property
     def cp_rank(self) -> int:
         return self.coord("cp")
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's index in its expert-parallel group: consecutive data-parallel ranks form one."""
+        return self.dp_rank % self.ep
+
+    @property
+    def expert_data_size(self) -> int:
+        """Ranks that hold the same experts and average their gradients: (dp / ep) x cp."""
+        return self.data_size // self.ep
+
+    def expert_group(self) -> "dist.ProcessGroup | None":
+        """The ranks that split each mixture layer's experts (None without expert parallelism)."""
+        if self.mesh is None or self.ep == 1:
+            return None
+        return self._expert_mesh()["ep"].get_group()
+
+    def expert_data_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh":
+        """The ranks holding the same experts, as one mesh dimension: FSDP2 shards experts over it."""
+        if self.ep == 1:
+            return self.data_mesh_1d()
+        mesh = self._expert_mesh()
+        return mesh["edp"] if self.cp == 1 else self._flat(mesh, ("edp", "cp"), "edp_cp")
+
+    def expert_data_group(self) -> "dist.ProcessGroup | None":
+        """The ranks that average the gradients of this rank's experts (the data group without expert parallelism)."""
+        if self.mesh is None:
+            return None
+        return self.expert_data_mesh().get_group()
+
+    def _expert_mesh(self) -> "torch.distributed.device_mesh.DeviceMesh":
+        """A second mesh over the same ranks, (pp, edp, ep, cp, tp): data index = edp index * ep + ep index, so its
+        coordinates agree with the main mesh's. Built on first use (every rank builds it at the same point)."""
+        key = "_expert"
+        if getattr(self, key, None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (self.pp, self.dp // self.ep, self.ep, self.cp, self.tp)
+            names = ("pp", "edp", "ep", "cp", "tp")
+            object.__setattr__(self, key, init_device_mesh(self.device.type, shape, mesh_dim_names=names))
+        return getattr(self, key)
 
     @property
     def data_rank(self) -> int:
@@ -153,7 +195,7 @@ class Topology:
 
     def describe(self) -> str:
         return f"world={self.world_size} pp={self.pp} dp={self.dp}{f' cp={self.cp}' if self.cp > 1 else ''} " \
-               f"tp={self.tp}" + (
+               f"tp={self.tp}{f' ep={self.ep}' if self.ep > 1 else ''}" + (
             f" (dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard})" if self.dp_replicate > 1 else ""
         )
 
@@ -170,7 +212,7 @@ class Topology:
         tp, pp, cp = parallel.tp, parallel.pp, parallel.cp
         dp = rules.data_parallel_size(parallel, world_size)
         check_tp_fits_node(tp)
-        topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev, cp=cp)
+        topo = cls(world_size, rank, local_rank, pp, dp, tp, parallel.dp_replicate, dev, cp=cp, ep=parallel.ep)
         if world_size == 1:
             return topo
         if not dist.is_initialized():

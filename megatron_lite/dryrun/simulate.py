@@ -95,7 +95,7 @@ class _MetaBuild:
         if self.cfg.parallel.engine == "fsdp":
             from megatron_lite.engines.fsdp import shard_model
 
-            shard_model(model, self.topology.data_mesh(), self.cfg, roots)
+            shard_model(model, self.topology.data_mesh(), self.cfg, roots, self.topology)
 
     def materialize(self, model: nn.Module, rules: dict, seed: int, built: Built) -> None:
         """Nothing: a dry run counts shapes."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +33,7 @@ from torch import nn
 
 from megatron_lite.config import Config
 from megatron_lite.engines.build import Built
+from megatron_lite.engines.mixture import MixtureStep
 from megatron_lite.parallel.context import split_sequence
 from megatron_lite.topology import Topology
 from megatron_lite.step.tasks import Microbatch, Task
@@ -60,6 +61,7 @@ class StepMetrics:
     lr: float
     skipped: bool = False  # the optimizer step was skipped (fp16 overflow)
     tokens: int = 0  # valid tokens in the global batch
+    extra: dict[str, Any] = field(default_factory=dict)  # mixture models: auxiliary losses and expert load
 
 
 class Engine(ABC):
@@ -116,6 +118,11 @@ class Engine(ABC):
         """After a pipeline schedule: average the gradients over the data-parallel ranks, for engines whose wrapper
         cannot follow a schedule's forwards and backwards (DDP); FSDP reduces inside the schedule."""
 
+    def _reduce_expert_gradients(self) -> None:
+        """After the step's backwards, with expert parallelism: reduce the routed experts' gradients over the ranks
+        holding the same experts, for engines whose wrapper leaves them out (DDP); FSDP shards them over those
+        ranks and reduces them itself."""
+
     @abstractmethod
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
         """Clip to ``max_norm`` (0: no clipping) and step the optimizer; return (norm before clipping, skipped)."""
@@ -161,7 +168,8 @@ class Engine(ABC):
             "engine": type(self).__name__,
             "module": type(self.module).__name__,
             "world": topo.world_size, "dp": topo.dp, "tp": topo.tp, "pp": topo.pp, "dp_replicate": topo.dp_replicate,
-            "cp": topo.cp, "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "cp": topo.cp_rank, "tp": topo.tp_rank},
+            "cp": topo.cp, "ep": topo.ep,
+            "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "cp": topo.cp_rank, "tp": topo.tp_rank},
             "sequence_parallel": any(getattr(m, "sequence_parallel", False) for m in self.model.modules()),
             "stages": list(self.pipeline.parts.indices) if self.pipeline is not None else [0],
             "num_stages": self.pipeline.parts.num_stages if self.pipeline is not None else 1,
@@ -230,13 +238,23 @@ class Engine(ABC):
         targets = [self.task.target(mb) for mb in batches]
         (tokens,) = self._sum_over(("dp", "cp"), sum(self.task.num_tokens(t) for t in targets))
         scale = self.topology.data_size / max(tokens, 1.0)
+        mixture = self._mixture()
+        mixture.begin(scale)
         loss_sum = self._forward_backward(batches, targets, scale)
+        self._reduce_expert_gradients()
         if self.on_gradients is not None:
             self.on_gradients()
         grad_norm, skipped = self._finish_step(self.cfg.training.grad_clip)
         (loss_sum_global,) = self._sum_over(("dp", "cp", "pp"), loss_sum)
         loss = loss_sum_global / max(tokens, 1.0)
-        return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=int(tokens))
+        extra = mixture.finish() if mixture.enabled else {}
+        return StepMetrics(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=int(tokens), extra=extra)
+
+    def _mixture(self) -> MixtureStep:
+        """The mixture layers this rank holds (made once)."""
+        if getattr(self, "_mixture_step", None) is None:
+            self._mixture_step = MixtureStep(self.model, self.cfg.model.moe, self.cfg.model.num_layers, self.topology)
+        return self._mixture_step
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[Microbatch]) -> float:

@@ -8,6 +8,10 @@ Under pipeline parallelism the stages are not wrapped: a schedule runs several f
 which DDP's reducer cannot follow, so the gradients are averaged over the data-parallel group after the schedule, in
 buckets of ``BUCKET_BYTES``, one all-reduce each.
 
+With expert parallelism the routed experts' weights differ between the ranks of an ep group, so DDP leaves them out
+and their gradients are summed over the ranks that hold the same experts (the expert-data group) after the backward,
+divided by the whole data axis: each expert's gradient already holds the contributions of its whole ep group's tokens.
+
 Checkpoints: every rank holds identical full tensors; DCP writes each one once, spreading the files over the ranks.
 """
 
@@ -21,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.engines.torch_engine import TorchEngine
+from megatron_lite.models.moe import is_expert_param
 from megatron_lite.topology import ensure_process_group
 
 
@@ -37,6 +42,9 @@ class DDPEngine(TorchEngine):
         if self.topology.data_size == 1:  # nothing to synchronize (e.g. tensor or pipeline parallelism alone)
             return model
         device_ids = [self.topology.device.index] if self.topology.device.type == "cuda" else None
+        if self.topology.ep > 1:
+            experts = [name for name, _ in model.named_parameters() if is_expert_param(name)]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
         return DistributedDataParallel(model, device_ids=device_ids, process_group=self.topology.data_group())
 
     def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
@@ -48,16 +56,32 @@ class DDPEngine(TorchEngine):
     def _reduce_pipeline_gradients(self) -> None:
         if self.topology.data_size == 1:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bucket: list[torch.Tensor] = []
-        for i, grad in enumerate(grads):
-            bucket.append(grad)
-            if sum(g.numel() * g.element_size() for g in bucket) >= BUCKET_BYTES or i == len(grads) - 1:
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                dist.all_reduce(flat, group=self.topology.data_group())
-                flat /= self.topology.data_size
-                offset = 0
-                for g in bucket:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
-                bucket = []
+        ep = self.topology.ep > 1
+        grads = [p.grad for name, p in self.model.named_parameters()
+                 if p.grad is not None and not (ep and is_expert_param(name))]
+        all_reduce_mean(grads, self.topology.data_group(), self.topology.data_size)
+
+    @torch.no_grad()
+    def _reduce_expert_gradients(self) -> None:
+        if self.topology.ep == 1:
+            return
+        grads = [p.grad for name, p in self.model.named_parameters() if p.grad is not None and is_expert_param(name)]
+        all_reduce_mean(grads, self.topology.expert_data_group(), self.topology.data_size)
+
+
+def all_reduce_mean(grads: list[torch.Tensor], group, divisor: int) -> None:
+    """Sum ``grads`` over ``group`` and divide by ``divisor``, in place, in buckets of ``BUCKET_BYTES`` (one
+    all-reduce each)."""
+    bucket: list[torch.Tensor] = []
+    for i, grad in enumerate(grads):
+        bucket.append(grad)
+        if sum(g.numel() * g.element_size() for g in bucket) >= BUCKET_BYTES or i == len(grads) - 1:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(flat, group=group)
+            flat /= divisor
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket = []

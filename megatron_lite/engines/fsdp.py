@@ -28,14 +28,17 @@ from torch import nn
 from megatron_lite.config import Config
 from megatron_lite.engines.build import Built, ModelFactory
 from megatron_lite.engines.torch_engine import TorchEngine
+from megatron_lite.models.moe import is_expert_param
 from megatron_lite.parallel.wrappers import blocks
 from megatron_lite.topology import Topology, ensure_process_group
 from megatron_lite.step.tasks import Task
 
 
-def shard_model(model: nn.Module, mesh, cfg: Config, roots: list[nn.Module] | None = None) -> nn.Module:
+def shard_model(model: nn.Module, mesh, cfg: Config, roots: list[nn.Module] | None = None,
+                topology: Topology | None = None) -> nn.Module:
     """Apply ``fully_shard`` to each block of ``model.layers`` and then to each root: the model, or the pipeline
-    stages that share its modules (on the meta device or not)."""
+    stages that share its modules (on the meta device or not). With expert parallelism (``topology.ep > 1``) each
+    routed expert is first its own unit over the ranks that hold it (``shard_experts``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": cfg.parallel.reshard_after_forward}
@@ -45,6 +48,8 @@ def shard_model(model: nn.Module, mesh, cfg: Config, roots: list[nn.Module] | No
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if topology is not None and topology.ep > 1:
+        shard_experts(model, topology, kwargs)
     for block in blocks(model):
         fully_shard(block, **kwargs)
     # The root keeps its gathered weights after forward: backward needs them first, so resharding would only add
@@ -52,6 +57,19 @@ def shard_model(model: nn.Module, mesh, cfg: Config, roots: list[nn.Module] | No
     for root in roots or [model]:
         fully_shard(root, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def shard_experts(model: nn.Module, topology: Topology, kwargs: dict) -> None:
+    """Each routed expert of this rank its own FSDP unit over the expert-data mesh (the ranks holding the same
+    experts), which averages its gradients there; ``FSDPEngine._reduce_expert_gradients`` divides them by ep
+    afterwards (a custom divide factor would need NCCL's PreMulSum, which gloo lacks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = topology.expert_data_mesh()
+    for module in model.modules():
+        if hasattr(module, "run_experts"):
+            for expert in module.experts.values():
+                fully_shard(expert, **{**kwargs, "mesh": mesh})
 
 
 class FSDPEngine(TorchEngine):
@@ -72,7 +90,7 @@ class FSDPEngine(TorchEngine):
 
             mesh = init_device_mesh(self.topology.device.type, (1,), mesh_dim_names=("dp",))
         self.mesh = mesh
-        shard_model(model, mesh, self.cfg, roots)  # in place
+        shard_model(model, mesh, self.cfg, roots, self.topology)  # in place
 
     def materialize(self, model: nn.Module, rules: dict, seed: int, built: Built) -> None:
         """Fill this rank's shards, on ``materialize_device``."""
@@ -95,6 +113,17 @@ class FSDPEngine(TorchEngine):
             if isinstance(root, FSDPModule):
                 root.reshard()
         return super().logical_state()
+
+    @torch.no_grad()
+    def _reduce_expert_gradients(self) -> None:
+        """An expert's gradient already holds the contributions of its whole ep group's tokens (they came to it by
+        all-to-all), so its average over the (dp / ep) x cp ranks holding it is ep times that of a dense weight's
+        average over the whole data axis."""
+        if self.topology.ep == 1:
+            return
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and is_expert_param(name):
+                p.grad.div_(self.topology.ep)
 
     def _offload(self) -> list[str]:
         return ["optimizer", "params"] if self.cfg.parallel.fsdp_cpu_offload else []

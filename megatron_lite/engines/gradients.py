@@ -4,7 +4,8 @@ Each rank adds up the squares of the gradient pieces it holds, each divided by h
 and one all-reduce over all ranks gives the global sum. A replicated gradient (DDP) thus counts once, not dp times; a
 sharded one (an FSDP DTensor) counts each shard once. A piece's replication is the number of ranks of its pipeline
 stage divided by the number of pieces the gradient is split into: the mesh dimensions of its ``Shard`` placements
-(FSDP), times the tensor-parallel group's size for a tensor-parallel shard.
+(FSDP), times the tensor-parallel group's size for a tensor-parallel shard; an expert's weights are held by only one
+rank of each expert-parallel group, so by ``ep`` times fewer ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite.models.moe import is_expert_param
 from megatron_lite.parallel.tensor import TPShard
 from megatron_lite.topology import Topology
 
@@ -46,6 +48,8 @@ def global_grad_norm(
         grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         if grad.numel():
             split = pieces(p) * (shards[name].size if name in shards else 1)
+            if topology.ep > 1 and is_expert_param(name):
+                split *= topology.ep
             by_weight.setdefault(split / (stage_ranks * copies.get(name, 1)), []).append(grad)
     total = torch.zeros((), dtype=torch.float64, device=topology.device)
     for weight, grads in by_weight.items():

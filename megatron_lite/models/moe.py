@@ -23,6 +23,8 @@ times activation recomputation runs the forward; the step reads and clears them 
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +65,7 @@ class MoE(nn.Module):
         # DeepSeek-V3's balancing bias: chooses experts, never weighs them; moved outside the gradient (update_bias)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.loss_scale = 1.0  # the gradient of the auxiliary sum: what the step scales its loss by
-        self._stats: torch.Tensor | None = None  # [num_experts + 2]: tokens per expert, balancing sum, z sum
+        self._stats: torch.Tensor | None = None  # [E + 3]: tokens per expert, balancing sum, z sum, tokens routed
 
     def init_buffers(self) -> None:
         """Initial buffer values once the model is given storage (the bias starts at zero)."""
@@ -116,7 +118,8 @@ class MoE(nn.Module):
             return out
         balance, z = self._losses(logits, probs, chosen, shape[-2] if len(shape) > 2 else 1)
         aux = self.aux_loss_coef * balance + self.z_loss_coef * z
-        stats = torch.cat((counts.double(), balance.detach().double().reshape(1), z.detach().double().reshape(1)))
+        stats = torch.cat((counts.double(), torch.stack((balance.detach(), z.detach())).double(),
+                           torch.full((1,), float(flat.shape[0]), dtype=torch.float64, device=flat.device)))
         return AuxiliaryLoss.apply(out, aux, self, stats)
 
     def _losses(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
@@ -136,11 +139,12 @@ class MoE(nn.Module):
         self._stats = stats.clone() if self._stats is None else self._stats + stats
 
     def take_statistics(self) -> torch.Tensor:
-        """[tokens per expert..., balancing-loss sum, z-loss sum] counted since the last call (zeros if none)."""
+        """[tokens per expert..., balancing-loss sum, z-loss sum, tokens routed] counted since the last call (zeros
+        if none)."""
         stats = self._stats
         self._stats = None
         if stats is None:
-            return torch.zeros(self.num_experts + 2, dtype=torch.float64, device=self.expert_bias.device)
+            return torch.zeros(self.num_experts + 3, dtype=torch.float64, device=self.expert_bias.device)
         return stats
 
     @torch.no_grad()
@@ -163,3 +167,21 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
             parts = name.split(".")
             out[int(parts[parts.index("layers") + 1])] = module
     return out
+
+
+_EXPERT_NAME = re.compile(r"(^|\.)experts\.\d+\.")
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether parameter ``name`` belongs to a routed expert (``layers.3.mlp.experts.5.up_proj.weight``): the
+    weights expert parallelism splits, and whose gradients only the ranks holding that expert reduce."""
+    return bool(_EXPERT_NAME.search(name))
+
+
+_MIXTURE_NAME = re.compile(r"(^|\.)mlp\.(router|experts|shared|shared_gate)\.")
+
+
+def is_mixture_param(name: str) -> bool:
+    """Whether parameter ``name`` belongs to a mixture layer (router, experts, shared experts): tensor parallelism
+    leaves these whole (``DecoderLM.TP_PLAN`` names only the dense MLP's projections)."""
+    return bool(_MIXTURE_NAME.search(name))

@@ -8,8 +8,10 @@ gradients of the unsharded one:
     split_to_group       keep this rank's slice | all-gather of the gradient
     reduce_scatter       reduce-scatter        | all-gather                   (sequence parallelism, after a row layer)
     all_gather           all-gather            | reduce-scatter               (sequence parallelism, before a column layer)
+    all_to_all           rows to their ranks   | the same rows back             (expert parallelism)
 
-Slices are along ``dim`` (the last dimension for features, dimension 1 for the sequence of a [b, s, h] activation) and
+``all_to_all`` sends uneven runs of rows (``send[r]`` rows to rank r, ``recv[r]`` from it), its own conjugate with
+the counts swapped. Other slices are along ``dim`` (the last dimension for features, dimension 1 for the sequence of a [b, s, h] activation) and
 are equal: callers check divisibility. With a group of one rank every function is the identity.
 """
 
@@ -120,3 +122,26 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate the ranks' slices along ``dim``; the gradient is reduce-scattered (each slice summed over ranks)."""
     return x if _size(group) == 1 else _AllGather.apply(x, dim, group)
+
+
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _all_to_all(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """Rows of ``x`` [n, ...] in runs of ``send[r]`` go to rank r; the runs of ``recv[r]`` rows from each rank r
+    come back concatenated in rank order. The gradient travels the other way."""
+    return x if _size(group) == 1 else _AllToAll.apply(x, send, recv, group)

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config import Config
 from megatron_lite.parallel.context import apply_context_parallel
+from megatron_lite.parallel.experts import apply_expert_parallel
 from megatron_lite.parallel.extend import extend
 from megatron_lite.parallel.plans import apply_plan
 from megatron_lite.topology import Topology
@@ -58,11 +59,13 @@ def apply_compile(model: nn.Module) -> nn.Module:
 
 def prepare_model(model: nn.Module, cfg: Config, topology: Topology) -> nn.Module:
     """Apply what the config asks for between the plain model and the engine, in the documented order: the model's
-    tensor-parallel plan, context parallelism, activation checkpointing, compile."""
+    tensor-parallel plan, context parallelism, expert parallelism, activation checkpointing, compile."""
     if topology.tp > 1:
         model = apply_plan(model, cfg, topology)
     if topology.cp > 1:
         model = apply_context_parallel(model, topology)
+    if topology.ep > 1:
+        model = apply_expert_parallel(model, topology)
     if cfg.model.activation_checkpointing:
         model = apply_activation_checkpointing(model)
     if cfg.training.compile:

@@ -10,15 +10,15 @@ Layout names are dash-separated parts, read left to right:
     offload           with zero<K>: offload optimizer state and parameters (stage 3) to the CPU
     dp<N>             the data-parallel size, for engines named without one
     tp<N>, pp<N>,     tensor / pipeline / context parallel sizes; may be fused, e.g. tp2pp2, tp2cp2
-    cp<N>
+    cp<N>, ep<N>      (ep: the experts split over N of the data-parallel ranks; dp defaults to N)
     sp                with tp<N>: sequence parallelism
     gpipe, 1f1b,      with pp<N>: the pipeline schedule (default 1f1b); interleaved and zb (interleaved zero-bubble)
     interleaved, zb   run v<N> stages per rank (default 2)
     v<N>              virtual stages per pipeline rank
 
 e.g. ``ddp2``, ``zero3-offload``, ``hsdp2x2``, ``zero1-tp2`` (4 ranks), ``tp2-sp`` (2 ranks), ``fsdp2-tp2``,
-``pp2-interleaved-v2``, ``fsdp2-pp2-1f1b`` (4 ranks), ``tp2pp2-1f1b``, ``cp2``, ``fsdp2-cp2`` (4 ranks). The world size is
-dp x tp x pp x cp.
+``pp2-interleaved-v2``, ``fsdp2-pp2-1f1b`` (4 ranks), ``tp2pp2-1f1b``, ``cp2``, ``fsdp2-cp2`` (4 ranks), ``ep2``,
+``ddp4-ep2``, ``tp2ep2`` (4 ranks). The world size is dp x tp x pp x cp.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Layout:
     schedule: str = "1f1b"
     virtual: int = 2
     cp: int = 1
+    ep: int = 1
 
     @property
     def stages_per_rank(self) -> int:
@@ -58,7 +59,7 @@ class Layout:
 
 def parse_layout(name: str) -> Layout:
     """Turn a layout name (see the module docstring) into a world size and config overrides."""
-    engine, dp, dp_replicate, tp, pp, cp = None, None, 1, 1, 1, 1
+    engine, dp, dp_replicate, tp, pp, cp, ep = None, None, 1, 1, 1, 1, 1
     stage, offload, sequence_parallel = None, False, False
     schedule, virtual = "1f1b", 2
     for part in name.lower().split("-"):
@@ -78,10 +79,12 @@ def parse_layout(name: str) -> Layout:
             schedule = part
         elif m := re.fullmatch(r"v(\d+)", part):
             virtual = int(m.group(1))
-        elif re.fullmatch(r"((dp|tp|pp|cp)\d+)+", part):
-            for axis, size in re.findall(r"(dp|tp|pp|cp)(\d+)", part):
+        elif re.fullmatch(r"((dp|tp|pp|cp|ep)\d+)+", part):
+            for axis, size in re.findall(r"(dp|tp|pp|cp|ep)(\d+)", part):
                 if axis == "dp":
                     dp = int(size)
+                elif axis == "ep":
+                    ep = int(size)
                 elif axis == "tp":
                     tp = int(size)
                 elif axis == "cp":
@@ -91,10 +94,10 @@ def parse_layout(name: str) -> Layout:
         else:
             raise ConfigError(
                 f"layout '{name}': unknown part '{part}' (expected single, ddp<N>, fsdp<N>, hsdp<R>x<S>, zero<K>, "
-                "offload, dp<N>, tp<N>, pp<N>, cp<N>, sp, gpipe, 1f1b, interleaved, zb, v<N>)"
+                "offload, dp<N>, tp<N>, pp<N>, cp<N>, ep<N>, sp, gpipe, 1f1b, interleaved, zb, v<N>)"
             )
     if dp is None:
-        dp = ZERO_DEFAULT_DP if engine == "deepspeed" else 1
+        dp = max(ep, ZERO_DEFAULT_DP) if engine == "deepspeed" else ep
     world = dp * tp * pp * cp
     if engine is None:
         engine = "single" if world == 1 else "ddp"
@@ -110,6 +113,7 @@ def parse_layout(name: str) -> Layout:
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
         f"parallel.cp={cp}",
+        f"parallel.ep={ep}",
         f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
         f"parallel.pp_schedule={schedule}",
         f"parallel.pp_virtual_stages={virtual}",
@@ -120,4 +124,4 @@ def parse_layout(name: str) -> Layout:
         f"parallel.fsdp_cpu_offload={str(offload and engine == 'fsdp').lower()}",
     ]
     return Layout(name, world, overrides, engine, dp, tp, pp, dp_replicate, stage or 0, offload, sequence_parallel,
-                  schedule, virtual, cp)
+                  schedule, virtual, cp, ep)

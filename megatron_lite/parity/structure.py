@@ -12,7 +12,9 @@ elements it holds; this module checks them against the parsed name, counting ele
   projections are split (each rank holds less than the whole);
 - zero3: each rank holds a ZeRO partition of every parameter; zero1/zero2: the optimizer steps a partition (their
   elements over the data-parallel group add up to the model's); ddp, zero0, single: whole tensors and a whole
-  optimizer; sp and offload as named.
+  optimizer; sp and offload as named;
+- ep<N>: each rank of an expert-parallel group holds 1/N of every mixture layer's experts, whole (mixture layers
+  are never split by tp), the group's ranks disjoint and together all of them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 import math
 import re
 
+from megatron_lite.models.moe import is_mixture_param
 from megatron_lite.parity.layouts import Layout
 
 ENGINE_CLASSES = {"single": "SingleEngine", "ddp": "DDPEngine", "fsdp": "FSDPEngine", "deepspeed": "DeepSpeedEngine"}
 SPLIT_BY_TP = ("q_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight")  # and the embedding
 BLOCK = re.compile(r"^layers\.(\d+)\.")
+EXPERT = re.compile(r"^layers\.(\d+)\..*experts\.(\d+)\.")
 
 
 def check_structure(layout: Layout, ranks: list[dict]) -> list[str]:
@@ -35,14 +39,14 @@ def check_structure(layout: Layout, ranks: list[dict]) -> list[str]:
         errors += [f"rank {r}: {e}" for e in _rank_errors(layout, h)]
     if errors:
         return errors
-    return _group_errors(layout, ranks)
+    return _group_errors(layout, ranks) + _expert_errors(layout, ranks)
 
 
 def _rank_errors(layout: Layout, h: dict) -> list[str]:
     errors = []
     if h["engine"] != ENGINE_CLASSES[layout.engine]:
         errors.append(f"engine {h['engine']}, expected {ENGINE_CLASSES[layout.engine]}")
-    for axis in ("dp", "tp", "pp", "cp", "dp_replicate"):
+    for axis in ("dp", "tp", "pp", "cp", "ep", "dp_replicate"):
         if h.get(axis, 1) != getattr(layout, axis):
             errors.append(f"{axis}={h[axis]}, the layout says {getattr(layout, axis)}")
     if layout.pp == 1:
@@ -75,7 +79,25 @@ def _groups(ranks: list[dict], *fixed: str) -> dict[tuple, list[dict]]:
 
 
 def _split_by_tp(name: str) -> bool:
-    return name.endswith(SPLIT_BY_TP) or name == "embed.weight"
+    return (name.endswith(SPLIT_BY_TP) and not is_mixture_param(name)) or name == "embed.weight"
+
+
+def _expert_errors(layout: Layout, ranks: list[dict]) -> list[str]:
+    """The ranks of each expert-parallel group (same pp, tp and expert-data index) hold disjoint sets of (layer,
+    expert), 1/ep of the stage's each, that together are all of them."""
+    errors = []
+    held = [{(int(m.group(1)), int(m.group(2))) for n in h["params"] if (m := EXPERT.match(n))} for h in ranks]
+    groups: dict[tuple, list[int]] = {}
+    for r, h in enumerate(ranks):
+        c = h["coords"]
+        groups.setdefault((c.get("pp", 0), c.get("tp", 0), c.get("dp", 0) // layout.ep), []).append(r)
+    for (pp, tp, edp), members in groups.items():
+        sets = [held[r] for r in members]
+        union = set().union(*sets)
+        if sum(map(len, sets)) != len(union) or any(len(s) * layout.ep != len(union) for s in sets):
+            errors.append(f"expert-parallel group at pp={pp}, tp={tp}, expert-data index {edp} holds experts "
+                          f"{[len(s) for s in sets]} of {len(union)}: not a partition into {layout.ep} equal parts")
+    return errors
 
 
 def _group_errors(layout: Layout, ranks: list[dict]) -> list[str]:

@@ -126,7 +126,11 @@ class MetricsLogger:
 
 def format_train_line(m: dict[str, Any], train_steps: int) -> str:
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
+    # mixture models: the balancing loss, the busiest expert's load over the mean (1.00: even), dropped tokens
+    moe = (f" | aux {m['moe_aux_loss']:.3f} | load {m['moe_load_max']:.2f} | dropped {m['moe_dropped_tokens']}"
+           if "moe_aux_loss" in m else "")
     return (
         f"step {m['step']:>6}/{train_steps} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f}"
         f" | tok/s {m['tokens_per_s']:,.0f} | mfu {mfu} | mem {m['memory_gib']:.2f} GiB | data {100 * m['data_wait']:.0f}%"
+        + moe
     )

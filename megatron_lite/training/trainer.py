@@ -284,6 +284,7 @@ class Trainer:
                     "data_wait": waited / slowest,
                     "consumed_samples": self.consumed_samples,
                     "skipped": metrics.skipped,
+                    **metrics.extra,
                 }
                 self.metrics.log(record, console=format_train_line(record, t.train_steps))
                 window_time = window_wait = 0.0

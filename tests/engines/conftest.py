@@ -69,6 +69,21 @@ def tiny_config(corpus, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_config(corpus, tmp_path_factory) -> str:
+    """configs/tiny-moe.yaml (4 experts, top 2, every layer) pointed at the corpus, like ``tiny_config``."""
+    root = tmp_path_factory.mktemp("moe-config")
+    path = root / "tiny-moe.yaml"
+    path.write_text(
+        f"base: {REPO / 'configs' / 'tiny-moe.yaml'}\n"
+        f"data:\n  prefixes: {corpus}\n  cache_dir: {root / 'index-cache'}\n"
+        "training:\n  train_steps: 4\n  eval_interval: 0\n"
+        "schedule:\n  warmup_steps: 1\n  decay_steps: 8\n"
+        "logging:\n  log_interval: 1\n  wandb_mode: disabled\n"
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def padded_config(tmp_path_factory) -> str:
     """The tiny model on 200 documents of 3-40 tokens (samples of 33), global batch 16 in microbatches of 2."""
     root = tmp_path_factory.mktemp("padded")
