@@ -1,4 +1,5 @@
-"""Hugging Face <-> megatron_lite name mapping for the decoder family (GPT-2 and Llama), both directions.
+"""Hugging Face <-> megatron_lite name mapping for the decoder family (GPT-2 and Llama; the mixtures of experts,
+Mixtral and Qwen2-MoE, in ``convert/hf_moe.py``), both directions.
 
 Pure functions on state dicts and config dicts: no model is built and neither ``transformers`` nor the training stack is
 imported, so conversion tools stay light. Our decoder uses unfused, HF-Llama-style names and layouts, hence:
@@ -28,7 +29,7 @@ import torch
 from megatron_lite.config import ModelConfig
 
 StateDict = dict[str, torch.Tensor]
-Arch = Literal["gpt2", "llama"]
+Arch = Literal["gpt2", "llama", "mixtral", "qwen2_moe"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs
@@ -38,23 +39,40 @@ _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": 
 
 
 def hf_arch(cfg: ModelConfig) -> Arch:
-    """Which HF architecture ``cfg`` corresponds to, or a ValueError naming the option that neither can express."""
+    """Which HF architecture ``cfg`` corresponds to, or a ValueError naming the option that none can express."""
     if cfg.family != "decoder":
         raise ValueError(f"model.family={cfg.family!r}: GPT-2 and Llama are decoders (family decoder)")
     if cfg.scale_embeddings:
         raise ValueError("model.scale_embeddings=true has no HF equivalent: GPT-2 and Llama do not scale token "
                          "embeddings")
     common = cfg.norm_position == "pre"
+    llama_style = common and cfg.position == "rotary" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu"
+    if llama_style or cfg.moe.enabled:
+        name = "Mixtral and Qwen2-MoE have" if cfg.moe.enabled else "Llama has"
+        for key in ("embedding_dropout", "residual_dropout"):
+            if getattr(cfg, key):
+                raise ValueError(f"model.{key}={getattr(cfg, key)} has no HF equivalent: {name} attention "
+                                 "dropout only; set it to 0")
+    if cfg.moe.enabled:
+        from megatron_lite.convert import hf_moe
+
+        if not llama_style:
+            raise ValueError(
+                "no HF equivalent: Mixtral and Qwen2-MoE need pre-norm + rotary + rmsnorm + swiglu (got "
+                f"model.norm_position={cfg.norm_position}, position={cfg.position}, norm={cfg.norm}, "
+                f"activation={cfg.activation})"
+            )
+        return hf_moe.moe_arch(cfg)
+    if cfg.qkv_bias is not None and cfg.qkv_bias != cfg.bias:
+        raise ValueError(f"model.qkv_bias={str(cfg.qkv_bias).lower()} with model.bias={str(cfg.bias).lower()} has no "
+                         "HF equivalent here: GPT-2 and Llama have one bias switch for every projection (set "
+                         "model.qkv_bias to null)")
     if common and cfg.position == "learned" and cfg.norm == "layernorm" and cfg.activation != "swiglu" and cfg.bias:
         if cfg.kv_heads != cfg.num_heads:
             raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} has no HF equivalent: GPT-2 has no grouped-query "
                              "attention; set it to null")
         return "gpt2"
-    if common and cfg.position == "rotary" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu":
-        for key in ("embedding_dropout", "residual_dropout"):
-            if getattr(cfg, key):
-                raise ValueError(f"model.{key}={getattr(cfg, key)} has no HF equivalent: Llama has attention "
-                                 "dropout only; set it to 0")
+    if llama_style:
         return "llama"
     raise ValueError(
         "no HF equivalent: GPT-2 needs pre-norm + learned positions + layernorm + biases + a non-gated MLP; "
@@ -92,47 +110,55 @@ def config_from_hf(hf: dict) -> ModelConfig:
             init_std=hf.get("initializer_range", 0.02),
         )
     if kind == "llama":
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope scaling {rope!r} is not supported (only unscaled rotary and rope_type llama3)")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = None
-        if rope_type == "llama3":
-            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            missing = [k for k in keys if k not in rope]
-            if missing:
-                raise ValueError(f"rope scaling {rope!r} (llama3) lacks {', '.join(missing)}")
-            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
-        heads = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-            raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported Llama hidden_act {hf['hidden_act']!r}")
         attn_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
         if attn_bias != mlp_bias:
             raise ValueError("attention_bias and mlp_bias must agree (ModelConfig has one bias switch)")
-        return ModelConfig(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            ffn_hidden_size=hf["intermediate_size"],
-            max_seq_len=hf["max_position_embeddings"],
-            position="rotary",
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            norm_position="pre",
-            activation="swiglu",
-            bias=attn_bias,
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            attention_dropout=hf.get("attention_dropout", 0.0),
-            init_std=hf.get("initializer_range", 0.02),
-        )
-    raise ValueError(f"unsupported HF model_type {kind!r}; expected 'gpt2' or 'llama'")
+        return ModelConfig(**rotary_from_hf(hf), ffn_hidden_size=hf["intermediate_size"], bias=attn_bias)
+    if kind in ("mixtral", "qwen2_moe"):
+        from megatron_lite.convert import hf_moe
+
+        return hf_moe.config_from_hf_moe(hf)
+    raise ValueError(f"unsupported HF model_type {kind!r}; expected 'gpt2', 'llama', 'mixtral' or 'qwen2_moe'")
+
+
+def rotary_from_hf(hf: dict) -> dict:
+    """The ModelConfig fields a Llama-style HF config (Llama, Mixtral, Qwen2-MoE) gives alike: shape, rotary
+    positions, rmsnorm, SwiGLU; the MLP widths and biases are each architecture's own."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"rope scaling {rope!r} is not supported (only unscaled rotary and rope_type llama3)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in rope]
+        if missing:
+            raise ValueError(f"rope scaling {rope!r} (llama3) lacks {', '.join(missing)}")
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported {hf.get('model_type')} hidden_act {hf['hidden_act']!r}")
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        max_seq_len=hf["max_position_embeddings"],
+        position="rotary",
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_position="pre",
+        activation="swiglu",
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        init_std=hf.get("initializer_range", 0.02),
+    )
 
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -175,23 +201,34 @@ def _config_to_hf(cfg: ModelConfig) -> dict:
             "resid_pdrop": cfg.residual_dropout,
             "initializer_range": cfg.init_std,
         }
+    if arch != "llama":
+        from megatron_lite.convert import hf_moe
+
+        return hf_moe.config_to_hf_moe(cfg, arch)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        **rotary_to_hf(cfg),
+        "intermediate_size": cfg.ffn_size,
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+    }
+
+
+def rotary_to_hf(cfg: ModelConfig) -> dict:
+    """The ``config.json`` keys of a Llama-style HF config (Llama, Mixtral, Qwen2-MoE) alike."""
+    return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.ffn_size,
         "max_position_embeddings": cfg.max_seq_len,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
         "rms_norm_eps": cfg.norm_eps,
         "hidden_act": "silu",
-        "attention_bias": cfg.bias,
-        "mlp_bias": cfg.bias,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": cfg.attention_dropout,
         "initializer_range": cfg.init_std,
@@ -334,16 +371,30 @@ def gpt2_rules(cfg: ModelConfig, to_hf: bool) -> list[Rule]:
     return rules
 
 
-def conversion_rules(cfg: ModelConfig, to_hf: bool, arch: Arch | None = None) -> list[Rule]:
-    """The rules from our names to HF's (``to_hf``) or back, for the architecture ``cfg`` describes."""
+def conversion_rules(cfg: ModelConfig, to_hf: bool, arch: Arch | None = None,
+                     fused_experts: bool = False) -> list[Rule]:
+    """The rules from our names to HF's (``to_hf``) or back, for the architecture ``cfg`` describes.
+
+    ``fused_experts`` (mixtures only): HF's experts as transformers 5 modules hold them, one 3-D ``gate_up_proj`` and
+    ``down_proj`` per layer, rather than one tensor per expert as checkpoint files (and transformers 4) do.
+    """
     arch = arch or hf_arch(cfg)
+    if arch in ("mixtral", "qwen2_moe"):
+        from megatron_lite.convert import hf_moe
+
+        return hf_moe.moe_rules(cfg, to_hf, arch, fused_experts)
     return {"gpt2": gpt2_rules, "llama": llama_rules}[arch](cfg, to_hf)
+
+
+def hf_fused_experts(keys: Iterable[str]) -> bool:
+    """Whether HF names hold each layer's experts fused (transformers 5 modules), not one tensor per expert."""
+    return any(k.endswith(".experts.gate_up_proj") for k in keys)
 
 
 def hf_key_prefix(keys: Iterable[str], arch: Arch) -> str:
     """HF checkpoints exist with and without the base model's prefix (``LlamaModel`` vs ``LlamaForCausalLM``): the
     prefix to add to a stored name to get the one the rules use ("" when the names already carry it)."""
-    base = {"gpt2": "transformer.", "llama": "model."}[arch]
+    base = "transformer." if arch == "gpt2" else "model."
     return "" if any(k.startswith(base) for k in keys) else base
 
 
@@ -372,7 +423,8 @@ def apply_rules(rules: list[Rule], sd: StateDict, direction: str) -> StateDict:
 def _from_hf_dict(sd: StateDict, cfg: ModelConfig, arch: Arch) -> StateDict:
     prefix = hf_key_prefix(sd, arch)
     src = {prefix + k: v for k, v in sd.items() if not is_ignored_hf_key(k, cfg)}
-    return apply_rules(conversion_rules(cfg, to_hf=False, arch=arch), src, f"{arch}_from_hf")
+    rules = conversion_rules(cfg, to_hf=False, arch=arch, fused_experts=hf_fused_experts(src))
+    return apply_rules(rules, src, f"{arch}_from_hf")
 
 
 def llama_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
@@ -396,10 +448,13 @@ def gpt2_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
 
 
 def from_hf(sd: StateDict, cfg: ModelConfig, arch: Arch | None = None) -> StateDict:
-    """HF state dict -> ours; ``arch`` defaults to the one ``cfg`` describes (see ``hf_arch``)."""
+    """HF state dict -> ours; ``arch`` defaults to the one ``cfg`` describes (see ``hf_arch``). Experts may be fused
+    (a transformers 5 model's ``state_dict()``) or one tensor per expert (checkpoint files)."""
     return _from_hf_dict(sd, cfg, arch or hf_arch(cfg))
 
 
-def to_hf(sd: StateDict, cfg: ModelConfig, arch: Arch | None = None) -> StateDict:
-    """Our state dict -> HF names and layouts; ``arch`` defaults to the one ``cfg`` describes."""
-    return apply_rules(conversion_rules(cfg, to_hf=True, arch=arch), sd, "to_hf")
+def to_hf(sd: StateDict, cfg: ModelConfig, arch: Arch | None = None, fused_experts: bool = True) -> StateDict:
+    """Our state dict -> HF names and layouts; ``arch`` defaults to the one ``cfg`` describes. Experts come fused, as
+    a transformers 5 model's ``load_state_dict`` takes them; ``fused_experts=False`` gives the checkpoint files'
+    one tensor per expert."""
+    return apply_rules(conversion_rules(cfg, to_hf=True, arch=arch, fused_experts=fused_experts), sd, "to_hf")

@@ -31,8 +31,10 @@ from megatron_lite.data.errors import DataError
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # HF's own default for save_pretrained
 # HF architectures each family's adapter reads (config.json "architectures" / "model_type"), and the family of each.
-SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "T5ForConditionalGeneration": "t5"}
-FAMILY_OF = {"gpt2": "decoder", "llama": "decoder", "t5": "encoder_decoder"}
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral",
+             "Qwen2MoeForCausalLM": "qwen2_moe", "T5ForConditionalGeneration": "t5"}
+FAMILY_OF = {"gpt2": "decoder", "llama": "decoder", "mixtral": "decoder", "qwen2_moe": "decoder",
+             "t5": "encoder_decoder"}
 # generation_config.json: the ids config.json carries that generation reads
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -200,7 +202,8 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 
 def _kind(config: dict) -> str:
-    """``gpt2``, ``llama`` or ``t5``: the model_type, else the first supported architecture's."""
+    """``gpt2``, ``llama``, ``mixtral``, ``qwen2_moe`` or ``t5``: the model_type, else the first supported
+    architecture's."""
     if config.get("model_type") in FAMILY_OF:
         return config["model_type"]
     return next(SUPPORTED[a] for a in config.get("architectures") or [] if a in SUPPORTED)
@@ -220,7 +223,9 @@ def hf_weight_rules(hf_dir: Path, cfg: ModelConfig, source: TensorDir) -> tuple[
     hf = adapter(cfg)
     arch = hf.hf_arch(cfg)
     prefix = hf.hf_key_prefix(source.keys(), arch)
-    rules = hf.conversion_rules(cfg, to_hf=False, arch=arch)
+    # mixtures of experts: stored one tensor per expert (as save_pretrained writes them) or fused per layer
+    fused = {"fused_experts": True} if getattr(hf, "hf_fused_experts", lambda _: False)(source.keys()) else {}
+    rules = hf.conversion_rules(cfg, to_hf=False, arch=arch, **fused)
     needed = {s for r in rules for s in r.sources}
     have = {prefix + k for k in source.keys() if not hf.is_ignored_hf_key(k, cfg)}
     missing, extra = sorted(needed - have), sorted(have - needed)
