@@ -21,14 +21,12 @@ Typical use::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Iterable, Literal
 
 import torch
 
 from megatron_lite.config import ModelConfig
-
-StateDict = dict[str, torch.Tensor]
+from megatron_lite.convert.hf_rules import Rule, StateDict, head_rules, linear_rules, rotary_from_hf, rotary_to_hf
 Arch = Literal["gpt2", "llama", "mixtral", "qwen2_moe"]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -121,46 +119,6 @@ def config_from_hf(hf: dict) -> ModelConfig:
     raise ValueError(f"unsupported HF model_type {kind!r}; expected 'gpt2', 'llama', 'mixtral' or 'qwen2_moe'")
 
 
-def rotary_from_hf(hf: dict) -> dict:
-    """The ModelConfig fields a Llama-style HF config (Llama, Mixtral, Qwen2-MoE) gives alike: shape, rotary
-    positions, rmsnorm, SwiGLU; the MLP widths and biases are each architecture's own."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"rope scaling {rope!r} is not supported (only unscaled rotary and rope_type llama3)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = None
-    if rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in keys if k not in rope]
-        if missing:
-            raise ValueError(f"rope scaling {rope!r} (llama3) lacks {', '.join(missing)}")
-        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
-    heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise ValueError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported {hf.get('model_type')} hidden_act {hf['hidden_act']!r}")
-    return dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        max_seq_len=hf["max_position_embeddings"],
-        position="rotary",
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        norm_position="pre",
-        activation="swiglu",
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
-    )
-
-
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -215,26 +173,6 @@ def _config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
-def rotary_to_hf(cfg: ModelConfig) -> dict:
-    """The ``config.json`` keys of a Llama-style HF config (Llama, Mixtral, Qwen2-MoE) alike."""
-    return {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta},
-        "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": cfg.attention_dropout,
-        "initializer_range": cfg.init_std,
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # State dicts
 # ----------------------------------------------------------------------------------------------------------------------
@@ -261,43 +199,6 @@ _GPT2_LAYER = {  # q/k/v are handled separately (fused c_attn)
 # HF buffers that are not weights (causal-mask and rotary caches in older checkpoints).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
-# A conversion is a list of rules, each computing one or more target tensors from a few source tensors (a GPT-2
-# layer's q, k and v from its fused c_attn, or the reverse). Whole state dicts go through ``apply_rules``; the
-# checkpoint tool runs the same rules one at a time, so a conversion never holds more than a layer's attention.
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``targets`` = ``fn(*sources)``; ``tied`` marks a target that is the same tensor as another (a tied head)."""
-
-    targets: tuple[str, ...]
-    sources: tuple[str, ...]
-    fn: Callable[..., tuple[torch.Tensor, ...]]
-    tied: bool = False
-
-
-def unchanged(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return ts
-
-
-def _transpose(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (t.t().contiguous(),)
-
-
-def _pad_to(rows: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    def pad(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if t.shape[0] > rows:
-            raise ValueError(f"a vocabulary tensor of {t.shape[0]} rows does not fit the padded vocabulary of {rows}")
-        if t.shape[0] == rows:
-            return (t,)
-        return (torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]),)
-    return pad
-
-
-def _unpad_to(rows: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    return lambda t: (t[:rows].contiguous(),)
-
-
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Our q, k, v [h, h] weights (or [h] biases) -> GPT-2's c_attn: [h, 3h] (Conv1D layout) or [3h]."""
     fused = torch.cat([q, k, v])
@@ -308,15 +209,6 @@ def _split_qkv(fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """GPT-2's c_attn weight [h, 3h] (or bias [3h]) -> our q, k, v."""
     parts = fused.chunk(3, dim=-1)
     return tuple(p.t().contiguous() if p.dim() == 2 else p.clone() for p in parts)
-
-
-def _linear_rules(ours: str, theirs: str, bias: bool, transpose: bool, to_hf: bool) -> list[Rule]:
-    """A linear (or norm) module's weight, and its bias, in one direction."""
-    src, dst = (ours, theirs) if to_hf else (theirs, ours)
-    rules = [Rule((f"{dst}.weight",), (f"{src}.weight",), _transpose if transpose else unchanged)]
-    if bias:
-        rules.append(Rule((f"{dst}.bias",), (f"{src}.bias",), unchanged))
-    return rules
 
 
 def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
@@ -330,27 +222,11 @@ def _llama_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     return pairs
 
 
-def head_rules(cfg: ModelConfig, embed_ours: str, embed_hf: str, to_hf: bool) -> list[Rule]:
-    """The embedding (padded in ours, unpadded in HF) and the head (the embedding's tensor when tied)."""
-    v, padded = cfg.vocab_size, cfg.padded_vocab_size
-    if to_hf:
-        rules = [Rule((embed_hf,), (embed_ours,), _unpad_to(v))]
-        if cfg.tie_embeddings:  # our state holds the tied head under both names; HF's is the embedding's tensor
-            head = Rule(("lm_head.weight",), (embed_ours, "lm_head.weight"), lambda e, _: _unpad_to(v)(e), tied=True)
-        else:
-            head = Rule(("lm_head.weight",), ("lm_head.weight",), _unpad_to(v))
-    else:
-        rules = [Rule((embed_ours,), (embed_hf,), _pad_to(padded))]
-        head = Rule(("lm_head.weight",), (embed_hf if cfg.tie_embeddings else "lm_head.weight",), _pad_to(padded),
-                    tied=cfg.tie_embeddings)
-    return [*rules, head]
-
-
 def llama_rules(cfg: ModelConfig, to_hf: bool) -> list[Rule]:
     """Rules between our names and ``LlamaForCausalLM``'s (``model.`` prefix), in either direction."""
     rules = head_rules(cfg, "embed.weight", "model.embed_tokens.weight", to_hf)
     for ours, theirs, bias in _llama_pairs(cfg):
-        rules += _linear_rules(ours, theirs, bias, transpose=False, to_hf=to_hf)
+        rules += linear_rules(ours, theirs, bias, transpose=False, to_hf=to_hf)
     return rules
 
 
@@ -358,7 +234,7 @@ def gpt2_rules(cfg: ModelConfig, to_hf: bool) -> list[Rule]:
     """Rules between our names and ``GPT2LMHeadModel``'s (``transformer.`` prefix): Conv1D weights are [in, out],
     and q, k, v are fused into ``c_attn`` in that order."""
     rules = head_rules(cfg, "embed.weight", "transformer.wte.weight", to_hf)
-    rules += _linear_rules("pos_embed", "transformer.wpe", bias=False, transpose=False, to_hf=to_hf)
+    rules += linear_rules("pos_embed", "transformer.wpe", bias=False, transpose=False, to_hf=to_hf)
     for i in range(cfg.num_layers):
         ours, theirs = f"layers.{i}", f"transformer.h.{i}"
         for kind in ("weight", "bias"):
@@ -366,8 +242,8 @@ def gpt2_rules(cfg: ModelConfig, to_hf: bool) -> list[Rule]:
             fused = (f"{theirs}.attn.c_attn.{kind}",)
             rules.append(Rule(fused, qkv, _fuse_qkv) if to_hf else Rule(qkv, fused, _split_qkv))
         for o, t in _GPT2_LAYER.items():
-            rules += _linear_rules(f"{ours}.{o}", f"{theirs}.{t}", True, transpose=not o.endswith("norm"), to_hf=to_hf)
-    rules += _linear_rules("final_norm", "transformer.ln_f", bias=True, transpose=False, to_hf=to_hf)
+            rules += linear_rules(f"{ours}.{o}", f"{theirs}.{t}", True, transpose=not o.endswith("norm"), to_hf=to_hf)
+    rules += linear_rules("final_norm", "transformer.ln_f", bias=True, transpose=False, to_hf=to_hf)
     return rules
 
 

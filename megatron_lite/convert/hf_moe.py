@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from megatron_lite.config import ModelConfig, MoEConfig
-from megatron_lite.convert.hf import Rule, head_rules, rotary_from_hf, rotary_to_hf, _linear_rules
+from megatron_lite.convert.hf_rules import Rule, head_rules, linear_rules, rotary_from_hf, rotary_to_hf
 
 MOE_ARCHS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 # Defaults the HF configs assume when config.json leaves a key out, where they differ from Llama's.
@@ -180,7 +180,7 @@ def _unstack(experts: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 def _linear(ours: str, theirs: str, to_hf: bool, bias: bool = False) -> list[Rule]:
-    return _linear_rules(ours, theirs, bias, transpose=False, to_hf=to_hf)
+    return linear_rules(ours, theirs, bias, transpose=False, to_hf=to_hf)
 
 
 def _mixture_rules(cfg: ModelConfig, i: int, arch: str, to_hf: bool, fused: bool) -> list[Rule]:

@@ -26,7 +26,8 @@ from typing import Iterable
 import torch
 
 from megatron_lite.config import ModelConfig
-from megatron_lite.convert.hf import SPECIAL_TOKENS, Rule, head_rules, unchanged, apply_rules
+from megatron_lite.convert.hf import SPECIAL_TOKENS, apply_rules
+from megatron_lite.convert.hf_rules import Rule, head_rules, unchanged
 
 StateDict = dict[str, torch.Tensor]
 _FFN = {"geglu": "gated-gelu", "relu": "relu"}
