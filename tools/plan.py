@@ -7,6 +7,7 @@ per-GPU memory of a layout, and a search over layouts that fit.
     python tools/plan.py compute --gpus 1024 --days 30 --preset llama3-8b
     python tools/plan.py memory  --config configs/x.yaml --gpus 16 --tp 2 --zero 1 --gpu-memory 80GiB
     python tools/plan.py search  --preset llama3-8b --gpus 16 --gpu-memory 80GiB
+    python tools/plan.py memory  --preset mixtral-8x7b --gpus 64 --fsdp --ep 8 --seq-len 4096 --recompute full
 
 Every subcommand takes ``--json``. Formulas, conventions and JSON keys: docs/plan.md. The answers come from
 ``megatron_lite.planning.commands``; this file parses the arguments and prints.
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tp", type=positive_int)
         p.add_argument("--pp", type=positive_int)
         p.add_argument("--cp", type=positive_int, help="context parallelism: ranks that split each sequence")
+        p.add_argument("--ep", type=positive_int,
+                       help="expert parallelism (mixture-of-experts models): data-parallel ranks that split each "
+                            "mixture layer's experts; divides dp and model.moe.num_experts")
         p.add_argument("--zero", type=int, choices=range(4))
         p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully sharded) instead of DeepSpeed ZeRO")
         p.add_argument("--offload", choices=("optimizer", "params"))
@@ -177,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="layouts that fit, ranked by the estimated time of a step of the same batch",
                        description="Enumerates layouts that fit and ranks them by the estimated time of one step of "
-                                   "the same global batch. --tp, --pp, --zero/--fsdp, --micro-batch and --recompute, "
-                                   "when given, fix that choice instead of enumerating it.")
+                                   "the same global batch. --tp, --pp, --cp, --ep, --zero/--fsdp, --micro-batch and "
+                                   "--recompute, when given, fix that choice instead of enumerating it.")
     model_args(p)
     layout_args(p)
     p.add_argument("--mfu", type=fraction, help="fraction of peak the matmuls attain (default: the curve calibrated "

@@ -1,15 +1,18 @@
 """Named model sizes. Each has a twin in ``configs/models/<name>.yaml`` (a test keeps the two equal).
 
 GPT-2 shapes follow the released checkpoints; Llama shapes follow the published configs, including Llama 3.2's
-long-context rope rescaling. The encoder-decoder presets are T5 v1.1's released shapes (``google/t5-v1_1-*``) and the
-base model of "Attention Is All You Need" (its 37k shared BPE vocabulary).
+long-context rope rescaling. Mixtral-8x7B follows ``mistralai/Mixtral-8x7B-v0.1``'s config.json (Jiang et al. 2024,
+arXiv:2401.04088): a Mistral-7B-shaped decoder whose every feed-forward layer is 8 SwiGLU experts, 2 per token
+(46,702,792,704 parameters, 12,879,925,248 active per token). The encoder-decoder presets are T5 v1.1's released
+shapes (``google/t5-v1_1-*``) and the base model of "Attention Is All You Need" (its 37k shared BPE vocabulary).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import ModelConfig, MoEConfig
 
 
 def _gpt2(hidden: int, layers: int, heads: int) -> ModelConfig:
@@ -53,6 +56,11 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": _llama(32000, 4096, 32, 32, 32, 11008, 4096, 10000.0, tied=False),
     "llama2-13b": _llama(32000, 5120, 40, 40, 40, 13824, 4096, 10000.0, tied=False),
     "llama2-70b": _llama(32000, 8192, 80, 64, 8, 28672, 4096, 10000.0, tied=False),
+    "mixtral-8x7b": dataclasses.replace(  # Mixtral-8x7B-v0.1: router_aux_loss_coef 0.02, no shared experts
+        _llama(32000, 4096, 32, 32, 8, 14336, 32768, 1000000.0, tied=False),
+        moe=MoEConfig(num_experts=8, top_k=2, every=1, expert_ffn_size=14336, router="softmax",
+                      normalize_top_k=True, aux_loss_coef=0.02, z_loss_coef=0.0),
+    ),
     # A ~1M-parameter Llama-style model (GQA, rotary, RMSNorm, SwiGLU) for tests and debugging.
     "tiny": _llama(512, 128, 4, 4, 2, 512, 1024, 10000.0, tied=True),
     "t5-v1_1-small": _t5_v1_1(512, 8, 6, 1024),
@@ -68,7 +76,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh copy of the named preset, safe to modify."""
+    """A fresh copy of the named preset, safe to modify (its nested ``moe`` and ``rope_scaling`` too)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+    return copy.deepcopy(PRESETS[name])

@@ -18,7 +18,7 @@ from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.flops import flops_per_processed_token
 from megatron_lite.planning.inputs import LayoutOptions, ModelOptions, ModelSpec, Notes
 from megatron_lite.planning.memory import estimate
-from megatron_lite.planning.params import count_params
+from megatron_lite.planning.params import count_params, moe_of
 from megatron_lite.planning.report import flops_convention, model_report
 from megatron_lite.planning.scaling import (
     APPROACH_FITS,
@@ -99,11 +99,19 @@ def run_model(opts: ModelOptions) -> Answer:
             ("params total", f"{r['params_total']:,} ({human(r['params_total'])})"),
             ("  embedding", f"{r['params_embedding']:,}"), ("  non-embedding", f"{r['params_non_embedding']:,}")]
     rows += [(f"  per {k} layer", f"{v:,}") for k, v in r["params_per_layer"].items()]
+    if r["moe"]:
+        m = r["moe"]
+        shared = f" + {m['shared_experts']} shared" if m["shared_experts"] else ""
+        rows += [("  routed experts", f"{r['params_routed_experts']:,} ({m['num_experts']} of width "
+                                      f"{m['expert_ffn_size']:,}{shared}, top {m['top_k']}, in "
+                                      f"{m['mixture_layers']} of {m['num_layers']} layers)"),
+                 ("params active", f"{r['params_active']:,} ({human(r['params_active'])}) per token: all but the "
+                                   "routed experts a token does not choose")]
     rows += [("vocab", f"{r['vocab_size']:,} padded to {r['padded_vocab_size']:,} "
                        f"(+{r['vocab_padding_params']:,} params; unpadded total {r['params_total_unpadded']:,})"),
              ("meta-device count", f"{r['params_meta']:,} ({'agrees' if r['counts_agree'] else 'DISAGREES'})"
               if r["params_meta"] is not None else "unavailable"),
-             ("N for FLOPs", f"{r['params_flops']:,}"),
+             ("N for FLOPs", f"{r['params_flops']:,}" + (" (active parameters)" if r["moe"] else "")),
              (f"FLOPs/token @ {seq_words(seq, target)}",
               f"{r['flops_per_token']:.4g} (causal {r['flops_per_token_causal']:.4g})"),
              ("convention", r["flops_convention"])] + _defaults_row(notes)
@@ -246,11 +254,19 @@ def run_memory(opts: LayoutOptions) -> Answer:
     rows = [("layout", f"{layout.name()} {layout.dtype} {seq_words(layout.seq_len, layout.target_len)} "
                        f"{layout.schedule} (m={layout.num_microbatches})"),
             ("weights", gib(b["weights"])), ("gradients", grads), ("optimizer", gib(b["optimizer"])),
-            ("activations", gib(b["activations"])),
-            ("overhead", gib(b["overhead"]) + (f" (of which {gib(r['phases']['gathered'])} gathered weights and "
+            ("activations", gib(b["activations"]))]
+    moe = moe_of(spec)
+    if moe is not None:
+        held = f"{moe.num_experts // layout.ep} of {moe.num_experts} per mixture layer on each GPU (ep {layout.ep})"
+        if layout.ep > 1:
+            states = ("FSDP2 shards their states over" if layout.engine == "fsdp" else
+                      "their states whole (outside ZeRO), their gradients reduced over")
+            held += f"; {states} the {layout.expert_data} data ranks holding the same experts"
+        rows.append(("experts", held))
+    rows += [("overhead", gib(b["overhead"]) + (f" (of which {gib(r['phases']['gathered'])} gathered weights and "
                                                 "their gradient)" if r["phases"]["gathered"] else "")),
-            ("per GPU", f"{gib(r['per_gpu_bytes'])} (pipeline stage {r['most_loaded_stage']}, the most loaded; "
-                        f"peak {r['peak_phase']})")]
+             ("per GPU", f"{gib(r['per_gpu_bytes'])} (pipeline stage {r['most_loaded_stage']}, the most loaded; "
+                         f"peak {r['peak_phase']})")]
     if r["cpu_bytes"]:
         rows.append(("host (offloaded)", f"{gib(r['cpu_bytes'])} per GPU, {gib(r['cpu_bytes_per_node'])} per node "
                                          f"of {min(layout.gpus, layout.gpus_per_node)} GPUs"))
@@ -270,8 +286,8 @@ def run_search(opts: SearchOptions) -> Answer:
     settings.pop("offload", None)
     memory = inputs.gpu_memory(opts.gpu, opts.gpu_memory)
     base = inputs.layout(opts, spec, settings, notes)
-    fixed = Constraints(tp=opts.tp, pp=opts.pp, cp=opts.cp, engine="fsdp" if opts.fsdp else None, zero=opts.zero,
-                        micro_batch=opts.micro_batch, recompute=opts.recompute)
+    fixed = Constraints(tp=opts.tp, pp=opts.pp, cp=opts.cp, ep=opts.ep, engine="fsdp" if opts.fsdp else None,
+                        zero=opts.zero, micro_batch=opts.micro_batch, recompute=opts.recompute)
     if opts.global_batch is not None:
         source = "--global-batch"
     elif settings.get("global_batch") is not None:
@@ -297,12 +313,14 @@ def run_search(opts: SearchOptions) -> Answer:
         need = smallest_footprint(spec, base, fixed)
         return Answer(rows, f"{head}\nno layout fits: the smallest needs {gib(need)} per GPU", None, notes.warnings)
     lines = [head, "ranked by the estimated time of that step (docs/plan.md, search); only layouts training runs",
-             f"{'tp':>3}{'pp':>4}{'cp':>4}{'dp':>5}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<13}{'GiB/GPU':>9}"
+             f"{'tp':>3}{'pp':>4}{'cp':>4}{'dp':>5}{'ep':>4}  {'engine':<7}{'mb':>4}{'m':>6}  {'recompute':<13}"
+             f"{'GiB/GPU':>9}"
              f"{'step':>10}{'tok/s':>12}{'MFU':>7}"]
     for x in rows:
         lay = x["layout"]
         eng = "fsdp" if lay["engine"] == "fsdp" else f"zero{lay['zero']}"
-        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay.get('cp', 1):>4}{lay['dp']:>5}  {eng:<7}{lay['micro_batch']:>4}"
+        lines.append(f"{lay['tp']:>3}{lay['pp']:>4}{lay.get('cp', 1):>4}{lay['dp']:>5}{lay.get('ep', 1):>4}  {eng:<7}"
+                     f"{lay['micro_batch']:>4}"
                      f"{lay['num_microbatches']:>6}  {lay['recompute']:<13}{x['per_gpu_bytes'] / GiB:>9.1f}"
                      f"{duration(x['step_time_s']):>10}{x['tokens_per_s']:>12,.0f}{x['mfu']:>7.1%}")
     return Answer(rows, "\n".join(lines), None, notes.warnings)

@@ -4,7 +4,10 @@
 
 - N: parameters that multiply an activation (``params.matmul_params``): every non-embedding parameter, plus the output
   projection (V_padded x h) counted once even when tied to the token embedding; the token and learned-position tables
-  are lookups and are left out. Each such parameter costs 2 FLOPs per token forward and 4 backward.
+  are lookups and are left out. Each such parameter costs 2 FLOPs per token forward and 4 backward. In a
+  mixture-of-experts decoder N counts the *active* parameters (``ParamCounts.active``): a token meets the router, its
+  ``top_k`` routed experts and the shared experts of each mixture layer, not the other ``num_experts - top_k``
+  experts (Mixtral-8x7B: N = 12.75B of its 46.7B parameters; the 131M-row token table is a lookup).
 - 12 L H Q T: attention scores (Q K^T) and their weighted sum (A V): 2 matmuls x 2 FLOPs x T keys x H heads x Q head
   dims per token and layer, forward (4 L H Q T) plus backward (twice that).
 - ``causal=True`` halves the attention term (only the lower triangle of scores is needed, as a causal flash kernel
@@ -82,7 +85,8 @@ def flops_per_processed_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int,
 
 def training_flops_per_token(model_cfg: ModelConfig | EncDecSpec, seq_len: int, causal: bool = False,
                              data: DataConfig | None = None) -> float:
-    """Forward + backward FLOPs per token: 6N + 12 L H Q T (see the module docstring for what N counts).
+    """Forward + backward FLOPs per token: 6N + 12 L H Q T (see the module docstring for what N counts: the active
+    parameters of a mixture-of-experts model).
 
     For an encoder-decoder, ``seq_len`` is both the input and the target length and the result is per processed token
     (input and target tokens together); use ``encdec_training_flops`` for other lengths. With ``data`` (a training

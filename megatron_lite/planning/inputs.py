@@ -46,6 +46,7 @@ class LayoutOptions(ModelOptions):
     tp: int | None = None
     pp: int | None = None
     cp: int | None = None
+    ep: int | None = None
     zero: int | None = None
     fsdp: bool = False
     offload: str | None = None
@@ -209,7 +210,7 @@ def layout(opts: LayoutOptions, spec: ModelSpec, settings: dict[str, Any], notes
     seq, target = lengths(opts, spec, settings, notes)
     planned = Layout(
         gpus=opts.gpus, gpus_per_node=opts.gpus_per_node, tp=pick(opts.tp, "tp", 1), pp=pick(opts.pp, "pp", 1),
-        cp=pick(opts.cp, "cp", 1),
+        cp=pick(opts.cp, "cp", 1), ep=pick(opts.ep, "ep", 1),
         engine=engine, zero=0 if engine == "fsdp" else pick(opts.zero, "zero", 0),
         offload=pick(opts.offload, "offload", None),
         micro_batch=pick(opts.micro_batch, "micro_batch", 1, "micro-batch 1"), seq_len=seq, target_len=target,

@@ -7,6 +7,11 @@ tables, T5's relative-position tables (each rank computes its heads' share of th
 projections the group cannot split stay whole on every TP rank. Pipeline parallelism splits the blocks as training
 does (``rank_layers``); the first stage holds the embeddings and the last the final norm and output head (a tied head
 costs a second copy of the table on the last stage when pp > 1).
+
+Expert parallelism (``ep``, mixture-of-experts decoders) splits the routed experts of every mixture layer over ep of
+the data-parallel ranks (ep divides dp; it adds no ranks): each holds ``num_experts / ep`` experts whole, never split
+by tensor parallelism (the model's plan names no expert module), and the router and shared experts as the plan places
+them. The shapes listed for a rank are ep rank 0's experts (every ep rank holds as many).
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from dataclasses import dataclass
 from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
-from megatron_lite.planning.params import Shape, decoder_layer_shapes, encdec_layer_shapes, encdec_part_shapes
+from megatron_lite.planning.params import (
+    Shape,
+    decoder_block_params,
+    decoder_layer_shapes,
+    encdec_layer_shapes,
+    encdec_part_shapes,
+    moe_of,
+)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")  # zb: interleaved zero-bubble
@@ -40,6 +52,7 @@ class Layout:
     engine: str = "deepspeed"  # "deepspeed" (ZeRO 0-3) or "fsdp" (FSDP2, fully sharded)
     dp_replicate: int = 1  # FSDP2 as HSDP: replica groups, each sharding over dp / dp_replicate ranks
     cp: int = 1  # context parallelism: each sample's sequence split over cp ranks (they shard states like dp ranks)
+    ep: int = 1  # expert parallelism: each mixture layer's experts split over ep of the dp ranks (ep divides dp)
     zero: int = 0
     offload: str | None = None  # None, "optimizer" or "params"
     micro_batch: int = 1
@@ -67,6 +80,12 @@ class Layout:
         return self.dp * self.cp
 
     @property
+    def expert_data(self) -> int:
+        """Ranks holding the same experts, over which expert gradients average and expert states shard:
+        (dp / ep) x cp."""
+        return max(self.data // self.ep, 1)
+
+    @property
     def sharded(self) -> bool:
         """Whether parameters are sharded over data-parallel ranks (ZeRO-3 or FSDP)."""
         return self.engine == "fsdp" or self.zero == 3
@@ -80,11 +99,12 @@ class Layout:
     def name(self) -> str:
         eng = "fsdp" if self.engine == "fsdp" else f"zero{self.zero}"
         cp = f" cp{self.cp}" if self.cp > 1 else ""
-        return f"tp{self.tp} pp{self.pp}{cp} dp{self.dp} {eng} mb{self.micro_batch} {self.recompute}"
+        ep = f" ep{self.ep}" if self.ep > 1 else ""
+        return f"tp{self.tp} pp{self.pp}{cp} dp{self.dp}{ep} {eng} mb{self.micro_batch} {self.recompute}"
 
     def check_sizes(self) -> None:
         """The model-independent checks: every count is a positive integer and the overhead is not negative."""
-        for name in ("gpus", "gpus_per_node", "tp", "pp", "cp", "micro_batch", "seq_len", "virtual_stages"):
+        for name in ("gpus", "gpus_per_node", "tp", "pp", "cp", "ep", "micro_batch", "seq_len", "virtual_stages"):
             if getattr(self, name) <= 0:
                 raise PlanError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         for name in ("target_len", "global_batch"):
@@ -121,6 +141,9 @@ class Layout:
         if self.recompute == "selective-op" and isinstance(spec, EncDecSpec):
             raise PlanError("--recompute selective-op is a decoder policy (a block's matmuls in Llama order); "
                             "use none, selective or full for an encoder-decoder")
+        if self.recompute == "selective-op" and moe_of(spec) is not None:
+            raise PlanError("--recompute selective-op is a dense decoder policy (a block's matmuls in Llama order), "
+                            "not modelled for mixture-of-experts layers; use none, selective or full")
         if self.schedule not in SCHEDULES:
             raise PlanError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule}")
         if self.dtype not in DTYPE_BYTES:
@@ -132,6 +155,20 @@ class Layout:
         reason = refusal(spec, self)
         if reason:
             raise PlanError(f"training refuses {self.name()}: {reason}")
+        self._check_experts(spec)
+
+    def _check_experts(self, spec: ModelConfig | EncDecSpec) -> None:
+        """What the planner's own arithmetic needs of ``ep`` (training's rules, asked first, may say more)."""
+        if self.ep == 1:
+            return
+        moe = moe_of(spec)
+        if moe is None:
+            raise PlanError(f"--ep {self.ep} needs a mixture-of-experts model (model.moe.num_experts > 0)")
+        if self.dp % self.ep:
+            raise PlanError(f"--ep {self.ep} must divide the data-parallel size {self.dp} (the expert-parallel "
+                            "group is carved from the data-parallel ranks)")
+        if moe.num_experts % self.ep:
+            raise PlanError(f"--ep {self.ep} must divide model.moe.num_experts={moe.num_experts}")
 
 
 def stage_layers(num_layers: int, pp: int) -> list[int]:
@@ -171,7 +208,8 @@ def rank_layers(spec: ModelConfig | EncDecSpec, pp: int, layout: "Layout | None"
                  "num_decoder_layers": spec.num_decoder_layers}
         data = {"objective": "seq2seq"}
     else:
-        block = sum(math.prod(s) for _, s in decoder_layer_shapes(spec))
+        sizes = decoder_block_params(spec)  # every expert of a mixture block: training balances the whole model
+        block = sizes[0] if len(set(sizes)) == 1 else tuple(sizes)
     key = (spec.num_layers, pp, v, block, first, last)
     if key not in _SPLITS:
         from megatron_lite.config import ConfigError, config_from_dict
@@ -215,24 +253,26 @@ def _tp_slice(spec: ModelConfig | EncDecSpec, name: str, shape: Shape, tp: int) 
 
 def stage_shapes(spec: ModelConfig | EncDecSpec, tp: int, pp: int, stage: int,
                  layout: "Layout | None" = None) -> list[tuple[str, Shape]]:
-    """Named parameter shapes that one (TP rank, pipeline rank) holds; with ``layout``, of training's own split."""
+    """Named parameter shapes that one (TP rank, pipeline rank) holds; with ``layout``, of training's own split and
+    with its expert parallelism (ep rank 0's ``num_experts / ep`` experts of each mixture layer)."""
     layers = rank_layers(spec, pp, layout)[stage]
     if isinstance(spec, EncDecSpec):
         full = _encdec_stage(spec, pp, stage, layers)
     else:
-        full = _decoder_stage(spec, pp, stage, layers)
+        full = _decoder_stage(spec, pp, stage, layers, layout.ep if layout is not None else 1)
     return [(n, _tp_slice(spec, n, s, tp)) for n, s in full]
 
 
-def _decoder_stage(cfg: ModelConfig, pp: int, stage: int, layers: list[int]) -> list[tuple[str, Shape]]:
+def _decoder_stage(cfg: ModelConfig, pp: int, stage: int, layers: list[int], ep: int = 1) -> list[tuple[str, Shape]]:
     h, v = cfg.hidden_size, cfg.padded_vocab_size
+    experts = range(cfg.moe.num_experts // ep) if cfg.moe.enabled else None
     out: list[tuple[str, Shape]] = []
     if stage == 0:
         out.append(("embed.weight", (v, h)))
         if cfg.position == "learned":
             out.append(("pos_embed.weight", (cfg.max_seq_len, h)))
     for i in layers:
-        out += decoder_layer_shapes(cfg, f"layers.{i}.")
+        out += decoder_layer_shapes(cfg, f"layers.{i}.", i, experts)
     if stage == pp - 1:
         if cfg.norm_position == "pre":
             out.append(("final_norm.weight", (h,)))

@@ -36,6 +36,11 @@ Offload (DeepSpeed 0.19; measured on 2 CPU ranks): with the optimizer offloaded,
   GPU keeps the 16-bit weights (ZeRO 1/2: all of them; ZeRO 3: the partition and the persistent tensors; with
   ``params`` only the persistent ones). FSDP2's CPU offload (``params``) keeps the fp32 shards, their gradients and
   the AdamW states on the host. All of it is reported under ``cpu`` (per GPU; ``cpu_bytes_per_node`` per node).
+Expert parallelism (``ep`` > 1, mixture-of-experts decoders): a rank holds ``num_experts / ep`` routed experts of each
+  mixture layer. FSDP2 shards their weights, gradients and optimizer states over the ``expert_data`` = (dp / ep) x cp
+  ranks that hold the same experts (each expert a unit of its own); DeepSpeed (ZeRO 1-2) keeps them out of ZeRO,
+  whole, with their own AdamW (fp32 masters and moments). The dense parameters (attention, norms, router, shared
+  experts, embeddings) are planned as before (``rank_state_bytes``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import math
 from megatron_lite.config import ModelConfig, OptimizerConfig
 from megatron_lite.planning.encdec import EncDecSpec, as_spec
 from megatron_lite.planning.layout import DTYPE_BYTES, Layout, rank_layers, stage_shapes
-from megatron_lite.planning.params import EMBEDDING_NAMES, Shape
+from megatron_lite.planning.params import EMBEDDING_NAMES, EXPERT_MARK, Shape, is_expert, is_moe_layer
 
 ModelSpec = ModelConfig | EncDecSpec
 ALIGNMENT = 2  # DeepSpeed ZeRO 1/2: nccl_start_alignment_factor
@@ -71,20 +76,44 @@ def _numel(shape: Shape) -> int:
     return math.prod(shape)
 
 
-def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[str, int]:
+def rank_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout) -> dict[str, int]:
+    """``model_state_bytes`` of a rank's shapes under expert parallelism (ep > 1), the routed experts apart from the
+    rest, which is planned as without experts (sharded over all data ranks):
+
+    - FSDP2 makes each expert a unit of its own over the ``expert_data`` ranks that hold it (``engines/fsdp.py``):
+      expert states shard over those ranks;
+    - DeepSpeed (ZeRO 1-2, the stages training runs ep with) keeps the experts out of ZeRO (``engines/deepspeed.py``):
+      whole on every rank that holds them, with a torch AdamW of their own, fp32 masters where the weights are not
+      fp32, and their fp32 gradients at the step, counted as ZeRO 0 counts parameters.
+
+    The two add up, the fp32 gradients at the step too: the experts' live through DeepSpeed's step of the dense part.
+    """
+    experts = [(n, s) for n, s in shapes if is_expert(n)]
+    if layout.ep == 1 or not experts:
+        return model_state_bytes(shapes, layout)
+    dense = model_state_bytes([(n, s) for n, s in shapes if not is_expert(n)], layout)
+    if layout.engine == "deepspeed":
+        routed = model_state_bytes(experts, dataclasses.replace(layout, zero=0, offload=None))
+    else:
+        routed = model_state_bytes(experts, layout, data=layout.expert_data)
+    return {key: dense[key] + routed[key] for key in dense}
+
+
+def model_state_bytes(shapes: list[tuple[str, Shape]], layout: Layout, data: int | None = None) -> dict[str, int]:
     """Bytes of weights, gradients and optimizer states that one rank holds (see the module docstring).
 
     ``step_gradients``: the fp32 gradient copy the optimizer step makes on the GPU (one group or sub-group at a time),
-    live only during the step. ``cpu``: what offload keeps in host memory for this rank.
+    live only during the step. ``cpu``: what offload keeps in host memory for this rank. ``data``: the ranks the
+    states shard over (default ``layout.data``, dp x cp; a routed expert's: ``layout.expert_data``).
     """
     p = DTYPE_BYTES[layout.dtype]
-    dp = layout.data  # context-parallel ranks hold the same weights: states shard over dp x cp
+    dp = layout.data if data is None else data  # context-parallel ranks hold the same weights: dp x cp
     groups = param_groups(shapes)
     total = sum(_numel(s) for _, s in shapes)
     accumulating = layout.num_microbatches > 1
     step = cpu = 0
     if layout.engine == "fsdp":
-        shards = dp // layout.dp_replicate
+        shards = max(dp // layout.dp_replicate, 1)
         local = sum(math.ceil(s[0] / shards) * _numel(s[1:]) for _, s in shapes)
         w, g, o = 4 * local, 4 * (total if accumulating else local), 8 * local + 4 * len(shapes)
         if layout.offload == "params":  # CPUOffloadPolicy: sharded weights, gradients and AdamW states on the host
@@ -162,8 +191,26 @@ def _mlp_bytes(layout: Layout, s: int, b: int, h: int, f: int, gated: bool, resi
     return rep, shard
 
 
-def layer_activation_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool = True) -> float:
-    """Bytes one layer keeps for backward for one microbatch, on one TP rank, before recomputation.
+def _moe_bytes(spec: ModelConfig, layout: Layout, s: int, b: int, resid_dropout: bool) -> tuple[float, float]:
+    """(replicated, sharded) bytes of a mixture-of-experts sub-block, all of it replicated on TP ranks (no expert is
+    split by tensor parallelism): the norm and router inputs, a dropout mask, the fp32 router logits and
+    probabilities; per routed copy of a token (top_k per token, on whichever rank holds its expert: dropless routing
+    over balanced experts brings each rank as many as it sends) the expert's input and output rows and its gate, up,
+    act(gate) and product; the shared experts as a SwiGLU MLP of their width, and their output when gated."""
+    p = DTYPE_BYTES[layout.dtype]
+    moe, h, f = spec.moe, spec.hidden_size, spec.expert_ffn_size
+    tokens = s * b
+    rep = 2 * tokens * h * p + (tokens * h if resid_dropout else 0)
+    rep += 2 * 4 * tokens * moe.num_experts
+    rep += tokens * moe.top_k * (2 * h + 4 * f) * p
+    if moe.shared_experts:
+        rep += 4 * tokens * moe.shared_experts * f * p + (tokens * h * p if moe.shared_expert_gate else 0)
+    return rep, 0.0
+
+
+def layer_activation_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool = True, moe: bool = False) -> float:
+    """Bytes one layer keeps for backward for one microbatch, on one TP rank, before recomputation; ``moe``: a
+    decoder's mixture-of-experts layer (``_moe_bytes`` in place of the MLP).
 
     For a GPT-3 style layer (MHA, 4h GELU MLP, dropout, no flash) this is Korthikanti's s*b*h*(34 + 5*a*s/h) at 16 bits,
     s*b*h*(10 + 24/t + 5*a*s/(h*t)) with tensor parallelism and s*b*h/t*(34 + 5*a*s/h) with sequence parallelism.
@@ -189,6 +236,7 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, decoder_layer: bool 
         parts = [
             _block_bytes(layout, q, s, b, h, spec.num_heads * d, spec.kv_heads * d, spec.num_heads, attn_do, resid_do,
                          scores),
+            _moe_bytes(spec, layout, q, b, resid_do) if moe else
             _mlp_bytes(layout, q, b, h, spec.ffn_size, spec.activation == "swiglu", resid_do),
         ]
     rep = sum(r for r, _ in parts)
@@ -276,20 +324,20 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
     """Peak activation bytes of one pipeline stage on one TP rank."""
     n_enc = spec.num_encoder_layers if isinstance(spec, EncDecSpec) else 0
     layer_ids = rank_layers(spec, layout.pp, layout)[stage]
-    kinds = [i >= n_enc for i in layer_ids]  # True: decoder layer
+    kinds = [(i >= n_enc, is_moe_layer(spec, i)) for i in layer_ids]  # (a decoder layer, a mixture layer)
     if layout.recompute == "full":
-        kept = sum(_layer_input_bytes(spec, layout, k) for k in kinds)
+        kept = sum(_layer_input_bytes(spec, layout, k[0]) for k in kinds)
         # The layer being recomputed during backward reruns its forward unchanged and holds all of its activations
         # (the s*s scores too when attention is not flash), once: one layer at a time.
         rerun = dataclasses.replace(layout, recompute="none")
-        working = max(layer_activation_bytes(spec, rerun, k) for k in set(kinds))
+        working = max(layer_activation_bytes(spec, rerun, *k) for k in set(kinds))
     elif layout.recompute == "selective-op":
         saved, shared = _op_policy_bytes(spec, layout)
         kept = len(kinds) * saved
         # The block being recomputed in backward rematerializes what the policy did not save, one block at a time.
         working = layer_activation_bytes(spec, dataclasses.replace(layout, recompute="none")) - shared
     else:
-        per_layer = {k: layer_activation_bytes(spec, layout, k) for k in set(kinds)}
+        per_layer = {k: layer_activation_bytes(spec, layout, *k) for k in set(kinds)}
         kept = sum(per_layer[k] for k in kinds)
         working = 0.0
     total = kept * inflight_microbatches(layout, stage) + working
@@ -310,7 +358,10 @@ def activation_bytes(spec: ModelSpec, layout: Layout, stage: int) -> int:
 def _gathered_bytes(spec: ModelSpec, layout: Layout, shapes: list[tuple[str, Shape]]) -> int:
     """Parameters gathered whole during forward and backward, in the training dtype, with their gradient.
 
-    FSDP2 gathers one block (``fully_shard`` unit) at a time and prefetches the next: the largest layer, twice.
+    FSDP2 gathers one block (``fully_shard`` unit) at a time and prefetches the next: the largest layer, twice. With
+    expert parallelism each routed expert is a unit of its own inside its block (``engines/fsdp.py``,
+    ``shard_experts``), gathered while the block's own unit is: the larger of two blocks and a block with two experts
+    (the one running and the one prefetched).
     DeepSpeed ZeRO-3 gathers module by module: the largest module (often the embedding or the head) with its
     gradient before the reduce-scatter, plus up to ``stage3_prefetch_bucket_size`` elements prefetched, the gathered
     parameters capped at ``stage3_max_live_parameters``.
@@ -318,10 +369,16 @@ def _gathered_bytes(spec: ModelSpec, layout: Layout, shapes: list[tuple[str, Sha
     p = DTYPE_BYTES[layout.dtype]
     if layout.engine == "fsdp":
         layers: dict[str, int] = {}
+        experts: dict[str, int] = {}
         for name, shape in shapes:
+            if layout.ep > 1 and is_expert(name):
+                unit = name[:name.index(".", name.index(EXPERT_MARK) + len(EXPERT_MARK))]  # ...mlp.experts.<e>
+                experts[unit] = experts.get(unit, 0) + math.prod(shape)
+                continue
             key = name.split(".")[1] if name.startswith("layers.") else ".".join(name.split(".")[:3])
             layers[key] = layers.get(key, 0) + math.prod(shape)
-        return 2 * max(layers.values()) * p
+        block = max(layers.values())
+        return max(2 * block, block + 2 * max(experts.values(), default=0)) * p
     modules: dict[str, int] = {}
     for name, shape in shapes:
         module = name.rpartition(".")[0]
@@ -339,7 +396,7 @@ def estimate(spec: ModelSpec, layout: Layout, gpu_memory: int | None = None) -> 
     stages = []
     for stage in range(layout.pp):
         shapes = stage_shapes(spec, layout.tp, layout.pp, stage, layout)
-        states = model_state_bytes(shapes, layout)
+        states = rank_state_bytes(shapes, layout)
         act = activation_bytes(spec, layout, stage)
         gathered = _gathered_bytes(spec, layout, shapes) if layout.sharded else 0
         resident = states["weights"] + states["gradients"] + states["optimizer"] + layout.overhead_bytes
@@ -361,7 +418,7 @@ def estimate(spec: ModelSpec, layout: Layout, gpu_memory: int | None = None) -> 
     worst = max(stages, key=lambda st: st["per_gpu_bytes"])
     out = {
         "layout": {"gpus": layout.gpus, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": layout.dp,
-                   "engine": layout.engine,
+                   "ep": layout.ep, "expert_data": layout.expert_data, "engine": layout.engine,
                    "zero": layout.zero, "offload": layout.offload, "micro_batch": layout.micro_batch,
                    "seq_len": layout.seq_len, "target_len": layout.target_len, "global_batch": layout.global_batch,
                    "num_microbatches": layout.num_microbatches,

@@ -9,7 +9,10 @@ Conventions:
 - an untied ``lm_head`` is *non-embedding* (it is a real matmul), as in ``DecoderLM.num_params``;
 - the token table has ``padded_vocab_size`` rows; published counts use the unpadded vocabulary, so the vocab
   padding is reported separately (``vocab_padding_params``);
-- an encoder-decoder's relative-position tables are counted with their stack (non-embedding), as T5 reports them.
+- an encoder-decoder's relative-position tables are counted with their stack (non-embedding), as T5 reports them;
+- a decoder's mixture-of-experts layers (``model.moe``) list the router, every routed expert (``mlp.experts.<e>``,
+  keyed by global index as the model names them), the shared experts' MLP and its gate; *active* parameters are those a
+  token meets: everything but the ``num_experts - top_k`` routed experts it does not choose in each mixture layer.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class ParamCounts:
     per_layer: dict[str, int]
     vocab_padding: int
     breakdown: dict[str, int] = field(default_factory=dict)
+    active: int = 0  # parameters one token meets (the total for a dense model); embeddings and head included
+    routed_experts: int = 0  # parameters of all routed experts (0 for a dense model)
 
 
 def _linear(name: str, d_in: int, d_out: int, bias: bool) -> list[tuple[str, Shape]]:
@@ -49,24 +54,85 @@ def _norm(name: str, dim: int, kind: str, bias: bool) -> list[tuple[str, Shape]]
     return out
 
 
-def _attention(name: str, h: int, q: int, kv: int, bias: bool) -> list[tuple[str, Shape]]:
-    return (_linear(f"{name}.q_proj", h, q, bias) + _linear(f"{name}.k_proj", h, kv, bias)
-            + _linear(f"{name}.v_proj", h, kv, bias) + _linear(f"{name}.o_proj", q, h, bias))
+def _attention(name: str, h: int, q: int, kv: int, bias: bool, qkv_bias: bool | None = None) -> list[tuple[str, Shape]]:
+    qkv = bias if qkv_bias is None else qkv_bias
+    return (_linear(f"{name}.q_proj", h, q, qkv) + _linear(f"{name}.k_proj", h, kv, qkv)
+            + _linear(f"{name}.v_proj", h, kv, qkv) + _linear(f"{name}.o_proj", q, h, bias))
 
 
-def _mlp(h: int, f: int, gated: bool, bias: bool) -> list[tuple[str, Shape]]:
-    shapes = _linear("mlp.up_proj", h, f, bias)
+def _mlp(h: int, f: int, gated: bool, bias: bool, name: str = "mlp") -> list[tuple[str, Shape]]:
+    shapes = _linear(f"{name}.up_proj", h, f, bias)
     if gated:
-        shapes += _linear("mlp.gate_proj", h, f, bias)
-    return shapes + _linear("mlp.down_proj", f, h, bias)
+        shapes += _linear(f"{name}.gate_proj", h, f, bias)
+    return shapes + _linear(f"{name}.down_proj", f, h, bias)
 
 
-def decoder_layer_shapes(cfg: ModelConfig, prefix: str = "") -> list[tuple[str, Shape]]:
-    """One decoder block, in the order ``Block.named_parameters()`` yields them."""
+EXPERT_MARK = ".experts."  # in the name of every routed expert's parameter: layers.<i>.mlp.experts.<e>.up_proj.weight
+
+
+def is_expert(name: str) -> bool:
+    """Whether parameter ``name`` belongs to a routed expert: the weights expert parallelism splits and whose
+    states shard over the ranks that replicate the expert."""
+    return EXPERT_MARK in name
+
+
+def moe_of(spec: "ModelSpec"):
+    """The mixture-of-experts settings of a decoder that has mixture layers (``model.moe``), else None."""
+    moe = getattr(spec, "moe", None)
+    return moe if moe is not None and moe.enabled else None
+
+
+def is_moe_layer(spec: "ModelSpec", index: int) -> bool:
+    """Whether decoder block ``index`` is a mixture of experts."""
+    moe = moe_of(spec)
+    return moe is not None and moe.is_moe_layer(index)
+
+
+def expert_shapes(cfg: ModelConfig) -> list[tuple[str, Shape]]:
+    """One routed expert (a SwiGLU MLP of ``expert_ffn_size``, no bias), named within it."""
+    return _mlp(cfg.hidden_size, cfg.expert_ffn_size, True, False, "")
+
+
+def moe_shapes(cfg: ModelConfig, experts: range | None = None) -> list[tuple[str, Shape]]:
+    """A mixture layer's parameters in ``MoE.named_parameters()`` order: the router [E, h], the routed experts
+    (``experts``: which global indices to list, default all), the shared experts' MLP (width shared_experts x
+    expert_ffn_size) and its gate [1, h]."""
+    h, m, f = cfg.hidden_size, cfg.moe, cfg.expert_ffn_size
+    shapes = _linear("mlp.router", h, m.num_experts, False)
+    for e in range(m.num_experts) if experts is None else experts:
+        shapes += [(f"mlp.experts.{e}{n}", s) for n, s in expert_shapes(cfg)]
+    if m.shared_experts:
+        shapes += _mlp(h, m.shared_experts * f, True, False, "mlp.shared")
+        if m.shared_expert_gate:
+            shapes += _linear("mlp.shared_gate", h, 1, False)
+    return shapes
+
+
+def decoder_layer_shapes(cfg: ModelConfig, prefix: str = "", index: int = 0,
+                         experts: range | None = None) -> list[tuple[str, Shape]]:
+    """Decoder block ``index``, in the order ``Block.named_parameters()`` yields them; a mixture layer lists the
+    routed experts ``experts`` (default all of them)."""
     h, d, b = cfg.hidden_size, cfg.head_dim, cfg.bias
-    shapes = _norm("attn_norm", h, cfg.norm, b) + _attention("attn", h, cfg.num_heads * d, cfg.kv_heads * d, b)
-    shapes += _norm("mlp_norm", h, cfg.norm, b) + _mlp(h, cfg.ffn_size, cfg.activation == "swiglu", b)
+    shapes = _norm("attn_norm", h, cfg.norm, b)
+    shapes += _attention("attn", h, cfg.num_heads * d, cfg.kv_heads * d, b, cfg.qkv_bias)
+    shapes += _norm("mlp_norm", h, cfg.norm, b)
+    if cfg.moe.is_moe_layer(index):
+        shapes += moe_shapes(cfg, experts)
+    else:
+        shapes += _mlp(h, cfg.ffn_size, cfg.activation == "swiglu", b)
     return [(prefix + n, s) for n, s in shapes]
+
+
+def decoder_block_params(cfg: ModelConfig) -> list[int]:
+    """Parameters of each decoder block (all experts of a mixture layer), in order."""
+    sizes: dict[bool, int] = {}
+    out = []
+    for i in range(cfg.num_layers):
+        kind = cfg.moe.is_moe_layer(i)
+        if kind not in sizes:
+            sizes[kind] = sum(_numel(s) for _, s in decoder_layer_shapes(cfg, index=i))
+        out.append(sizes[kind])
+    return out
 
 
 def decoder_shapes(cfg: ModelConfig) -> list[tuple[str, Shape]]:
@@ -76,7 +142,7 @@ def decoder_shapes(cfg: ModelConfig) -> list[tuple[str, Shape]]:
     if cfg.position == "learned":
         shapes.append(("pos_embed.weight", (cfg.max_seq_len, h)))
     for i in range(cfg.num_layers):
-        shapes += decoder_layer_shapes(cfg, f"layers.{i}.")
+        shapes += decoder_layer_shapes(cfg, f"layers.{i}.", i)
     if cfg.norm_position == "pre":
         shapes += _norm("final_norm", h, cfg.norm, cfg.bias)
     if not cfg.tie_embeddings:
@@ -168,31 +234,42 @@ def count_params(spec: ModelSpec) -> ParamCounts:
         heads = sum(_numel(s) for _, s in encdec_part_shapes(spec, "head"))
         breakdown = {"embedding": embedding, "encoder": stacks["encoder"], "decoder": stacks["decoder"],
                      "lm_head": heads}
-    else:
-        per_layer = {"decoder": sum(_numel(s) for _, s in decoder_layer_shapes(spec))}
-        rows = spec.padded_vocab_size - spec.vocab_size
-        padding = rows * spec.hidden_size * (1 if spec.tie_embeddings else 2)
-        h = spec.hidden_size
-        final = h * (2 if spec.norm == "layernorm" and spec.bias else 1) if spec.norm_position == "pre" else 0
-        breakdown = {
-            "embedding": embedding,
-            "layers": per_layer["decoder"] * spec.num_layers,
-            "final_norm": final,
-            "lm_head": 0 if spec.tie_embeddings else spec.padded_vocab_size * h,
-        }
-    return ParamCounts(total, embedding, total - embedding, per_layer, padding, breakdown)
+        return ParamCounts(total, embedding, total - embedding, per_layer, padding, breakdown, total, 0)
+    blocks = decoder_block_params(spec)
+    moe = moe_of(spec)
+    # one entry per kind of block present: "decoder" (a dense block), "decoder_moe" (a mixture block)
+    per_layer = {("decoder_moe" if is_moe_layer(spec, i) else "decoder"): n for i, n in enumerate(blocks)}
+    per_layer = {k: per_layer[k] for k in ("decoder", "decoder_moe") if k in per_layer}
+    rows = spec.padded_vocab_size - spec.vocab_size
+    padding = rows * spec.hidden_size * (1 if spec.tie_embeddings else 2)
+    h = spec.hidden_size
+    final = h * (2 if spec.norm == "layernorm" and spec.bias else 1) if spec.norm_position == "pre" else 0
+    breakdown = {
+        "embedding": embedding,
+        "layers": sum(blocks),
+        "final_norm": final,
+        "lm_head": 0 if spec.tie_embeddings else spec.padded_vocab_size * h,
+    }
+    routed = active = 0
+    if moe is not None:
+        mixtures = sum(1 for i in range(spec.num_layers) if moe.is_moe_layer(i))
+        expert = sum(_numel(s) for _, s in expert_shapes(spec))
+        routed = mixtures * moe.num_experts * expert
+        active = -mixtures * (moe.num_experts - moe.top_k) * expert  # the experts a token does not choose
+    return ParamCounts(total, embedding, total - embedding, per_layer, padding, breakdown, total + active, routed)
 
 
 def matmul_params(spec: ModelSpec) -> int:
-    """The N of the 6N FLOPs rule: every parameter that multiplies an activation.
+    """The N of the 6N FLOPs rule: every parameter that multiplies an activation of a token.
 
     That is all non-embedding parameters (norm scales and biases included, they are negligible) plus the output
     projection counted once even when it shares storage with the token embedding. Token and learned-position tables are
-    lookups and are left out.
+    lookups and are left out. In a mixture-of-experts model only the *active* parameters count: the router, the
+    ``top_k`` routed experts a token is sent to, and the shared experts of each mixture layer.
     """
     spec = as_spec(spec)
     counts = count_params(spec)
     if isinstance(spec, EncDecSpec):
         return counts.non_embedding + (spec.padded_vocab_size * spec.d_model if spec.tie_embeddings else 0)
     head = spec.padded_vocab_size * spec.hidden_size if spec.tie_embeddings else 0
-    return counts.non_embedding + head
+    return counts.active - counts.embedding + head

@@ -5,7 +5,7 @@ from __future__ import annotations
 from megatron_lite.config import ModelConfig
 from megatron_lite.planning.encdec import EncDecSpec, as_spec
 from megatron_lite.planning.flops import flops_per_processed_token
-from megatron_lite.planning.params import EMBEDDING_NAMES, count_params, matmul_params
+from megatron_lite.planning.params import EMBEDDING_NAMES, count_params, matmul_params, moe_of
 
 ModelSpec = ModelConfig | EncDecSpec
 
@@ -30,6 +30,7 @@ def meta_counts(spec: ModelSpec) -> dict[str, int] | None:
 
 
 DECODER_CONVENTION = "PaLM: 6N + 12*L*H*Q*T (causal: 6N + 6*L*H*Q*T); N = params_flops"
+MOE_CONVENTION = DECODER_CONVENTION + " (active: router, top_k routed and shared experts of each mixture layer)"
 # Input and target of T tokens each: 6N*T for the linear layers (encoder weights on inputs, decoder weights on
 # targets, cross-attention K/V on the encoder outputs) plus 12*H*Q*T^2 per encoder self-, decoder self- and
 # cross-attention layer, divided by the 2T processed tokens.
@@ -46,8 +47,19 @@ def flops_convention(spec: ModelSpec, seq_len: int | None = None, target_len: in
     """The formula behind ``flops_per_token``, for the family: PaLM's per-token rule, or its encoder-decoder form
     (the short one when input and target have the same length)."""
     if not isinstance(spec, EncDecSpec):
-        return DECODER_CONVENTION
+        return DECODER_CONVENTION if moe_of(spec) is None else MOE_CONVENTION
     return ENCDEC_CONVENTION if target_len in (None, seq_len) else ENCDEC_CONVENTION_ST
+
+
+def _moe_summary(spec: ModelSpec) -> dict | None:
+    """A mixture-of-experts decoder's routing shape (None for a dense model)."""
+    moe = moe_of(spec)
+    if moe is None:
+        return None
+    return {"num_experts": moe.num_experts, "top_k": moe.top_k, "every": moe.every,
+            "expert_ffn_size": spec.expert_ffn_size, "shared_experts": moe.shared_experts,
+            "mixture_layers": sum(1 for i in range(spec.num_layers) if moe.is_moe_layer(i)),
+            "num_layers": spec.num_layers}
 
 
 def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = True,
@@ -64,6 +76,9 @@ def model_report(spec: ModelSpec, seq_len: int, name: str = "", meta: bool = Tru
         "params_non_embedding": counts.non_embedding,
         "params_per_layer": counts.per_layer,
         "params_breakdown": counts.breakdown,
+        "params_active": counts.active,
+        "params_routed_experts": counts.routed_experts,
+        "moe": _moe_summary(spec),
         "params_flops": matmul_params(spec),
         "seq_len": seq_len,
         "flops_per_token": flops_per_processed_token(spec, seq_len, target_len, causal=False),

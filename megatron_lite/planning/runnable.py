@@ -3,7 +3,8 @@
 A planned layout becomes the config training would be given (``engine_config``) and goes through
 ``rules.check_layout`` at the same world size on GPUs: the check the trainer runs before it builds anything (ZeRO-3
 with TP, ZeRO-2/3 with PP, fp16 with PP or FSDP2, offload flags per engine, pipeline microbatch counts and stage
-sizes, tensor-parallel divisibility of heads, kv heads, FFN and vocabulary), after the config's own validation (``Config.validate``: what a model family supports, e.g. which layouts an encoder-decoder
+sizes, tensor-parallel divisibility of heads, kv heads, FFN and vocabulary, what expert parallelism needs), after the
+config's own validation (``Config.validate``: what a model family supports, e.g. which layouts an encoder-decoder
 runs). Its message is the reason a layout is refused. ``tests/planning/test_runnable.py`` checks, over a grid of
 layouts and both families, that the planner refuses exactly what training refuses.
 
@@ -25,7 +26,7 @@ ModelSpec = ModelConfig | EncDecSpec
 LAYOUT_KEYS: dict[str, str] = {
     "seq_len": "data.seq_len", "dtype": "training.precision", "global_batch": "training.global_batch_size",
     "micro_batch": "training.micro_batch_size", "engine": "parallel.engine", "tp": "parallel.tp", "pp": "parallel.pp",
-    "cp": "parallel.cp",
+    "cp": "parallel.cp", "ep": "parallel.ep",
     "sequence_parallel": "parallel.sequence_parallel", "schedule": "parallel.pp_schedule",
     "virtual_stages": "parallel.pp_virtual_stages", "dp_replicate": "parallel.dp_replicate",
     "zero": "parallel.zero_stage",
@@ -100,8 +101,8 @@ _ANSWERS: dict[tuple, str | None] = {}  # search asks for thousands of layouts t
 def refusal(spec: ModelSpec, layout) -> str | None:
     """Why training would refuse ``layout`` for this model (one line), or None when it runs."""
     spec = as_spec(spec)
-    key = (repr(spec), layout.gpus, layout.tp, layout.pp, layout.cp, layout.engine, layout.dp_replicate, layout.zero,
-           layout.offload, layout.dtype,
+    key = (repr(spec), layout.gpus, layout.tp, layout.pp, layout.cp, layout.ep, layout.engine, layout.dp_replicate,
+           layout.zero, layout.offload, layout.dtype,
            layout.schedule, layout.virtual_stages, layout.micro_batch, layout.global_batch, layout.seq_len,
            layout.target_len, layout.sequence_parallel)
     if key not in _ANSWERS:

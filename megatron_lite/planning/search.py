@@ -2,8 +2,11 @@
 
 Every candidate processes the same global batch (``--global-batch``, else the config's training batch, else
 ``DEFAULT_BATCH_TOKENS`` tokens rounded to a multiple of the GPU count), so the fastest step is also the highest
-throughput. The step model is ``steptime.step_time``. Choices the user fixed (``Constraints``: --tp, --pp, --zero or
---fsdp, --micro-batch, --recompute) restrict the enumeration instead of being overridden by it.
+throughput. The step model is ``steptime.step_time``. Choices the user fixed (``Constraints``: --tp, --pp, --cp, --ep,
+--zero or --fsdp, --micro-batch, --recompute) restrict the enumeration instead of being overridden by it.
+
+A mixture-of-experts decoder also enumerates expert parallelism: ep in the divisors of dp that divide
+``model.moe.num_experts`` (a dense model keeps ep 1).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from megatron_lite.planning.encdec import EncDecSpec, as_spec
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.layout import INTERLEAVED, RECOMPUTE, Layout
 from megatron_lite.planning.memory import estimate
+from megatron_lite.planning.params import moe_of
 from megatron_lite.planning.steptime import (
     LAYER_OVERHEAD_S,
     Network,
     check_rates,
-    stage_params,
+    stage_param_split,
     step_time,
     tokens_per_sample,
 )
@@ -37,6 +41,7 @@ class Constraints:
     tp: int | None = None
     pp: int | None = None
     cp: int | None = None
+    ep: int | None = None
     engine: str | None = None  # "deepspeed" or "fsdp"
     zero: int | None = None  # with engine "deepspeed"
     micro_batch: int | None = None
@@ -72,9 +77,20 @@ def _engines(pp: int, dp: int, fixed: Constraints) -> list[tuple[str, int]]:
     return [("deepspeed", z) for z in (0, 1, 2, 3) if pp == 1 or z <= 1] + [("fsdp", 0)]
 
 
+def _eps(spec: ModelSpec, dp: int, fixed: Constraints) -> list[int]:
+    """Expert-parallel sizes: the fixed one, else (a mixture-of-experts model only) every divisor of dp that divides
+    the experts of a layer."""
+    if fixed.ep:
+        return [fixed.ep]
+    moe = moe_of(spec)
+    if moe is None:
+        return [1]
+    return [e for e in _divisors(dp) if not moe.num_experts % e]
+
+
 def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None = None) -> list[Layout]:
-    """Every (tp, pp, engine/ZeRO, micro-batch, recompute) that training runs (``Layout.validate``, which asks the
-    engines' config check) for the model, the GPU count and ``fixed``.
+    """Every (tp, pp, cp, ep, engine/ZeRO, micro-batch, recompute) that training runs (``Layout.validate``, which asks
+    the engines' config check) for the model, the GPU count and ``fixed``.
 
     Raises ``PlanError`` naming the first reason when no layout is valid at all (e.g. a fixed --tp that does not
     divide the heads).
@@ -90,19 +106,20 @@ def candidate_layouts(spec: ModelSpec, base: Layout, fixed: Constraints | None =
         for pp, cp in _pp_cp(spec, base, tp, fixed):
             dp = max(base.gpus // (tp * pp * cp), 1)
             mbs = [fixed.micro_batch] if fixed.micro_batch else MICRO_BATCHES  # validate() keeps those dividing gb/dp
-            for engine, zero in _engines(pp, dp * cp, fixed):
-                for mb in mbs:
-                    for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
-                        lay = dataclasses.replace(base, tp=tp, pp=pp, cp=cp, engine=engine, zero=zero,
-                                                  micro_batch=mb, recompute=rc, offload=None)
-                        if pp == 1 and lay.schedule in INTERLEAVED:
-                            lay.schedule = "1f1b"
-                        try:
-                            lay.validate(spec)
-                        except PlanError as e:
-                            first_error = first_error or str(e)
-                            continue
-                        out.append(lay)
+            for ep in _eps(spec, dp, fixed):
+                for engine, zero in _engines(pp, dp * cp, fixed):
+                    for mb in mbs:
+                        for rc in [fixed.recompute] if fixed.recompute else RECOMPUTE:
+                            lay = dataclasses.replace(base, tp=tp, pp=pp, cp=cp, ep=ep, engine=engine, zero=zero,
+                                                      micro_batch=mb, recompute=rc, offload=None)
+                            if pp == 1 and lay.schedule in INTERLEAVED:
+                                lay.schedule = "1f1b"
+                            try:
+                                lay.validate(spec)
+                            except PlanError as e:
+                                first_error = first_error or str(e)
+                                continue
+                            out.append(lay)
     if not out:
         where = f" with {fixed.flags()}" if fixed.flags() else ""
         raise PlanError(f"no valid layout on {base.gpus} GPUs{where}: {first_error or 'nothing to enumerate'}")
@@ -146,14 +163,14 @@ def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: flo
     if base.global_batch is None:
         base = dataclasses.replace(base, global_batch=default_global_batch(spec, base, fixed.micro_batch))
     results = []
-    params: dict[tuple[int, int, int], int] = {}
+    params: dict[tuple[int, int, int, int], tuple[int, int]] = {}
     for lay in candidate_layouts(spec, base, fixed):
         mem = estimate(spec, lay, gpu_memory)
         if not mem["fits"]:
             continue
-        key = (lay.tp, lay.pp, lay.cp)
+        key = (lay.tp, lay.pp, lay.cp, lay.ep)
         if key not in params:
-            params[key] = stage_params(spec, lay)
+            params[key] = stage_param_split(spec, lay)
         row = {"layout": mem["layout"], "per_gpu_bytes": mem["per_gpu_bytes"], "breakdown": mem["breakdown"]}
         row.update(step_time(spec, lay, peak, mfu, net, params[key], layer_overhead_s))
         results.append(row)
@@ -162,12 +179,13 @@ def search(spec: ModelSpec, base: Layout, gpu_memory: int, peak: float, mfu: flo
 
 
 def _drop_ties(rows: list[dict]) -> list[dict]:
-    """Leave out a row whose split (tp, pp, micro-batch, recompute) and step time equal an earlier, smaller row's:
-    e.g. ZeRO 0 beside ZeRO 1, which moves the same bytes and only needs more memory."""
+    """Leave out a row whose split (tp, pp, cp, ep, micro-batch, recompute) and step time equal an earlier, smaller
+    row's: e.g. ZeRO 0 beside ZeRO 1, which moves the same bytes and only needs more memory."""
     kept, seen = [], set()
     for r in rows:
         lay = r["layout"]
-        key = (lay["tp"], lay["pp"], lay.get("cp", 1), lay["micro_batch"], lay["recompute"], r["step_time_s"])
+        key = (lay["tp"], lay["pp"], lay.get("cp", 1), lay.get("ep", 1), lay["micro_batch"], lay["recompute"],
+               r["step_time_s"])
         if key not in seen:
             seen.add(key)
             kept.append(r)

@@ -16,7 +16,12 @@ one stage costs
   larger micro-batches faster per token;
 - tp_mb: 4 all-reduces (2 forward, 2 backward; 6 with full recomputation) of s*b*h activations per layer, ring cost
   2 (t - 1)/t * bytes / bandwidth;
-- pp_mb: one s*b*h send forward and one backward at the stage boundary.
+- pp_mb: one s*b*h send forward and one backward at the stage boundary;
+- ep_mb (expert parallelism, ep > 1): per mixture layer two all-to-alls forward (dispatch the routed tokens to the
+  ranks holding their experts, combine them back) and two backward (four forward with full recomputation, which
+  reruns the dispatch and the combine), each moving tokens * top_k * (ep - 1)/ep rows of h values per rank
+  (dropless routing over balanced experts), over NVLink while the ep group (ep x cp x tp neighbouring ranks) stays
+  within a node.
 
 The step is the m microbatches, the pipeline bubble of (pp - 1) / v more microbatch slots (v = virtual stages of the
 interleaved schedule, else 1; Narayanan et al. 2021), and the part of the engine's data-parallel traffic that is not
@@ -31,7 +36,10 @@ dp_comm (Ψ = parameters of the rank's TP/PP slice, p = bytes of the training dt
 - ZeRO 3: all-gathers for forward and backward and a reduce-scatter, every microbatch: 3 m Ψ p;
 - FSDP2 (as the engine runs it): all-gathers for forward and backward every microbatch, and one reduce-scatter in
   fp32 on the last microbatch only: (2 m p + 4) Ψ.
-Over the inter-node links once the job spans nodes.
+Over the inter-node links once the job spans nodes. With ep > 1 the routed experts' parameters (Ψ_e) are reduced over
+the (dp / ep) x cp ranks that replicate them, ring factor (d_e - 1)/d_e, the rest (Ψ - Ψ_e) over all dp x cp ranks:
+under FSDP2 by the same collectives, under DeepSpeed (which keeps the experts out of ZeRO) by one all-reduce per step,
+2 Ψ_e p.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from megatron_lite.planning.encdec import EncDecSpec
 from megatron_lite.planning.errors import PlanError
 from megatron_lite.planning.flops import sequence_flops
 from megatron_lite.planning.layout import DTYPE_BYTES, INTERLEAVED, Layout, rank_layers, stage_shapes
+from megatron_lite.planning.params import is_expert, is_moe_layer, moe_of
 
 ModelSpec = ModelConfig | EncDecSpec
 
@@ -119,10 +128,10 @@ def _training_flops(spec: ModelSpec, layout: Layout) -> float:
     return flops
 
 
-def _dp_bytes(layout: Layout, params: int, m: int) -> float:
+def _dp_bytes(layout: Layout, params: int, m: int, data: int | None = None) -> float:
     """Bytes one data-parallel rank moves per step through ring collectives (see the module docstring); context-
-    parallel ranks average and shard with them."""
-    d, p = layout.data, DTYPE_BYTES[layout.dtype]
+    parallel ranks average and shard with them. ``data``: the ranks of the collective (default dp x cp)."""
+    d, p = layout.data if data is None else data, DTYPE_BYTES[layout.dtype]
     if d == 1:
         return 0.0
     ring = (d - 1) / d * params
@@ -134,8 +143,34 @@ def _dp_bytes(layout: Layout, params: int, m: int) -> float:
 
 def stage_params(spec: ModelSpec, layout: Layout) -> int:
     """Parameters of the most loaded (TP rank, pipeline stage): what one data-parallel group reduces."""
-    return max(sum(math.prod(s) for _, s in stage_shapes(spec, layout.tp, layout.pp, st, layout))
-               for st in range(layout.pp))
+    return sum(stage_param_split(spec, layout))
+
+
+def stage_param_split(spec: ModelSpec, layout: Layout) -> tuple[int, int]:
+    """(dense, routed-expert) parameters of the most loaded (TP rank, pipeline stage), by their sum: with expert
+    parallelism the first reduce over all dp x cp ranks, the second over the ``expert_data`` ranks."""
+    best = (0, 0)
+    for st in range(layout.pp):
+        dense = expert = 0
+        for name, shape in stage_shapes(spec, layout.tp, layout.pp, st, layout):
+            if is_expert(name):
+                expert += math.prod(shape)
+            else:
+                dense += math.prod(shape)
+        if dense + expert > sum(best):
+            best = (dense, expert)
+    return best
+
+
+def ep_comm_bytes(spec: ModelSpec, layout: Layout) -> float:
+    """Bytes one rank sends in one all-to-all of a mixture layer for one microbatch: its tokens x top_k routed
+    copies, of which (ep - 1)/ep go to other ranks, h values each (0 without expert parallelism)."""
+    moe = moe_of(spec)
+    if moe is None or layout.ep == 1:
+        return 0.0
+    tokens = layout.seq_len // layout.cp * layout.micro_batch
+    rows = tokens * moe.top_k * (layout.ep - 1) / layout.ep
+    return rows * spec.hidden_size * DTYPE_BYTES[layout.dtype]
 
 
 def overlaps_dp_comm(layout: Layout) -> bool:
@@ -162,10 +197,13 @@ def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> floa
 
 
 def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float | None = None, net: Network | None = None,
-              params: int | None = None, layer_overhead_s: float = LAYER_OVERHEAD_S) -> dict[str, float]:
+              params: int | tuple[int, int] | None = None,
+              layer_overhead_s: float = LAYER_OVERHEAD_S) -> dict[str, float]:
     """Seconds per optimizer step of ``layout.global_batch`` sequences, by component (see the module docstring).
 
-    ``params``: the rank's parameter count for the data-parallel traffic (default: computed from the stage shapes).
+    ``params``: the rank's parameter count for the data-parallel traffic (default: computed from the stage shapes),
+    or (dense, routed-expert) counts (``stage_param_split``) where expert parallelism reduces the two over different
+    ranks; a single count is reduced over all dp x cp ranks.
     """
     if layout.global_batch is None:
         raise PlanError("the step-time model needs a global batch (--global-batch) so that layouts do the same work")
@@ -192,22 +230,35 @@ def step_time(spec: ModelSpec, layout: Layout, peak: float, mfu: float | None = 
     kv = 0.0 if isinstance(spec, EncDecSpec) else s * b * spec.kv_heads * spec.head_dim * DTYPE_BYTES[layout.dtype] / t
     cp_bw = net.intra_node if t * c <= layout.gpus_per_node else net.inter_node
     cp_comm = 0.0 if c == 1 else m * layers * (3 if layout.recompute == "full" else 2) * 2 * (c - 1) / c * kv / cp_bw
+    # Expert parallelism: two all-to-alls per mixture layer forward (dispatch, combine), two backward, two more in the
+    # recomputed forward; the ep group is ep neighbouring data-parallel ranks, each tp x cp ranks apart.
+    a2a = ep_comm_bytes(spec, layout)
+    ep_comm = 0.0
+    if a2a:
+        mixtures = max(sum(1 for i in ids if is_moe_layer(spec, i)) for ids in rank_layers(spec, pp, layout))
+        ep_bw = net.intra_node if t * c * layout.ep <= layout.gpus_per_node else net.inter_node
+        ep_comm = m * mixtures * (6 if layout.recompute == "full" else 4) * a2a / ep_bw
     v = layout.virtual_stages if layout.schedule in INTERLEAVED else 1
     share = bubble_fraction(pp, m, v)
-    bubble = share / (1 - share) * (compute + fixed + tp_comm + pp_comm + cp_comm)
+    bubble = share / (1 - share) * (compute + fixed + tp_comm + pp_comm + cp_comm + ep_comm)
     dp_bw = net.intra_node if layout.gpus <= layout.gpus_per_node else net.inter_node
-    params = stage_params(spec, layout) if params is None else params
-    dp_total = _dp_bytes(layout, params, m) / dp_bw
+    params = stage_param_split(spec, layout) if params is None else params
+    dense, expert = (params, 0) if isinstance(params, int) else params
+    dp_bytes = _dp_bytes(layout, dense, m)
+    if expert:  # DeepSpeed keeps the experts out of ZeRO: one all-reduce per step, as ZeRO 0 (and DDP) reduce
+        outside = dataclasses.replace(layout, zero=0) if layout.engine == "deepspeed" else layout
+        dp_bytes += _dp_bytes(outside, expert, m, layout.expert_data)
+    dp_total = dp_bytes / dp_bw
     dp_comm = exposed_dp_comm(layout, dp_total, compute + fixed, layers)
-    total = compute + fixed + tp_comm + pp_comm + cp_comm + bubble + dp_comm
+    total = compute + fixed + tp_comm + pp_comm + cp_comm + ep_comm + bubble + dp_comm
     model_flops = layout.global_batch * sequence_flops(spec, s, layout.target_len, causal=False)[0]
     mfu_achieved = model_flops / total / (layout.gpus * peak)
     return {"step_time_s": total, "compute_s": compute, "fixed_s": fixed, "tp_comm_s": tp_comm, "pp_comm_s": pp_comm,
-            "cp_comm_s": cp_comm,
+            "cp_comm_s": cp_comm, "ep_comm_s": ep_comm,
             "bubble_s": bubble, "dp_comm_s": dp_comm, "dp_comm_total_s": dp_total, "global_batch": layout.global_batch,
             "microbatches": m, "tokens_per_step": tokens, "tokens_per_s": tokens / total, "mfu": mfu_achieved,
             "matmul_efficiency": efficiency}
 
 
-__all__ = ["LAYER_OVERHEAD_S", "Network", "check_rates", "exposed_dp_comm", "matmul_efficiency", "stage_params",
-           "step_time", "tokens_per_sample"]
+__all__ = ["LAYER_OVERHEAD_S", "Network", "check_rates", "ep_comm_bytes", "exposed_dp_comm", "matmul_efficiency",
+           "stage_param_split", "stage_params", "step_time", "tokens_per_sample"]
