@@ -76,12 +76,17 @@ def write_weights_with_fresh_optimizer(source: Path, out: Path, config: Config) 
 
 
 _CONVENTIONS = ("position", "norm", "norm_eps", "activation", "bias", "tie_embeddings", "rope_theta", "rope_scaling")
+# how a mixture routes: the weights' shapes cannot tell a softmax router from a sigmoid one, or top-1 from top-2
+_ROUTING = ("num_experts", "top_k", "every", "router", "normalize_top_k", "shared_expert_gate")
 
 
 def _check_conventions(source: Path, hf_cfg, config: Config) -> None:
     """Same shapes are not enough: the HF model's norm, positions and activation must be the run's too."""
     diff = [f"{k}={getattr(hf_cfg, k)!r} there, {getattr(config.model, k)!r} here" for k in _CONVENTIONS
             if getattr(hf_cfg, k) != getattr(config.model, k)]
+    if hf_cfg.moe.enabled or config.model.moe.enabled:
+        diff += [f"moe.{k}={getattr(hf_cfg.moe, k)!r} there, {getattr(config.model.moe, k)!r} here" for k in _ROUTING
+                 if getattr(hf_cfg.moe, k) != getattr(config.model.moe, k)]
     if diff:
         raise ConvertError(f"checkpoint.init_from={source}: config.json describes another model than the run's "
                            f"model section ({'; '.join(diff)})")

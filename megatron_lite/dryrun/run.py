@@ -107,7 +107,7 @@ def planner_layout(cfg: Config, world: int):
     torch_engine = par.engine in ("single", "ddp", "auto")
     offload = "params" if par.fsdp_cpu_offload or par.offload_params else "optimizer" if par.offload_optimizer else None
     return Layout(gpus=world, tp=par.tp, pp=par.pp, engine="fsdp" if par.engine == "fsdp" else "deepspeed",
-                  dp_replicate=par.dp_replicate, cp=par.cp,
+                  dp_replicate=par.dp_replicate, cp=par.cp, ep=par.ep,
                   zero=par.zero_stage, offload=offload, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                   target_len=cfg.data.target_seq_len, global_batch=cfg.global_batch_size,
                   recompute="full" if cfg.model.activation_checkpointing else "none", schedule=par.pp_schedule,

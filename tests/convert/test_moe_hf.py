@@ -198,3 +198,19 @@ def test_shared_expert_width_must_be_a_multiple_of_the_experts():
     config = reference("qwen2_moe").config.to_dict()
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=48 must be a positive multiple"):
         hf.config_from_hf({**config, "shared_expert_intermediate_size": 48})
+
+
+def test_starting_from_hf_weights_refuses_other_routing(tmp_path):
+    """checkpoint.init_from: a Mixtral directory whose experts have the run's shapes but route top-1 is refused,
+    naming the key (the weights alone cannot tell)."""
+    import dataclasses
+
+    from megatron_lite.config import load_config
+    from megatron_lite.convert.errors import ConvertError
+    from megatron_lite.convert.init_from import _check_conventions
+
+    run = load_config("configs/tiny-moe.yaml")
+    there = dataclasses.replace(run.model, moe=dataclasses.replace(run.model.moe, top_k=1))
+    with pytest.raises(ConvertError, match=r"moe\.top_k=1 there, 2 here"):
+        _check_conventions(tmp_path, there, run)
+    _check_conventions(tmp_path, run.model, run)  # the same routing passes
