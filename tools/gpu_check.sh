@@ -28,7 +28,8 @@ card, not yet measured) and writes everything it prints under --out (default run
       the attention kernel actually used (profiler: flash, cuDNN, memory-efficient or FlexAttention, never SDPA's
       math kernel) for causal, document, padding and document+padding masks with GQA, and FlexAttention's outputs
       and gradients against dense-mask SDPA; torch.compile of blocks (causal, and FlexAttention under
-      data.reset_at_document) against eager; fused AdamW on bf16 parameters after the state a load makes
+      data.reset_at_document) against eager; fused AdamW on bf16 parameters after the state a load makes; the
+      mixture layers' grouped expert matmuls (torch._grouped_mm, chosen by default on 9.0+) against their loop
   tests/gpu/test_memory.py (~2.5 min)
       peak memory (max_memory_allocated) of 5 bf16 configs (gpt2-124m fsdp1 and zero1, llama-1b fsdp1, with full
       recompute, and zero1) against tools/plan.py memory --overhead-gib 0; target within 10%; table in memory.md

@@ -68,6 +68,7 @@ def shard_experts(model: nn.Module, topology: Topology, kwargs: dict) -> None:
     mesh = topology.expert_data_mesh()
     for module in model.modules():
         if hasattr(module, "run_experts"):
+            module.grouped_experts = False  # each expert's own forward gathers its weights; a stacked call would not
             for expert in module.experts.values():
                 fully_shard(expert, **{**kwargs, "mesh": mesh})
 

@@ -17,6 +17,12 @@ where they arise, through ``AuxiliaryLoss``: the layer's output passes unchanged
 sum the gradient ``loss_scale`` (what the step multiplies its loss by), which also works inside a pipeline stage that
 never sees the final loss.
 
+**Expert compute.** A loop over the experts, each a plain SwiGLU ``MLP`` on its run of tokens (CPU, and wherever a
+wrapper must see each expert's own forward, as FSDP2 does for experts that are their own units); on CUDA one
+grouped matmul per projection over all experts (``torch._grouped_mm``, bf16 on compute capability 9.0 and newer),
+the weights stacked for the call. ``grouped_experts`` chooses: None (the default) picks by device, True or False
+forces one.
+
 **Statistics** (tokens per expert, the two losses) are counted in that backward, once per microbatch however many
 times activation recomputation runs the forward; the step reads and clears them (``take_statistics``).
 """
@@ -65,6 +71,7 @@ class MoE(nn.Module):
         # DeepSeek-V3's balancing bias: chooses experts, never weighs them; moved outside the gradient (update_bias)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.loss_scale = 1.0  # the gradient of the auxiliary sum: what the step scales its loss by
+        self.grouped_experts: bool | None = None  # None: grouped matmuls on CUDA where torch has them, else a loop
         self._stats: torch.Tensor | None = None  # [E + 3]: tokens per expert, balancing sum, z sum, tokens routed
 
     def init_buffers(self) -> None:
@@ -93,8 +100,33 @@ class MoE(nn.Module):
         """Each expert of ``experts`` (in order) applied to its run of ``tokens`` [n, h], sorted by expert with
         ``counts[e]`` rows for the e-th; the outputs in the same order. A point to extend where the experts are
         spread over processes."""
+        if self._grouped(tokens):
+            return self._grouped_experts(tokens, counts)
         parts = tokens.split(counts.tolist())
         return torch.cat([expert(part) for expert, part in zip(self.experts.values(), parts)])
+
+    def _grouped(self, tokens: torch.Tensor) -> bool:
+        if self.grouped_experts is not None:
+            return self.grouped_experts
+        return (tokens.is_cuda and hasattr(torch, "_grouped_mm")
+                and torch.cuda.get_device_capability(tokens.device) >= (9, 0))
+
+    def _grouped_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``run_experts`` as three grouped matmuls: rows ``[offs[e-1], offs[e])`` of the tokens meet expert e's
+        weights, stacked [E, in, out]. Under autocast in the autocast dtype (the grouped kernel takes bf16 on CUDA)."""
+        experts = list(self.experts.values())
+        device = tokens.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+        offs = counts.cumsum(0).to(torch.int32)
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([getattr(e, name).weight for e in experts]).transpose(1, 2).to(dtype)
+
+        x = tokens.to(dtype)
+        with torch.autocast(device, enabled=False):
+            gate = torch._grouped_mm(x, stacked("gate_proj"), offs=offs)
+            up = torch._grouped_mm(x, stacked("up_proj"), offs=offs)
+            return torch._grouped_mm(F.silu(gate) * up, stacked("down_proj"), offs=offs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,5 +1,6 @@
 """What runs on the GPU: the attention kernel masked attention actually uses, FlexAttention's gradients against SDPA's,
-compiled blocks (with and without document masks), and fused AdamW on bf16 parameters after a checkpoint load.
+compiled blocks (with and without document masks), fused AdamW on bf16 parameters after a checkpoint load, and the
+mixture layers' grouped expert matmuls against their loop.
 
 Each check runs in a forked child (the pytest process never initializes CUDA) and writes what it saw to JSON.
 """
@@ -109,3 +110,37 @@ def test_fused_adamw_steps_bf16_parameters_after_a_load(tmp_path):
     result = json.loads(out.read_text())
     assert result["steps"] == [["cuda:0", 5.0]] and result["dtype"] == "torch.bfloat16", result
     assert result["diff"] < 5e-2, result  # bf16 parameters: the fused and for-loop updates round differently
+
+
+def _grouped_experts(rank: int, out: str) -> None:
+    import torch
+
+    from megatron_lite.models.moe import MoE
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda", 0)
+    layer = MoE(512, 1024, num_experts=8, top_k=2).to(dev)
+    x = torch.randn(4, 256, 512, device=dev)
+    got = {}
+    for grouped in (False, True):
+        layer.grouped_experts = grouped
+        layer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().mean().backward()
+        got[grouped] = (y.float(), layer.experts["3"].down_proj.weight.grad.float().clone())
+    layer.grouped_experts = None
+    with open(out, "w") as f:
+        json.dump({"default_grouped": layer._grouped(x), "out": float((got[True][0] - got[False][0]).norm()
+                   / got[False][0].norm()), "grad": float((got[True][1] - got[False][1]).norm()
+                                                       / got[False][1].norm())}, f)
+
+
+def test_grouped_expert_matmuls_match_the_loop(tmp_path):
+    """On compute capability 9.0 (H100/H200) the mixture layer picks grouped matmuls by default; in bf16 they give
+    the per-expert loop's outputs and gradients to bf16 rounding."""
+    out = tmp_path / "grouped.json"
+    run_ranks(_grouped_experts, 1, (str(out),), timeout=120)
+    result = json.loads(out.read_text())
+    assert result["default_grouped"], result
+    assert result["out"] < 2e-2 and result["grad"] < 2e-2, result
