@@ -327,9 +327,10 @@ def check_experts(cfg: Config, engine: str, dp: int) -> None:
     if par.dp_replicate > 1:
         raise ConfigError(f"parallel.ep={ep} with parallel.dp_replicate={par.dp_replicate}: HSDP with expert "
                           "parallelism is not supported; use plain FSDP (dp_replicate: 1)")
-    if engine == "deepspeed":
-        raise ConfigError(f"parallel.ep={ep} with parallel.engine=deepspeed is not supported yet; use "
-                          "parallel.engine=fsdp or ddp (DeepSpeed runs mixture models with parallel.ep=1)")
+    if engine == "deepspeed" and par.zero_stage not in (1, 2):
+        raise ConfigError(f"parallel.ep={ep} with parallel.engine=deepspeed and parallel.zero_stage={par.zero_stage} "
+                          "is not supported (the experts stay outside ZeRO 1-2 only); use parallel.zero_stage=1 or 2, "
+                          "or parallel.engine=fsdp or ddp")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,12 +13,36 @@ the model is materialized whole.
 Checkpoints are the logical ones, written from and read into ZeRO's partitions (``deepspeed_state.py``); ZeRO reduces
 and partitions over the data axis only, told so by a process-group adapter (``deepspeed_mpu.py``).
 
+**Expert parallelism** (``parallel.ep > 1``, ZeRO 1-2; the rules refuse ZeRO 0 and 3): the routed experts are kept
+out of DeepSpeed. Only the dense parameters go to ``deepspeed.initialize``'s optimizer, ZeRO-partitioned over the
+data axis as ever; the experts (whole on every rank, different between the ranks of an ep group) get their own torch
+AdamW, built by the same ``build_adamw`` (same hyper-parameters, same weight-decay groups), stepped beside
+DeepSpeed's. Their gradients are reduced as DDP reduces them (``_reduce_expert_gradients``: summed over the
+expert-data group, divided by the whole data axis) and they are clipped with the one global norm: DeepSpeed's norm
+over its partitions widened, for the length of its step, by the experts' (``_norm_with_experts``), so DeepSpeed clips
+the dense part and reports the norm, and the experts are clipped by the same number (mixture models refuse fp16, so
+the experts' gradients carry no loss scale). In bf16 the experts keep fp32 masters, as ZeRO keeps for the dense
+part. During ``deepspeed.initialize`` the experts are detached from the model (``_experts_hidden``): DeepSpeed would
+otherwise broadcast every parameter from the first data-parallel rank, which overwrites one ep rank's experts with
+another's. Checkpoints write the experts and their AdamW state under the same logical names as every engine, each by
+one rank of the ranks holding it (``deepspeed_state.py``).
+
+Why not DeepSpeed's own MoE support (expert parameters marked ``allreduce=False`` with a ``group_name``, a 'moe'
+optimizer group, ``deepspeed.utils.groups`` expert groups): DeepSpeed turns it on only when the model holds its own
+``deepspeed.moe.layer.MoE`` class (``has_moe_layers``, read before the optimizer is built), so it would take faking
+that flag inside ``initialize``, filling DeepSpeed's private group tables with our expert-data groups, and trusting
+that each ZeRO path (stage 1's boundary reduction, stage 2's buckets, its own MoE norm averaging, the ``safe_*``
+checkpoint helpers) divides expert gradients by the data axis rather than by the expert-data group as DeepSpeed's
+own MoE layer expects. Keeping the experts out costs one all-reduce per step over the expert-data group, the same as
+DDP's, and leans on one more internal (``scaled_global_norm``) instead of a dozen.
+
 DeepSpeed's internals used here and beside it, each where it is used: the ZeRO-0 unfused optimizer's ``fp16_groups``
 / ``fp32_groups``, ``skipped_steps``, ``set_gradient_accumulation_boundary``, ``allreduce_gradients`` and ZeRO-1's
 ``reduce_gradients(pipeline_parallel=True)`` (our pipeline schedule, as DeepSpeed's own pipeline engine calls them),
-``ds_pipe_replicated``; in ``deepspeed_state.py`` the ZeRO-3 parameter attributes (``ds_id``, ``ds_tensor``,
-``ds_shape``), ``_hp_mapping``, ``fp32_partitioned_groups_flat``, the ZeRO-1/2 optimizer-state links and the loss
-scalers' counters. They were checked with DeepSpeed 0.19.8; ``pyproject.toml`` allows 0.19.x only.
+``ds_pipe_replicated``, ZeRO-1/2's ``scaled_global_norm`` and ``loss_scale`` (expert parallelism); in
+``deepspeed_state.py`` the ZeRO-3 parameter attributes (``ds_id``, ``ds_tensor``, ``ds_shape``), ``_hp_mapping``,
+``fp32_partitioned_groups_flat``, the ZeRO-1/2 optimizer-state links and the loss scalers' counters. They were checked
+with DeepSpeed 0.19.8; ``pyproject.toml`` allows 0.19.x only.
 """
 
 from __future__ import annotations
@@ -39,9 +63,11 @@ from megatron_lite.engines.build import ModelFactory
 from megatron_lite.engines.deepspeed_config import deepspeed_config
 from megatron_lite.engines.gradients import clip_gradients, global_grad_norm
 from megatron_lite.engines.build import build_model
+from megatron_lite.engines.ddp import all_reduce_mean
 from megatron_lite.engines.deepspeed_mpu import TopologyMPU
 from megatron_lite.engines.deepspeed_state import ZeROCheckpointState, loss_scaler_state
 from megatron_lite.engines.materialize import fill_zero3_partitions, partition_for_zero3
+from megatron_lite.models.moe import is_expert_param
 from megatron_lite.parallel.pipeline import PipelineRunner
 from megatron_lite.step.optim import build_adamw
 from megatron_lite.step.tasks import Task
@@ -84,11 +110,18 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
             params = dict(self.model.named_parameters())
             for name in self._parts.replicas:
                 params[name].ds_pipe_replicated = True
-        self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, built.no_decay)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False,
-            mpu=TopologyMPU(topology) if topology.is_distributed else None,
-        )
+        # With expert parallelism the routed experts stay outside DeepSpeed (the module docstring says why)
+        self.experts = {n: p for n, p in self.model.named_parameters() if is_expert_param(n)} if topology.ep > 1 else {}
+        with _experts_hidden(self.model) if self.experts else contextlib.nullcontext():
+            self.optimizer = build_adamw(self.model, cfg.optimizer, topology.device, built.no_decay)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False,
+                mpu=TopologyMPU(topology) if topology.is_distributed else None,
+            )
+        self._expert_masters: dict[nn.Parameter, torch.Tensor] = {}
+        self.expert_optimizer: torch.optim.Optimizer | None = None
+        if topology.ep > 1:
+            self._build_expert_optimizer(built.no_decay)
         self.module = self.engine
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])
         self._masters = self._unfused_masters()
@@ -112,6 +145,32 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         else:
             super().materialize(model, rules, seed, built)
 
+    def _build_expert_optimizer(self, no_decay: set[str]) -> None:
+        """The experts' torch AdamW: ``build_adamw`` over the whole model (so the same hyper-parameters and weight-decay
+        groups as the dense part's), kept to the experts. Each expert is cast to DeepSpeed's parameter dtype, as
+        DeepSpeed cast the dense part; where that is not fp32 the optimizer steps an fp32 master of it instead."""
+        opt = self.engine.optimizer
+        if not (hasattr(opt, "scaled_global_norm") and hasattr(opt, "loss_scale")):
+            raise RuntimeError(
+                f"parallel.ep={self.topology.ep} under DeepSpeed needs its ZeRO-1/2 optimizer, which computes the "
+                f"gradient norm the experts join; got {type(opt).__name__} (a deepspeed_overrides setting such as "
+                "data_types.grad_accum_dtype selects another)")
+        dtype = self.engine.get_data_types()[0]
+        for p in self.experts.values():
+            if p.dtype == dtype:
+                self._expert_masters[p] = p
+            else:
+                self._expert_masters[p] = p.detach().to(torch.float32, copy=True)
+                p.data = p.data.to(dtype)
+        optimizer = build_adamw(self.model, self.cfg.optimizer, self.topology.device, no_decay)
+        groups = []
+        for group in optimizer.param_groups:
+            params = [self._expert_masters[p] for p in group["params"] if p in self._expert_masters]
+            if params:
+                groups.append({**group, "params": params})
+        optimizer.param_groups = groups
+        self.expert_optimizer = optimizer
+
     def _unfused_masters(self) -> dict[nn.Parameter, torch.Tensor]:
         """ZeRO-0 in bf16/fp16 wraps torch AdamW in DeepSpeed's unfused optimizer: one fp32 copy per parameter."""
         opt = self.engine.optimizer
@@ -130,6 +189,10 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
             )
         for group in self.optimizer.param_groups:  # the client optimizer is DeepSpeed's base optimizer
             group["lr"] = lr
+        if self.expert_optimizer is not None:
+            for group in self.expert_optimizer.param_groups:
+                group["lr"] = lr
+            self._clear_expert_gradients()
         self._skipped_before = self.engine.skipped_steps
         self._own_norm = None
         self._nonfinite = False
@@ -149,12 +212,36 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         else:
             self.engine.allreduce_gradients()
 
+    @torch.no_grad()
+    def _reduce_expert_gradients(self) -> None:
+        """The experts' gradients summed over the ranks holding the same experts and divided by the whole data axis,
+        as DDP does (each already holds the contributions of its whole ep group's tokens); in fp32, on the masters. An
+        expert no microbatch reached reduces zeros, so every rank of the group sends the same tensors."""
+        if self.topology.ep == 1:
+            return
+        grads = []
+        for p in self.experts.values():
+            master = self._expert_masters[p]
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if master is not p:
+                master.grad, p.grad = grad.to(master.dtype), None
+            else:
+                p.grad = grad
+            grads.append(master.grad)
+        all_reduce_mean(grads, self.topology.expert_data_group(), self.topology.data_size)
+
+    def _clear_expert_gradients(self) -> None:
+        for p, master in self._expert_masters.items():
+            p.grad = master.grad = None
+
     def _finish_step(self, max_norm: float) -> tuple[float, bool]:
         """DeepSpeed's step at the accumulation boundary: it clips (to the JSON's ``gradient_clipping``) and steps.
 
         ZeRO-0 in fp32 clips but does not keep the norm, and under our pipeline schedule DeepSpeed's own clipping is
         off: there the averaged gradients are final, so the norm is ours, and with PP we clip here too.
         """
+        if self.topology.ep > 1:
+            return self._finish_step_with_experts(max_norm)
         if self.stage == 0 and (self.pipeline is not None or not self._masters):
             named = list(self.model.named_parameters())
             self._own_norm = float(global_grad_norm(named, self.topology, self.shards, self.copies))
@@ -166,6 +253,28 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         norm = self.engine.get_global_grad_norm() if self._own_norm is None else self._own_norm
         grad_norm = float(norm) if norm is not None else math.nan
         return grad_norm, self._nonfinite or self.engine.skipped_steps > self._skipped_before
+
+    def _finish_step_with_experts(self, max_norm: float) -> tuple[float, bool]:
+        """DeepSpeed's step with its norm widened by the experts' (so it clips the dense part with the global norm and
+        reports it), then, unless DeepSpeed skipped the step, the experts clipped by that norm and stepped."""
+        named = [(name, self._expert_masters[p]) for name, p in self.experts.items()]
+        expert_sq = float(global_grad_norm(named, self.topology, self.shards, self.copies)) ** 2  # over every rank
+        with _norm_with_experts(self.engine.optimizer, expert_sq):
+            self.engine.step()
+        skipped = self.engine.skipped_steps > self._skipped_before
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        if not skipped:
+            masters = [master for _, master in named]
+            if norm is not None:  # DeepSpeed computes no norm only where it does not clip
+                clip_gradients(masters, max_norm, grad_norm)
+            self.expert_optimizer.step()
+            with torch.no_grad():
+                for p, master in self._expert_masters.items():
+                    if master is not p:
+                        p.copy_(master)
+        self._clear_expert_gradients()
+        return grad_norm, skipped
 
     # ------------------------------------------------------------------------------------------------------------------
     # What this rank holds
@@ -180,7 +289,7 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         scale = loss_scaler_state(self.engine.optimizer).get("cur_scale", 1.0)
         pieces = []
         for p, names in self._names():
-            grad = safe_get_full_grad(p) if self._managed(p) else p.grad
+            grad = safe_get_full_grad(p) if self._managed(p) else self._expert_masters.get(p, p).grad
             shape = self._shape(p)
             grad = torch.zeros(shape) if grad is None else grad.detach().to("cpu", torch.float32).reshape(shape) / scale
             full, offset = self._box(names[0], shape)
@@ -198,6 +307,8 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         """Clear the client AdamW's state (on ZeRO's flat partitions); ZeRO 1-2 link it to the parameters' fragments
         again after their next step."""
         self.optimizer.state.clear()
+        if self.expert_optimizer is not None:
+            self.expert_optimizer.state.clear()
         opt = self.engine.optimizer
         if hasattr(opt, "_hp_optimizer_states_linked"):
             opt._hp_optimizer_states_linked = False
@@ -212,7 +323,7 @@ class DeepSpeedEngine(ZeROCheckpointState, Engine):
         return out
 
     def _optimizer_numel(self) -> int:
-        return sum(t.numel() for t in self._flat_params())
+        return sum(t.numel() for _, tensors in self._optimizer_tensors() for t in tensors)
 
     def _offload(self) -> list[str]:
         return [what for what, on in (("optimizer", self.engine.zero_offload_optimizer()),
@@ -236,3 +347,40 @@ def _optimizer_step_skipped(optimizer: Any, skip: bool):
         yield
     finally:
         del optimizer.step
+
+
+@contextlib.contextmanager
+def _experts_hidden(model: nn.Module):
+    """``model`` without its routed experts (each mixture layer's ``experts`` emptied) for the duration: what
+    ``deepspeed.initialize`` sees, so that it neither broadcasts, casts nor partitions them."""
+    held = [(m, m.experts) for m in model.modules()
+            if hasattr(m, "run_experts") and isinstance(getattr(m, "experts", None), nn.ModuleDict)]
+    for module, _ in held:
+        module.experts = nn.ModuleDict()
+    try:
+        if any(is_expert_param(name) for name, _ in model.named_parameters()):
+            raise RuntimeError("a routed expert's parameter lies outside the mixture layers' experts")
+        yield
+    finally:
+        for module, experts in held:
+            module.experts = experts
+
+
+@contextlib.contextmanager
+def _norm_with_experts(optimizer: Any, expert_sq: float):
+    """Run ZeRO-1/2's step with its gradient norm (over its partitions of the dense gradients, scaled by the loss
+    scale) joined by the experts' (``expert_sq``: the sum of their squares over every rank, unscaled), so that
+    DeepSpeed clips the dense part with the global norm and keeps it as its ``get_global_grad_norm``. A norm
+    DeepSpeed found invalid (inf) stays so. ``scaled_global_norm`` is shadowed on the instance for this one call."""
+    dense_norm = optimizer.scaled_global_norm
+
+    def global_norm(*args, **kwargs):
+        norm = torch.as_tensor(dense_norm(*args, **kwargs))
+        scale = float(optimizer.loss_scale)
+        return (norm.double().square() + expert_sq * scale * scale).sqrt().to(norm.dtype)
+
+    optimizer.scaled_global_norm = global_norm
+    try:
+        yield
+    finally:
+        del optimizer.scaled_global_norm

@@ -10,6 +10,11 @@ saved under ZeRO-3 on two ranks therefore loads under FSDP on one, and the other
 checkpoint files are not written: they cannot change world size. The fp16 loss scaler's counters go to meta.json
 (``extra_state``).
 
+With expert parallelism the routed experts live outside ZeRO (``deepspeed.py``): each rank holds its experts whole,
+stepped by a torch AdamW of their own (on fp32 masters in bf16). They are saved under the same logical names as every
+other engine's, each by one of the ranks that hold it (balanced over the expert-data group, as the dense tensors are
+over the data axis), and loaded into the masters, the module and that optimizer's state.
+
 DeepSpeed internals used (checked with 0.19.8; ``pyproject.toml`` allows 0.19.x only): ZeRO-3's parameter attributes
 ``ds_id``, ``ds_tensor`` and ``ds_shape``; ``_hp_mapping`` on ZeRO-1/2 and bf16-optimizer parameters;
 ``fp32_partitioned_groups_flat`` (ZeRO-3's flat partitions); ``_hp_optimizer_states_linked`` and
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron_lite.engines.logical import balance_owners, budget_groups, ensure_adamw_state_for, tensor_parallel_view
@@ -34,7 +40,8 @@ MOMENT_KEYS = tuple(k for k in OPTIM_STATE_KEYS if k != "step")
 
 class ZeROCheckpointState:
     """Logical checkpoints of ``DeepSpeedEngine`` (a mixin: it reads the engine's ``engine``, ``optimizer``,
-    ``model``, ``stage``, ``topology``, ``shards``, ``aliases`` and ``_masters``)."""
+    ``model``, ``stage``, ``topology``, ``shards``, ``aliases``, ``_masters``, and with expert parallelism
+    ``expert_optimizer`` and ``_expert_masters``)."""
 
     # Full fp32 bytes (weights and both AdamW moments) that one load step reads and scatters at a time.
     load_budget_bytes: int = 256 * 2**20
@@ -55,9 +62,12 @@ class ZeROCheckpointState:
         """Whether ``p``'s fp32 master is partitioned by ZeRO (or DeepSpeed's bf16 optimizer): reach it via safe_*."""
         return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # the mapping is None where this rank holds none of p
 
-    def _master(self, p: nn.Parameter) -> torch.Tensor:
-        """The tensor AdamW steps for ``p`` under ZeRO-0: its fp32 copy in bf16/fp16, else ``p`` itself."""
-        return self._masters.get(p, p)
+    def _stepped(self, p: nn.Parameter) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        """For a parameter outside ZeRO's partitions (ZeRO-0's, or a routed expert's under expert parallelism): the
+        tensor AdamW steps for it (its fp32 copy in bf16/fp16, else ``p`` itself) and that AdamW."""
+        if p in self._expert_masters:
+            return self._expert_masters[p], self.expert_optimizer
+        return self._masters.get(p, p), self.optimizer
 
     @staticmethod
     def _shape(p: nn.Parameter) -> torch.Size:
@@ -77,9 +87,9 @@ class ZeROCheckpointState:
 
         if self._managed(p):
             value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        else:  # ZeRO-0: every rank holds the whole master and its moments; nothing to communicate
-            master = self._master(p)
-            value = master if key is None else self.optimizer.state[master][key]
+        else:  # ZeRO-0, or an expert: this rank holds the whole master and its moments; nothing to communicate
+            master, optimizer = self._stepped(p)
+            value = master if key is None else optimizer.state[master][key]
         if not keep:
             return None
         return value.detach().to("cpu", torch.float32, copy=True).reshape(self._shape(p))
@@ -93,8 +103,15 @@ class ZeROCheckpointState:
             return list(self.engine.optimizer.fp32_partitioned_groups_flat)
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _optimizer_tensors(self) -> list[tuple[torch.optim.Optimizer, list[torch.Tensor]]]:
+        """Each torch AdamW with the tensors it steps: the client optimizer's, and the experts' (expert parallelism)."""
+        out = [(self.optimizer, self._flat_params())]
+        if self.expert_optimizer is not None:
+            out.append((self.expert_optimizer, [t for g in self.expert_optimizer.param_groups for t in g["params"]]))
+        return out
+
     def _base_state(self) -> list[dict]:
-        return [self.optimizer.state[p] for p in self._flat_params()]
+        return [opt.state[t] for opt, tensors in self._optimizer_tensors() for t in tensors]
 
     def _ensure_optimizer_state(self) -> None:
         """Create AdamW's state before the first step, so it can be written or overwritten in place.
@@ -102,7 +119,8 @@ class ZeROCheckpointState:
         torch AdamW creates it lazily in its first step: a 0-d float32 step count and zero moments shaped like the
         tensor (here, like DeepSpeed's flat partition). Creating the same entries ahead of time changes nothing.
         """
-        ensure_adamw_state_for(self.optimizer, self._flat_params())
+        for optimizer, tensors in self._optimizer_tensors():
+            ensure_adamw_state_for(optimizer, tensors)
         self._link_optimizer_state()
 
     def _link_optimizer_state(self) -> None:
@@ -137,15 +155,15 @@ class ZeROCheckpointState:
         and each key is held by exactly one of them, so a rank ends with about 12 bytes x parameters / world size on
         the CPU, plus one parameter's full tensor on the device at a time while ZeRO assembles it. Parameters are
         assembled one by one on every rank, in the same order, because the assembly is a collective over the data
-        axis. With tensor parallelism each tensor-parallel rank's owner writes its shard, as a part of the full tensor,
-        through a view of the CPU copy itself (``tensor_parallel_view``): nothing goes back to the device to be written.
+        axis. Routed experts under expert parallelism differ between the ranks of an ep group and need no assembly:
+        each is owned by one of the ranks holding it (balanced over the expert-data group). With tensor parallelism
+        each tensor-parallel rank's owner writes its shard, as a part of the full tensor, through a view of the CPU
+        copy itself (``tensor_parallel_view``): nothing goes back to the device to be written.
         """
         self._ensure_optimizer_state()
         step = self._step_count()
         named, buffers = self._names(), self._buffers()
-        sizes = [self._entry_bytes(p) for p, _ in named] + [b.numel() * b.element_size() for _, b in buffers]
-        owners = balance_owners(sizes, self.topology.data_size)
-        mine = [owner == self.topology.data_rank for owner in owners]
+        mine = self._owned([p for p, _ in named], buffers)
         out: dict[str, torch.Tensor] = {}
         for (p, names), keep in zip(named, mine):
             weight = self._full(p, None, keep)
@@ -161,6 +179,20 @@ class ZeROCheckpointState:
             if keep:
                 out[f"model.{name}"] = buf.detach().to("cpu", copy=True)
         return out
+
+    def _owned(self, params: list[nn.Parameter], buffers: list[tuple[str, torch.Tensor]]) -> list[bool]:
+        """Whether this rank writes each of ``params`` and then each of ``buffers``: the replicated ones (all but the
+        experts) balanced over the data axis, the experts over the ranks holding the same ones (expert-data group).
+        A pure function of sizes, the same on every rank that holds the same tensors."""
+        topo = self.topology
+        experts = [p in self._expert_masters for p in params]
+        sizes = [self._entry_bytes(p) for p, e in zip(params, experts) if not e]
+        sizes += [b.numel() * b.element_size() for _, b in buffers]
+        shared = iter(owner == topo.data_rank for owner in balance_owners(sizes, topo.data_size))
+        expert_rank = dist.get_rank(topo.expert_data_group()) if any(experts) else 0
+        own = iter(owner == expert_rank for owner in balance_owners(
+            [self._entry_bytes(p) for p, e in zip(params, experts) if e], topo.expert_data_size))
+        return [next(own) if e else next(shared) for e in experts] + list(shared)
 
     def save(self, path: Path) -> None:
         """Every rank writes only the keys it owns; DCP's planner merges the ranks' different key sets."""
@@ -224,11 +256,11 @@ class ZeROCheckpointState:
             for key in MOMENT_KEYS:
                 safe_set_full_optimizer_state(p, state[f"optim.{optim_name}.{key}"].to(dev), key)
             return
-        master = self._master(p)
-        if p in self._masters:  # fp32 ZeRO-0 steps ``p`` itself, which _copy_into_module sets
+        master, optimizer = self._stepped(p)
+        if master is not p:  # an fp32 master; where AdamW steps ``p`` itself, _copy_into_module sets it
             master.copy_(weight.reshape(master.shape))
         for key in MOMENT_KEYS:
-            self.optimizer.state[master][key].copy_(state[f"optim.{optim_name}.{key}"].reshape(master.shape))
+            optimizer.state[master][key].copy_(state[f"optim.{optim_name}.{key}"].reshape(master.shape))
 
     @torch.no_grad()
     def _copy_into_module(self, entries: list[tuple[nn.Parameter, list[str]]], state: dict[str, torch.Tensor]) -> None:

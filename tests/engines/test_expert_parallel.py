@@ -1,6 +1,6 @@
 """Mixture-of-experts models train exactly like one process under expert parallelism (experts split over ep of the
-data-parallel ranks, tokens dispatched by all-to-all) beside DDP, FSDP2, TP and PP, and under DeepSpeed without ep;
-every tensor's gradient compared by the parity harness over 10 training steps."""
+data-parallel ranks, tokens dispatched by all-to-all) beside DDP, FSDP2, TP, PP and DeepSpeed ZeRO 1-2, and under
+DeepSpeed without ep; every tensor's gradient compared by the parity harness over 10 training steps."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ WITH_BIAS = [*SIGMOID_SHARED, "model.moe.bias_update_rate=0.01", "model.moe.aux_
     "variant, extra, layouts",
     [
         ("softmax router, balancing and z-loss, no shared expert", [],
-         ["ep2", "ep4", "ddp4-ep2", "fsdp2-ep2", "tp2ep2", "ep2pp2-1f1b", "zero1"]),
+         ["ep2", "ep4", "ddp4-ep2", "fsdp2-ep2", "tp2ep2", "ep2pp2-1f1b", "zero1", "zero1-ep2", "zero2-ep2"]),
         ("sigmoid router with the balancing bias, gated shared expert, every 2nd layer", WITH_BIAS,
          ["ep2", "fsdp4-ep2"]),
         ("sigmoid router, gated shared expert, every 2nd layer, tensor-parallel", SIGMOID_SHARED, ["tp2ep2"]),
@@ -72,6 +72,20 @@ def test_an_ep2_checkpoint_resumes_in_one_process(tiny_moe_config, tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed, reference[save_at:])) < TOLERANCE, (resumed, reference)
 
 
+def test_a_zero1_ep2_checkpoint_resumes_in_one_process(tiny_moe_config, tmp_path):
+    """Under DeepSpeed the experts stay outside ZeRO with their own AdamW, saved under the same logical names, so a
+    checkpoint written by zero1-ep2 resumes in one process."""
+    save_at, total = 2, 4
+    reference = run_layout("single", tiny_moe_config, RUN, timeout=300).losses
+    saved = tmp_path / "saved"
+    run_layout("zero1-ep2", tiny_moe_config, [*RUN, f"checkpoint.interval={save_at}"], timeout=300,
+               checkpoint_dir=saved)
+    resumed = run_layout("single", tiny_moe_config, [*RUN, f"checkpoint.load={saved / f'step_{save_at:08d}'}"],
+                         timeout=300, checkpoint_dir=tmp_path / "resumed").losses
+    assert len(resumed) == total - save_at
+    assert max(abs(a - b) for a, b in zip(resumed, reference[save_at:])) < TOLERANCE, (resumed, reference)
+
+
 @pytest.mark.parametrize(
     "overrides, world, message",
     [
@@ -79,7 +93,8 @@ def test_an_ep2_checkpoint_resumes_in_one_process(tiny_moe_config, tmp_path):
         (["parallel.ep=4"], 2, "parallel.ep=4 must divide the data-parallel size 2"),
         (["parallel.ep=2", "model.moe.num_experts=3", "model.moe.top_k=1"], 2,
          "model.moe.num_experts=3 is not divisible by parallel.ep=2"),
-        (["parallel.ep=2", "parallel.engine=deepspeed"], 2, "parallel.ep=2 with parallel.engine=deepspeed"),
+        (["parallel.ep=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"], 2,
+         "parallel.ep=2 with parallel.engine=deepspeed and parallel.zero_stage=3 is not supported"),
         (["parallel.cp=2"], 2, "parallel.cp=2 with model.moe: mixture layers need whole sequences"),
         (["parallel.tp=2", "parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel with model.moe"),
         (["training.precision=fp16"], 1, "training.precision=fp16 with model.moe is not supported"),
