@@ -31,7 +31,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # forked ranks hang if the parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (its data section must point at a corpus)")
-    parser.add_argument("--layouts", default="all", help="comma-separated layout names, or 'all' for the default set")
+    parser.add_argument("--layouts", default="all", help="comma-separated layout names, or 'all' for the default set "
+                        "(with ep2 and fsdp2-ep2 for a mixture-of-experts model)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per layout")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed |loss - single| per step")
     parser.add_argument("--grad-rtol", type=float, default=None,
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_lite.config import ConfigError, load_config
     from megatron_lite.data import DataError, IndexedDataset, parse_blend
-    from megatron_lite.parity import DEFAULT_LAYOUTS, GRAD_RTOL, compare_layouts, parse_layout
+    from megatron_lite.parity import DEFAULT_LAYOUTS, EXPERT_LAYOUTS, GRAD_RTOL, compare_layouts, parse_layout
 
     names = [n.strip() for n in args.layouts.split(",") if n.strip()]
     layouts = list(DEFAULT_LAYOUTS) if args.layouts == "all" else names
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                               "tools/preprocess_data.py)")
         for _, prefix in parse_blend(cfg.data.prefixes):
             IndexedDataset(prefix)  # a missing or corrupt shard is one line here, not a failure per layout
+        if args.layouts == "all" and cfg.model.moe.enabled:
+            layouts += list(EXPERT_LAYOUTS)  # a mixture model: its experts split over the data-parallel ranks too
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,14 +7,14 @@
 from megatron_lite.parity.frozen import GradientCheck
 from megatron_lite.parity.gradients import GRAD_RTOL, TensorDiff, compare_pieces, coverage_gaps, load_pieces, \
     read_reference
-from megatron_lite.parity.harness import DEFAULT_LAYOUTS, LayoutRun, compare_layouts, run_layout
+from megatron_lite.parity.harness import DEFAULT_LAYOUTS, EXPERT_LAYOUTS, LayoutRun, compare_layouts, run_layout
 from megatron_lite.parity.layouts import ZERO_DEFAULT_DP, Layout, parse_layout
 from megatron_lite.parity.ranks import free_port, preload, run_ranks
 from megatron_lite.parity.report import LOSS_TOLERANCE, ParityReport
 from megatron_lite.parity.structure import check_structure
 
 __all__ = [
-    "DEFAULT_LAYOUTS", "GRAD_RTOL", "LOSS_TOLERANCE", "ZERO_DEFAULT_DP", "GradientCheck", "Layout", "LayoutRun",
+    "DEFAULT_LAYOUTS", "EXPERT_LAYOUTS", "GRAD_RTOL", "LOSS_TOLERANCE", "ZERO_DEFAULT_DP", "GradientCheck", "Layout", "LayoutRun",
     "ParityReport", "TensorDiff", "check_structure", "compare_layouts", "compare_pieces", "coverage_gaps",
     "free_port", "load_pieces", "parse_layout", "preload", "read_reference", "run_layout", "run_ranks",
 ]

@@ -26,6 +26,7 @@ from megatron_lite.parity.report import ParityReport
 from megatron_lite.parity.structure import check_structure
 
 DEFAULT_LAYOUTS = ("single", "ddp2", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "hsdp2x2")
+EXPERT_LAYOUTS = ("ep2", "fsdp2-ep2")  # joined to the default set for mixture-of-experts models
 DEFAULT_GRAD_STEPS = 4  # frozen steps: the first step's batch and three more, each at the initial weights
 
 
