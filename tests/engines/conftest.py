@@ -45,13 +45,11 @@ def vocab500_config(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def tiny_config(corpus, tmp_path_factory) -> str:
-    """configs/tiny.yaml pointed at the corpus, with a cosine schedule long enough that resumed runs share it."""
-    root = tmp_path_factory.mktemp("config")
-    path = root / "tiny.yaml"
+def _on_corpus(base: str, corpus: str, root: Path) -> str:
+    """``configs/<base>`` pointed at the corpus, with a cosine schedule long enough that resumed runs share it."""
+    path = root / base
     path.write_text(
-        f"base: {REPO / 'configs' / 'tiny.yaml'}\n"
+        f"base: {REPO / 'configs' / base}\n"
         "data:\n"
         f"  prefixes: {corpus}\n"
         f"  cache_dir: {root / 'index-cache'}\n"
@@ -69,18 +67,15 @@ def tiny_config(corpus, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_config(corpus, tmp_path_factory) -> str:
+    """configs/tiny.yaml on the corpus."""
+    return _on_corpus("tiny.yaml", corpus, tmp_path_factory.mktemp("config"))
+
+
+@pytest.fixture(scope="session")
 def tiny_moe_config(corpus, tmp_path_factory) -> str:
-    """configs/tiny-moe.yaml (4 experts, top 2, every layer) pointed at the corpus, like ``tiny_config``."""
-    root = tmp_path_factory.mktemp("moe-config")
-    path = root / "tiny-moe.yaml"
-    path.write_text(
-        f"base: {REPO / 'configs' / 'tiny-moe.yaml'}\n"
-        f"data:\n  prefixes: {corpus}\n  cache_dir: {root / 'index-cache'}\n"
-        "training:\n  train_steps: 4\n  eval_interval: 0\n"
-        "schedule:\n  warmup_steps: 1\n  decay_steps: 8\n"
-        "logging:\n  log_interval: 1\n  wandb_mode: disabled\n"
-    )
-    return str(path)
+    """configs/tiny-moe.yaml (4 experts, top 2, every layer) on the corpus."""
+    return _on_corpus("tiny-moe.yaml", corpus, tmp_path_factory.mktemp("moe-config"))
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +151,14 @@ def assert_layouts_match(report, steps: int | None = None, tolerance: float = 1e
     if steps is not None:
         assert all(len(v) == steps for v in report.losses.values())
     assert report.failures(tolerance) == [], report.table()
+
+
+def assert_refused_in_one_line(config: str, overrides: list[str], world: int, message: str) -> None:
+    """The rules refuse ``config`` with ``overrides`` on ``world`` CPU ranks in one line containing ``message``."""
+    from megatron_lite.config import ConfigError, load_config
+    from megatron_lite.rules import check_layout
+
+    cfg = load_config(config, overrides)
+    with pytest.raises(ConfigError) as info:
+        check_layout(cfg, world, "cpu")
+    assert message in str(info.value) and "\n" not in str(info.value)
