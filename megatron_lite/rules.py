@@ -302,15 +302,14 @@ def check_context_parallel(cfg: Config) -> None:
 
 
 def check_experts(cfg: Config, engine: str, dp: int) -> None:
-    """Mixture layers take their balancing loss per whole sequence, so nothing may split a sequence under them; the
-    ep group is carved from the data-parallel ranks and splits the experts evenly."""
+    """Mixture layers take their balancing loss per whole sequence, which context parallelism sums over its ranks and
+    sequence parallelism would not; the ep group is carved from the data-parallel ranks and splits the experts
+    evenly."""
     par, moe = cfg.parallel, cfg.model.moe
-    if moe.enabled and par.cp > 1:
-        raise ConfigError(f"parallel.cp={par.cp} with model.moe: mixture layers need whole sequences (the balancing "
-                          "loss is per sequence); use parallel.ep, tp or pp")
     if moe.enabled and par.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel with model.moe: mixture layers need whole sequences (the "
-                          "balancing loss is per sequence); use parallel.tp alone")
+        raise ConfigError("parallel.sequence_parallel with model.moe is not supported (each tp rank would route its "
+                          "own slice of the sequence, and the mixture layers' gradients would need a tp reduction); "
+                          "use parallel.tp alone")
     if moe.enabled and cfg.training.precision == "fp16":
         raise ConfigError("training.precision=fp16 with model.moe is not supported (the auxiliary losses' gradient "
                           "would miss the fp16 loss scale); use bf16")

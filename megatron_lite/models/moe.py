@@ -156,14 +156,23 @@ class MoE(nn.Module):
 
     def _losses(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
                 seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(balancing loss, z-loss), each summed over tokens: a sequence's balancing loss counts ``seq_len`` times."""
+        """(balancing loss, z-loss), each summed over tokens: a sequence's balancing loss counts as many times as it
+        has tokens here (``seq_len``; all of its tokens together, where the sequence is split over processes)."""
         e = self.num_experts
-        probs = probs.view(-1, seq_len, e)  # [b, s, E]
         picked = F.one_hot(chosen.view(-1, seq_len * self.top_k), e).sum(1).to(probs.dtype)  # [b, E]
-        share = picked / (seq_len * self.top_k)
-        balance = (e * (share * probs.mean(1)).sum(-1)).sum() * seq_len
+        prob_sums = probs.view(-1, seq_len, e).sum(1)  # [b, E]
+        picked, prob_sums, whole = self.sequence_totals(picked, prob_sums, seq_len)
+        share, mean_probs = picked / (whole * self.top_k), prob_sums / whole
+        balance = (e * (share * mean_probs).sum(-1)).sum() * seq_len
         z = torch.logsumexp(logits, dim=-1).square().sum()
         return balance, z
+
+    def sequence_totals(self, picked: torch.Tensor, prob_sums: torch.Tensor,
+                        seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Each sequence's expert choices and router probabilities [b, E] summed over its tokens, and its length: over
+        the tokens given. A point to extend where each process holds part of every sequence (the sums' gradients
+        then reach every part)."""
+        return picked, prob_sums, seq_len
 
     # ------------------------------------------------------------------------------------------------------------------
 

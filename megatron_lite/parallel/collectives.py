@@ -9,6 +9,7 @@ gradients of the unsharded one:
     reduce_scatter       reduce-scatter        | all-gather                   (sequence parallelism, after a row layer)
     all_gather           all-gather            | reduce-scatter               (sequence parallelism, before a column layer)
     all_to_all           rows to their ranks   | the same rows back             (expert parallelism)
+    all_reduce_sum       all-reduce            | all-reduce                     (a total every rank then uses alike)
 
 ``all_to_all`` sends uneven runs of rows (``send[r]`` rows to rank r, ``recv[r]`` from it), its own conjugate with
 the counts swapped. Other slices are along ``dim`` (the last dimension for features, dimension 1 for the sequence of a [b, s, h] activation) and
@@ -145,3 +146,21 @@ def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torc
     """Rows of ``x`` [n, ...] in runs of ``send[r]`` go to rank r; the runs of ``recv[r]`` rows from each rank r
     come back concatenated in rank order. The gradient travels the other way."""
     return x if _size(group) == 1 else _AllToAll.apply(x, send, recv, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum partial results over ``group``, where every rank then computes the same function of the total: each part's
+    gradient is the sum of the gradients every rank's copy asks of it (a mixture layer's per-sequence sums under
+    context parallelism)."""
+    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)

@@ -16,7 +16,10 @@ values are small, which is why gathering them (as Llama 3's training did) is che
 
 The model offers the two points this needs and does nothing at them itself: ``Attention.gather_keys`` and
 ``DecoderLM.attention_mask``. ``apply_context_parallel`` gives those modules a class of their own (``extend.py``) that
-fills them in, so the model code stays single-process and ``print(model)`` shows what changed.
+fills them in, so the model code stays single-process and ``print(model)`` shows what changed. Mixture-of-experts
+layers route each token alone, but take their balancing loss per whole sequence: their ``sequence_totals`` point sums
+a sequence's expert choices and router probabilities over the cp ranks (``all_reduce_sum``, so each part's gradient
+is what every rank's use of the totals asks of it).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_lite.parallel.collectives import all_gather
+from megatron_lite.parallel.collectives import all_gather, all_reduce_sum
 from megatron_lite.parallel.extend import extend
 from megatron_lite.topology import Topology
 
@@ -99,6 +102,20 @@ class ContextParallelDecoder:
             return allowed[:, None]  # [b, 1, s_local, s]
 
 
+class ContextParallelMoE:
+    """A mixture layer whose per-sequence sums cover every cp rank's part of the sequence."""
+
+    cp_group: object
+    cp: int
+
+    def sequence_totals(self, picked: torch.Tensor, prob_sums: torch.Tensor,
+                        seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        with torch.no_grad():
+            picked = picked.clone()
+            dist.all_reduce(picked, group=self.cp_group)
+        return picked, all_reduce_sum(prob_sums, self.cp_group), seq_len * self.cp
+
+
 def _block_mask(position_ids: torch.Tensor, document_ids: torch.Tensor | None, padding_mask: torch.Tensor | None,
                 group, device: torch.device):
     """``ContextParallelDecoder.attention_mask``'s rule as a FlexAttention block mask over the gathered keys."""
@@ -138,4 +155,6 @@ def apply_context_parallel(model: nn.Module, topology: Topology) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "gather_keys"):
             extend(module, ContextParallelAttention, cp_group=group)
+        if hasattr(module, "sequence_totals"):
+            extend(module, ContextParallelMoE, cp_group=group, cp=topology.cp)
     return model

@@ -83,19 +83,19 @@ def _split_by_tp(name: str) -> bool:
 
 
 def _expert_errors(layout: Layout, ranks: list[dict]) -> list[str]:
-    """The ranks of each expert-parallel group (same pp, tp and expert-data index) hold disjoint sets of (layer,
+    """The ranks of each expert-parallel group (same pp, tp, cp and expert-data index) hold disjoint sets of (layer,
     expert), 1/ep of the stage's each, that together are all of them."""
     errors = []
     held = [{(int(m.group(1)), int(m.group(2))) for n in h["params"] if (m := EXPERT.match(n))} for h in ranks]
     groups: dict[tuple, list[int]] = {}
     for r, h in enumerate(ranks):
         c = h["coords"]
-        groups.setdefault((c.get("pp", 0), c.get("tp", 0), c.get("dp", 0) // layout.ep), []).append(r)
-    for (pp, tp, edp), members in groups.items():
+        groups.setdefault((c.get("pp", 0), c.get("tp", 0), c.get("cp", 0), c.get("dp", 0) // layout.ep), []).append(r)
+    for (pp, tp, cp, edp), members in groups.items():
         sets = [held[r] for r in members]
         union = set().union(*sets)
         if sum(map(len, sets)) != len(union) or any(len(s) * layout.ep != len(union) for s in sets):
-            errors.append(f"expert-parallel group at pp={pp}, tp={tp}, expert-data index {edp} holds experts "
+            errors.append(f"expert-parallel group at pp={pp}, tp={tp}, cp={cp}, expert-data index {edp} holds experts "
                           f"{[len(s) for s in sets]} of {len(union)}: not a partition into {layout.ep} equal parts")
     return errors
 

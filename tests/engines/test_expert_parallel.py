@@ -25,7 +25,7 @@ WITH_BIAS = [*SIGMOID_SHARED, "model.moe.bias_update_rate=0.01", "model.moe.aux_
     "variant, extra, layouts",
     [
         ("softmax router, balancing and z-loss, no shared expert", [],
-         ["ep2", "ep4", "ddp4-ep2", "fsdp2-ep2", "tp2ep2", "ep2pp2-1f1b", "zero1", "zero1-ep2", "zero2-ep2"]),
+         ["ep2", "ep4", "ddp4-ep2", "fsdp2-ep2", "tp2ep2", "ep2pp2-1f1b", "ep2cp2", "zero1", "zero1-ep2", "zero2-ep2"]),
         ("sigmoid router with the balancing bias, gated shared expert, every 2nd layer", WITH_BIAS,
          ["ep2", "fsdp4-ep2"]),
         ("sigmoid router, gated shared expert, every 2nd layer, tensor-parallel", SIGMOID_SHARED, ["tp2ep2"]),
@@ -56,6 +56,19 @@ def test_a_norm_that_counts_experts_as_replicated_is_caught(tiny_moe_config, mon
     monkeypatch.setattr(gradients, "is_expert_param", lambda name: False)
     report = compare_layouts(tiny_moe_config, ["ep2"], steps=1, overrides=RUN)
     assert report.failures() == ["ep2"]
+
+
+def test_a_balancing_loss_taken_per_context_chunk_is_caught(tiny_moe_config, monkeypatch):
+    """Planted: under context parallelism each rank takes the balancing loss over its own chunks of the sequence,
+    not the whole sequence; the router's gradient is named."""
+    from megatron_lite.models.moe import MoE
+    from megatron_lite.parallel.context import ContextParallelMoE
+
+    monkeypatch.setattr(ContextParallelMoE, "sequence_totals", MoE.sequence_totals)
+    report = compare_layouts(tiny_moe_config, ["cp2"], steps=1, overrides=[*RUN, "model.moe.aux_loss_coef=1.0"])
+    assert report.failures() == ["cp2"]
+    _, diff = report.worst_tensor("cp2")
+    assert ".router." in diff.name, diff
 
 
 def test_an_ep2_checkpoint_resumes_in_one_process(tiny_moe_config, tmp_path):
@@ -93,7 +106,6 @@ def test_a_zero1_ep2_checkpoint_resumes_in_one_process(tiny_moe_config, tmp_path
          "model.moe.num_experts=3 is not divisible by parallel.ep=2"),
         (["parallel.ep=2", "parallel.engine=deepspeed", "parallel.zero_stage=3"], 2,
          "parallel.ep=2 with parallel.engine=deepspeed and parallel.zero_stage=3 is not supported"),
-        (["parallel.cp=2"], 2, "parallel.cp=2 with model.moe: mixture layers need whole sequences"),
         (["parallel.tp=2", "parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel with model.moe"),
         (["training.precision=fp16"], 1, "training.precision=fp16 with model.moe is not supported"),
     ],
