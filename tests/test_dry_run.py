@@ -101,6 +101,8 @@ def test_the_planner_agrees_with_the_counts(overrides, world):
     (["parallel.engine=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2",
       "parallel.pp_schedule=interleaved"], 64),
     (["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.pp=2", "parallel.pp_schedule=interleaved"], 64),
+    # mixtures of experts, their tokens taken as spread evenly (fake tensors hold no routing), sent by all-to-all
+    (["parallel.engine=fsdp", "model.moe.num_experts=8", "parallel.ep=8", "parallel.tp=2"], 64),
 ])
 def test_a_step_traces_at_world_64(overrides, world):
     """A pipeline stage's traced output also matches what the stage declares to the next (``stage_io``)."""

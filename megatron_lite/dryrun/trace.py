@@ -7,7 +7,8 @@ would be allocated, by category. The collectives run on the fake process group a
 takes what the stage before declares it sends (``parallel/pipeline.py`` ``stage_io``), and its own output must match
 what it declares: the static shapes a launch would use, checked at the real world size.
 
-What it cannot see: CPU kernels are traced, so the attention's memory is that of the CPU's kernel (a fused GPU kernel
+What it cannot see: a mixture layer's routing (the tokens are taken as spread evenly over the experts); CPU kernels
+are traced, so the attention's memory is that of the CPU's kernel (a fused GPU kernel
 such as flash attention keeps less), and a pipeline rank runs one microbatch through its first stage, not the
 schedule's microbatches in flight. DeepSpeed's partitions are not built (see ``simulate.py``): for it the trace runs the
 forward and backward only, and its states come from ZeRO's rules.
@@ -45,6 +46,9 @@ def trace_step(cfg: Config, topology: Topology, built: Built) -> dict[str, int]:
         optimizer = None if engine == "deepspeed" else build_adamw(model, cfg.optimizer, torch.device("cpu"),
                                                                    built.no_decay)
         stage = built.roots[0]
+        for layer in model.modules():  # mixture layers: fake tensors hold no routing to count
+            if hasattr(layer, "assume_even_load"):
+                layer.assume_even_load = True
         inputs, target = _microbatch(cfg, task, topology, built)
         if engine == "fsdp":
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker

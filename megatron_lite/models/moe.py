@@ -72,6 +72,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.loss_scale = 1.0  # the gradient of the auxiliary sum: what the step scales its loss by
         self.grouped_experts: bool | None = None  # None: grouped matmuls on CUDA where torch has them, else a loop
+        # True only to trace with fake tensors (a dry run), which have no values to count: the routed tokens are
+        # taken as spread evenly over the experts
+        self.assume_even_load = False
         self._stats: torch.Tensor | None = None  # [E + 3]: tokens per expert, balancing sum, z sum, tokens routed
 
     def init_buffers(self) -> None:
@@ -102,8 +105,14 @@ class MoE(nn.Module):
         spread over processes."""
         if self._grouped(tokens):
             return self._grouped_experts(tokens, counts)
-        parts = tokens.split(counts.tolist())
+        parts = tokens.split(self.run_lengths(counts, tokens.shape[0], len(self.experts)))
         return torch.cat([expert(part) for expert, part in zip(self.experts.values(), parts)])
+
+    def run_lengths(self, counts: torch.Tensor, rows: int, runs: int) -> list[int]:
+        """``counts`` as Python integers; under ``assume_even_load``, ``rows`` split as evenly as can be into ``runs``."""
+        if self.assume_even_load:
+            return [rows // runs + (i < rows % runs) for i in range(runs)]
+        return counts.tolist()
 
     def _grouped(self, tokens: torch.Tensor) -> bool:
         if self.grouped_experts is not None:
@@ -136,7 +145,8 @@ class MoE(nn.Module):
         slots = chosen.reshape(-1)  # [T * k]: the expert of each (token, choice)
         order = slots.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(slots, minlength=self.num_experts)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=slots.device).scatter_add_(
+            0, slots, torch.ones_like(slots))  # a bincount of fixed size, which fake tensors can trace
         routed = self.run_experts(flat[token_of], counts)
         routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of, routed.to(flat.dtype))

@@ -39,9 +39,12 @@ class ExpertParallelMoE:
         per_rank = counts.view(self.ep, local)  # row r: tokens for the experts of ep rank r
         incoming = torch.empty_like(per_rank)  # row r: tokens from ep rank r for each of this rank's experts
         dist.all_to_all_single(incoming, per_rank.contiguous(), group=self.ep_group)
-        send, recv = per_rank.sum(1).tolist(), incoming.sum(1).tolist()
+        send = self.run_lengths(per_rank.sum(1), tokens.shape[0], self.ep)
+        recv = self.run_lengths(incoming.sum(1), tokens.shape[0], self.ep)  # even: as many come as go
         received = all_to_all(tokens, send, recv, self.ep_group)
-        expert_of = torch.arange(local, device=tokens.device).repeat(self.ep).repeat_interleave(incoming.reshape(-1))
+        runs = self.run_lengths(incoming.reshape(-1), sum(recv), self.ep * local)
+        expert_of = torch.arange(local, device=tokens.device).repeat(self.ep).repeat_interleave(
+            torch.tensor(runs, device=tokens.device), output_size=sum(recv))
         by_expert = expert_of.argsort(stable=True)
         out = super().run_experts(received[by_expert], incoming.sum(0))
         return all_to_all(out[by_expert.argsort()], recv, send, self.ep_group)
