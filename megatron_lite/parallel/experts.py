@@ -40,11 +40,11 @@ class ExpertParallelMoE:
         incoming = torch.empty_like(per_rank)  # row r: tokens from ep rank r for each of this rank's experts
         dist.all_to_all_single(incoming, per_rank.contiguous(), group=self.ep_group)
         send = self.run_lengths(per_rank.sum(1), tokens.shape[0], self.ep)
-        recv = self.run_lengths(incoming.sum(1), tokens.shape[0], self.ep)  # even: as many come as go
+        runs = self.run_lengths(incoming.reshape(-1), tokens.shape[0], self.ep * local)  # even: as many come as go
+        recv = [sum(runs[r * local:(r + 1) * local]) for r in range(self.ep)]
         received = all_to_all(tokens, send, recv, self.ep_group)
-        runs = self.run_lengths(incoming.reshape(-1), sum(recv), self.ep * local)
         expert_of = torch.arange(local, device=tokens.device).repeat(self.ep).repeat_interleave(
-            torch.tensor(runs, device=tokens.device), output_size=sum(recv))
+            incoming.reshape(-1), output_size=sum(runs))
         by_expert = expert_of.argsort(stable=True)
         out = super().run_experts(received[by_expert], incoming.sum(0))
         return all_to_all(out[by_expert.argsort()], recv, send, self.ep_group)
