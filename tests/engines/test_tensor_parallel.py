@@ -25,7 +25,9 @@ from tests.engines.conftest import assert_layouts_match
 TOLERANCE = 1e-5
 STEPS = 10
 TP_LAYOUTS = ["tp2", "tp2-sp", "ddp2-tp2", "zero1-tp2", "zero2-tp2", "fsdp2-tp2", "hsdp2x1-tp2"]
-RUN = ["optimizer.eps=1e-6"]
+# Global batch 8 in two microbatches of 4 at dp 1 (one at dp 2): accumulation is covered, and each microbatch costs
+# every layer's all-reduces.
+RUN = ["optimizer.eps=1e-6", "training.micro_batch_size=4"]
 
 
 @pytest.mark.parametrize(
