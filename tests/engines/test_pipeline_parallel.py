@@ -1,8 +1,9 @@
 """Pipeline parallelism trains exactly like one process, for every schedule and beside DDP, FSDP2 and TP.
 
-Runs use 8 microbatches per step on one process (global batch 16, micro batch 2), so 4 or more per rank on every
-layout here. pp4 runs 8 layers: ranks 1 and 2 are middle stages, and the tied embedding is held by ranks 0 and 3 only.
-The padded-vocabulary run has 500 real tokens in 512 columns, the padding on the last tensor-parallel rank.
+Runs use 4 microbatches per step on one pipeline (global batch 16, micro batch 4), 2 where two pipelines share the
+batch: at least as many as stages on every layout here. pp4 runs 8 layers: ranks 1 and 2 are middle stages, and the
+tied embedding is held by ranks 0 and 3 only. The padded-vocabulary run has 500 real tokens in 512 columns, the
+padding on the last tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.engines.conftest import assert_layouts_match
 
 TOLERANCE = 1e-5
 STEPS = 10
-RUN = ["training.global_batch_size=16", "training.micro_batch_size=2"]
+RUN = ["training.global_batch_size=16", "training.micro_batch_size=4"]
 LAYOUTS = ["pp2-gpipe", "pp2-1f1b", "pp2-interleaved", "pp2-zb", "fsdp2-pp2-1f1b", "ddp2-pp2-1f1b", "zero1-pp2-1f1b",
            "tp2pp2-1f1b"]
 GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activation=gelu_tanh", "model.bias=true",
@@ -185,4 +186,4 @@ def test_a_wrong_declaration_fails_on_the_sending_stage_naming_it(tiny_config, t
     monkeypatch.setattr(pipeline, "boundary_dtypes", lambda cfg: (torch.bfloat16, torch.bfloat16))
     with pytest.raises(Exception) as failed:
         run_ranks(_train_then_evaluate, 2, (tiny_config, [*RUN, *parse_layout("pp2-1f1b").overrides], str(tmp_path)))
-    assert "pipeline stage 0 returned float32[2, 32, 128] but declared bfloat16[2, 32, 128]" in str(failed.value)
+    assert "pipeline stage 0 returned float32[4, 32, 128] but declared bfloat16[4, 32, 128]" in str(failed.value)
