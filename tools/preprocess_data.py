@@ -9,7 +9,7 @@ import sys
 
 from megatron_lite.data.errors import run_cli
 from megatron_lite.data.hf_datasets import quiet_datasets_logs
-from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.reference import prefetch_reference
 
 EPILOG = """\
 input formats (by extension; docs/formats.md, "Input formats", has the details):
@@ -92,8 +92,13 @@ def main(argv=None) -> int:
         preprocess_pairs(a.input, a.tokenizer, a.output_prefix, a.json_key, a.target_key,
                          skip_bad_records=a.skip_bad_records, **common)
         return 0
+    # The fast encoder's corpus check needs tokenizers loaded: that starts now, in another process, so that it runs
+    # beside the pipeline's imports below instead of after them.
+    reference = prefetch_reference(a.tokenizer, a.encoder)
+    from megatron_lite.data.preprocess import preprocess
+
     preprocess(a.input, a.tokenizer, a.output_prefix, skip_bad_records=a.skip_bad_records, json_key=a.json_key,
-               **common)
+               reference=reference, **common)
     return 0
 
 

@@ -125,31 +125,36 @@ class FastBPE:
         self._added_re = re.compile("|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))) \
             if added else None
 
-    def encode_ranks(self, text: str) -> list[int]:
-        """tiktoken's ranks for one text (added tokens written in the text become their tokens)."""
+    def encode_ranks(self, text: str) -> np.ndarray:
+        """tiktoken's ranks for one text as uint32 (added tokens written in the text become their tokens), straight
+        from tiktoken's buffer: no Python int per token."""
+        enc = self.encoding
         if not self.nfc or text.isascii():  # NFC leaves ASCII unchanged
-            return self.encoding.encode(text, allowed_special="all")
+            return enc.encode_to_numpy(text, allowed_special="all")
         if self._added_re is None or not self._added_re.search(text):
-            return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
-        out: list[int] = []
+            return self._ordinary(unicodedata.normalize("NFC", text))
+        parts: list[np.ndarray] = []
         start = 0
         for m in self._added_re.finditer(text):
-            out += self.encoding.encode_ordinary(unicodedata.normalize("NFC", text[start:m.start()]))
-            out.append(self._added_rank[m.group()])
+            parts.append(self._ordinary(unicodedata.normalize("NFC", text[start:m.start()])))
+            parts.append(np.array([self._added_rank[m.group()]], dtype=np.uint32))
             start = m.end()
-        out += self.encoding.encode_ordinary(unicodedata.normalize("NFC", text[start:]))
-        return out
+        parts.append(self._ordinary(unicodedata.normalize("NFC", text[start:])))
+        return np.concatenate(parts)
+
+    def _ordinary(self, text: str) -> np.ndarray:
+        """Ranks with added tokens' text encoded as ordinary text (tiktoken's ``encode_ordinary``)."""
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def to_ids(self, ranks: np.ndarray) -> np.ndarray:
-        """Token ids for an array of ranks."""
-        return ranks if self.rank_to_id is None else self.rank_to_id[ranks]
+        """Token ids (int64) for an array of ranks."""
+        return ranks.astype(np.int64, copy=False) if self.rank_to_id is None else self.rank_to_id[ranks]
 
     def encode(self, text: str) -> list[int]:
-        ranks = self.encode_ranks(text)
-        return ranks if self.rank_to_id is None else self.rank_to_id[np.asarray(ranks, dtype=np.int64)].tolist()
+        return self.to_ids(self.encode_ranks(text)).tolist()
 
 
-CACHE_FORMAT = 2  # bump when what is cached, or how it is derived, changes
+CACHE_FORMAT = 3  # bump when what is cached, or how it is derived, changes
 
 
 def cache_dir() -> Path | None:
@@ -162,27 +167,36 @@ def cache_dir() -> Path | None:
     return base / "fast_bpe"
 
 
-def fast_bpe(path: str, reference: Any, facts: dict | None = None) -> FastBPE:
+def fast_bpe(path: str, reference: Any, facts: dict | None = None, digest: str | None = None) -> FastBPE:
     """A :class:`FastBPE` giving exactly the ids of the tokenizer file ``path`` (``reference`` is that file loaded by
     ``tokenizers``, used to check every token); DataError saying why when there is none.
 
     Checking every token of a 128k vocabulary takes seconds, so the checked table is cached under the file's sha256
-    and both libraries' versions (:func:`cache_dir`), with ``facts``: what the caller needs from the vocabulary, so
-    that a cache hit (:func:`cached_fast_bpe`) needs no ``tokenizers`` load."""
+    (``digest``, computed when not given) and both libraries' versions (:func:`cache_dir`), with ``facts``: what the
+    caller needs from the vocabulary, so that a cache hit (:func:`cached_table`) needs no ``tokenizers`` load."""
     tiktoken = _tiktoken(path)
     data = Path(path).read_bytes()
     fast = _derive(data, path, reference, tiktoken)
-    _save_cached(_cache_key(data, tiktoken), fast, facts or {})
+    _save_cached(_cache_key(digest or hashlib.sha256(data).hexdigest(), tiktoken), fast, facts or {})
     return fast
 
 
-def cached_fast_bpe(path: str) -> tuple[FastBPE, dict] | None:
-    """The checked table of the tokenizer file ``path`` and the facts kept with it, if the cache holds them."""
+def cached_table(digest: str) -> Path | None:
+    """The cached, checked table of the tokenizer file whose sha256 is ``digest``, if the cache holds one (found
+    before it is loaded, so that a caller can start other work first)."""
+    root = cache_dir()
     try:
-        tiktoken = _tiktoken(path)
+        tiktoken = _tiktoken("")
     except DataError:
         return None
-    return _load_cached(_cache_key(Path(path).read_bytes(), tiktoken), tiktoken, path)
+    file = root / f"{_cache_key(digest, tiktoken)}.npz" if root else None
+    return file if file is not None and file.is_file() else None
+
+
+def load_cached(table: Path, path: str) -> tuple[FastBPE, dict] | None:
+    """The :class:`FastBPE` and the facts kept in ``table`` (from :func:`cached_table`) for the tokenizer file
+    ``path``; None when the table is unreadable (it is then derived again, and overwritten)."""
+    return _load_cached(table, _tiktoken(path), path)
 
 
 def _tiktoken(path: str) -> Any:
@@ -228,18 +242,14 @@ def _derive(data: bytes, name: str, reference: Any, tiktoken: Any) -> FastBPE:
     return fast
 
 
-def _cache_key(data: bytes, tiktoken: Any) -> str:
+def _cache_key(digest: str, tiktoken: Any) -> str:
     import tokenizers
 
-    versions = f"{CACHE_FORMAT}:{tiktoken.__version__}:{tokenizers.__version__}".encode()
-    return hashlib.sha256(versions + b"\0" + data).hexdigest()
+    versions = f"{CACHE_FORMAT}:{tiktoken.__version__}:{tokenizers.__version__}:{digest}".encode()
+    return hashlib.sha256(versions).hexdigest()
 
 
-def _load_cached(key: str, tiktoken: Any, name: str) -> tuple[FastBPE, dict] | None:
-    root = cache_dir()
-    file = root / f"{key}.npz" if root else None
-    if file is None or not file.is_file():
-        return None
+def _load_cached(file: Path, tiktoken: Any, name: str) -> tuple[FastBPE, dict] | None:
     try:
         with np.load(file, allow_pickle=False) as z:
             blob, offsets, values = z["tokens"].tobytes(), z["offsets"].tolist(), z["values"].tolist()

@@ -23,13 +23,15 @@ import numpy as np
 from .errors import DataError
 from .indexed import DType, IndexedDatasetWriter, check_can_write
 from .progress import PreprocessProgress
+from .reference import BackgroundReference, prefetch_reference
 from .sources import SourceStats, iter_documents
 from .tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # about 1 MB of text per task: big enough to amortize IPC, small enough to bound memory
 CHUNK_DOCS = 2048
-# Chunks per worker handed out before the fast encoder's check has passed: enough to keep the workers busy while the
-# main process loads tokenizers for it (about a second for a 128k vocabulary; a worker encodes a chunk in ~0.1 s).
+# Chunks per worker handed out before the fast encoder's check has passed: enough to keep the workers busy until
+# tokenizers, loading in its own process, has answered it (about a second for a 128k vocabulary under load; a worker
+# encodes a chunk in ~0.1 s).
 EARLY_CHUNKS_PER_WORKER = 8
 
 
@@ -148,32 +150,37 @@ def encoder_line(tok: Tokenizer, check: str) -> str:
 def preprocess(inputs: list[str] | None, tokenizer: str, output_prefix: str, workers: int = 1,
                append_eod: bool = False, overwrite: bool = False, skip_bad_records: bool = False,
                json_key: str = "text", text_mode: str = "block", dataset: str | None = None, split: str = "train",
-               progress: bool = True, log: Callable[[str], None] = print,
-               encoder: str = "auto") -> PreprocessSummary:
-    """Write ``output_prefix.bin/.idx`` from the inputs; see ``tools/preprocess_data.py --help``."""
-    check_can_write(output_prefix, overwrite)
-    if not overwrite and Path(f"{output_prefix}.json").exists():
-        raise DataError(f"{output_prefix}.json already exists (pass --overwrite to replace it)")
-    tok = load_tokenizer(tokenizer, encoder)
-    dtype = token_dtype(tok)
-    stats = SourceStats()
-    docs = iter_documents(inputs, json_key=json_key, text_mode=text_mode, skip_bad_records=skip_bad_records,
-                          stats=stats, dataset=dataset, split=split)
-    chunks = _chunks(docs, stats)
-    first = next(chunks, None)
+               progress: bool = True, log: Callable[[str], None] = print, encoder: str = "auto",
+               reference: BackgroundReference | None = None) -> PreprocessSummary:
+    """Write ``output_prefix.bin/.idx`` from the inputs; see ``tools/preprocess_data.py --help``. ``reference``: the
+    corpus check's ``tokenizers`` already loading (``prefetch_reference``); started here when not given."""
     pool, head, early = None, [], []
-    if workers > 1 and first is not None and tok.encoder == "tiktoken":
-        # The workers start on the fast encoder while the main process checks it (loading tokenizers to do so);
-        # nothing is written before the check has passed, and a failed check discards their work.
-        pool = _start_pool(tok, tokenizer, workers, append_eod, dtype)
-        head = [first, *itertools.islice(chunks, EARLY_CHUNKS_PER_WORKER * workers - 1)]
-        early = [(pool.apply_async(_encode_chunk, (texts,)), done) for texts, done in head]
     try:
+        check_can_write(output_prefix, overwrite)
+        if not overwrite and Path(f"{output_prefix}.json").exists():
+            raise DataError(f"{output_prefix}.json already exists (pass --overwrite to replace it)")
+        reference = reference or prefetch_reference(tokenizer, encoder)
+        tok = load_tokenizer(tokenizer, encoder, reference)
+        dtype = token_dtype(tok)
+        stats = SourceStats()
+        docs = iter_documents(inputs, json_key=json_key, text_mode=text_mode, skip_bad_records=skip_bad_records,
+                              stats=stats, dataset=dataset, split=split)
+        chunks = _chunks(docs, stats)
+        first = next(chunks, None)
+        if workers > 1 and first is not None and tok.encoder == "tiktoken":
+            # The workers start on the fast encoder while the main process checks it against tokenizers; nothing is
+            # written before the check has passed, and a failed check discards their work.
+            pool = _start_pool(tok, tokenizer, workers, append_eod, dtype)
+            head = [first, *itertools.islice(chunks, EARLY_CHUNKS_PER_WORKER * workers - 1)]
+            early = [(pool.apply_async(_encode_chunk, (texts,)), done) for texts, done in head]
         check = check_encoder(tok, check_sample(first[0])) if first else "no documents"
     except BaseException:
         if pool is not None:
             pool.terminate()
         raise
+    finally:
+        if reference is not None:
+            reference.close()  # answered and exited, or unused
     if pool is not None and tok.encoder != "tiktoken":  # auto fell back to tokenizers: start again with it
         pool.terminate()
         pool, early = None, []
@@ -240,12 +247,11 @@ def write_sidecar(prefix: str, tok: Tokenizer, encoder: str, summary: Preprocess
                   dataset: str | None) -> None:
     """``PREFIX.json`` beside the shards: how they were made (tokenizer hash, encoder and its check, inputs with their
     sizes, counts, the command line). Written atomically; never read by training."""
-    import hashlib
     import json
 
     files = [{"path": str(p), "bytes": os.path.getsize(p)} for p in (inputs or []) if os.path.isfile(p)]
     record = {
-        "tokenizer": {"path": tok.file, "sha256": hashlib.sha256(Path(tok.file).read_bytes()).hexdigest()},
+        "tokenizer": {"path": tok.file, "sha256": tok.sha256},
         "encoder": {"used": tok.encoder, "requested": tok.requested, "line": encoder},
         "inputs": files if inputs else [],
         "dataset": dataset,

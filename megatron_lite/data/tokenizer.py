@@ -13,7 +13,8 @@ Accepted: a ``tokenizers`` JSON file, or a directory holding ``tokenizer.json`` 
 
 from __future__ import annotations
 
-import itertools
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, first_line
-from .fast_bpe import FastBPE, cached_fast_bpe, fast_bpe
+from .fast_bpe import FastBPE, cached_table, fast_bpe, load_cached
+from .reference import BackgroundReference, encode_reference, load_reference
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -38,7 +40,8 @@ _PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>")
 class Tokenizer:
     """A byte-level BPE (or any ``tokenizers`` model) with the ids the data pipeline needs."""
 
-    def __init__(self, path: str | os.PathLike, encoder: str = "tokenizers") -> None:
+    def __init__(self, path: str | os.PathLike, encoder: str = "tokenizers",
+                 reference: BackgroundReference | None = None) -> None:
         self.path = str(path)
         file, config = _resolve(Path(path))
         self.file = str(file)
@@ -48,12 +51,14 @@ class Tokenizer:
         self.fallback: str | None = None  # with auto: why the reference encoder is used, if it is
         self._fast: FastBPE | None = None
         self._hf = None
+        self._background = reference  # tokenizers loading in another process, for the first reference call
         self._ids: dict[str, int | None] = {}  # ids known without loading tokenizers (kept with a cached table)
         facts = None
         if encoder in ("tiktoken", "auto"):
             # A cached, checked table also holds the sizes and special ids, so tokenizers itself is loaded only when
             # something needs it: preprocessing's corpus check, while the workers already encode.
-            hit = cached_fast_bpe(self.file)
+            table = cached_table(self.sha256)
+            hit = load_cached(table, self.file) if table is not None else None
             if hit is not None:
                 self._fast, facts = hit
                 self._ids = facts["ids"]
@@ -61,7 +66,7 @@ class Tokenizer:
             facts = self._facts()
             if encoder in ("tiktoken", "auto"):
                 try:
-                    self._fast = fast_bpe(self.file, self._tok, facts)
+                    self._fast = fast_bpe(self.file, self._tok, facts, self.sha256)
                 except DataError as e:
                     if encoder == "tiktoken":
                         raise
@@ -77,18 +82,19 @@ class Tokenizer:
         while (i := self._token_id(SENTINEL_FORMAT.format(len(self.sentinel_ids)))) is not None:
             self.sentinel_ids.append(i)
         self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
+        if self._background is not None and (self._fast is None or self._hf is not None):
+            self.close_reference()  # no check to run, or tokenizers is loaded here already (the table was derived)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The tokenizer file's sha256: keys the fast encoder's cache and is recorded beside the shards."""
+        return hashlib.sha256(Path(self.file).read_bytes()).hexdigest()
 
     @property
     def _tok(self):
         """The ``tokenizers.Tokenizer``, loaded on first use."""
         if self._hf is None:
-            from tokenizers import Tokenizer as _HFTokenizer
-
-            try:
-                self._hf = _HFTokenizer.from_file(self.file)
-            except Exception as e:  # tokenizers raises a bare Exception on malformed files
-                raise DataError(f"{self.file}: unreadable tokenizer ({first_line(e)}); expected a tokenizers JSON "
-                                "file") from None
+            self._hf = load_reference(self.file)
         return self._hf
 
     def _facts(self) -> dict:
@@ -138,20 +144,19 @@ class Tokenizer:
         """Ids of each text, with the chosen encoder (added tokens written literally in the text become their ids)."""
         if self._fast is None:
             return self.reference_encode_batch(texts)
-        ranks = _encode_slices(self._fast, texts, _threads())
-        if self._fast.rank_to_id is None:
-            return ranks
-        return [self._fast.to_ids(np.asarray(r, dtype=np.int64)).tolist() for r in ranks]
+        return [self._fast.to_ids(r).tolist() for r in _encode_slices(self._fast, texts, _threads())]
 
     def encode_packed(self, texts: list[str], append_eod: bool) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids concatenated (int64, with the EOD id after each text when asked) and each text's length:
-        what a shard stores, without a Python list per text where the fast encoder maps ranks to ids."""
-        ids = _encode_slices(self._fast, texts, _threads()) if self._fast is not None \
-            else self.reference_encode_batch(texts)
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        what a shard stores, without a Python int per token under the fast encoder."""
         if self._fast is not None:
-            flat = self._fast.to_ids(flat)
+            ranks = _encode_slices(self._fast, texts, _threads())
+            lengths = np.fromiter((r.size for r in ranks), dtype=np.int64, count=len(ranks))
+            flat = self._fast.to_ids(np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.uint32))
+        else:
+            ids = self.reference_encode_batch(texts)
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter((i for x in ids for i in x), dtype=np.int64, count=int(lengths.sum()))
         if append_eod:
             ends = np.cumsum(lengths)
             flat = np.insert(flat, ends, self.eod_id)
@@ -159,11 +164,20 @@ class Tokenizer:
         return flat, lengths
 
     def reference_encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Ids from ``tokenizers`` itself. ``encode_batch_fast`` gives the same ids as ``encode_batch`` without
-        computing character offsets, which preprocessing never uses (measured gains here ranged from none to
-        about a quarter, docs/benchmarks.md)."""
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        """Ids from ``tokenizers`` itself: the first call answered by the process loading it in the background,
+        where one was started and tokenizers is not loaded here."""
+        background, self._background = self._background, None
+        if background is not None:
+            if self._hf is None:
+                return background.encode_batch(texts)
+            background.close()
+        return encode_reference(self._tok, texts)
+
+    def close_reference(self) -> None:
+        """Stop the background reference process, if one is still waiting."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -179,12 +193,12 @@ def _threads() -> int:
     return 1 if os.environ.get("RAYON_NUM_THREADS") == "1" else (os.cpu_count() or 1)
 
 
-def _encode_slices(fast: FastBPE, texts: list[str], threads: int) -> list[list[int]]:
+def _encode_slices(fast: FastBPE, texts: list[str], threads: int) -> list[np.ndarray]:
     """tiktoken's ranks over contiguous slices of ``texts``, one per thread (it releases the GIL while encoding).
 
     tiktoken's own ``encode_batch`` submits one task per text, which costs more than encoding a short document.
     """
-    def run(part: list[str]) -> list[list[int]]:
+    def run(part: list[str]) -> list[np.ndarray]:
         return [fast.encode_ranks(t) for t in part]
 
     if threads <= 1 or len(texts) < 2 * threads:
@@ -225,10 +239,13 @@ def _resolve(path: Path) -> tuple[Path, dict]:
     return file, config
 
 
-def load_tokenizer(path: str | os.PathLike, encoder: str = "tokenizers") -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike, encoder: str = "tokenizers",
+                   reference: BackgroundReference | None = None) -> Tokenizer:
     """Load ``path`` (a tokenizer.json, or a directory with one); :class:`DataError` if it cannot be used.
 
     ``encoder`` is what applies it: ``tokenizers`` (the reference), ``tiktoken`` (faster, see ``fast_bpe``), or
     ``auto`` (tiktoken where it can represent the tokenizer exactly, else tokenizers; ``fallback`` says why).
+    ``reference``: ``tokenizers`` already loading this file in another process (``reference.prefetch_reference``),
+    to answer the first :meth:`Tokenizer.reference_encode_batch` call (preprocessing's corpus check).
     """
-    return Tokenizer(path, encoder)
+    return Tokenizer(path, encoder, reference)

@@ -17,6 +17,7 @@ import pytest
 from megatron_lite.data import load_tokenizer
 from megatron_lite.data.fast_bpe import GPT2_SPLIT_PATTERN, byte_level_alphabet
 from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.reference import prefetch_reference
 
 pytest.importorskip("tiktoken")
 
@@ -190,6 +191,12 @@ def test_the_checked_table_is_cached_and_gives_the_same_ids(tmp_path, monkeypatc
         [getattr(reference, f) for f in facts]
     assert again.encoder == "tiktoken" and again.encode_batch(CHECK) == first.encode_batch(CHECK)
     assert again.encode_batch(CHECK) == again.reference_encode_batch(CHECK)
+    # Given one, a hit leaves loading tokenizers to another process, which answers the first reference call (the
+    # corpus check) and exits; tokenizers is never loaded here.
+    beside = load_tokenizer(path, "auto", prefetch_reference(str(path), "auto"))
+    assert beside._background is not None
+    assert beside.reference_encode_batch(CHECK) == again.reference_encode_batch(CHECK)
+    assert beside._hf is None and beside._background is None
     # A configured end-of-document name the cache did not record is looked up in tokenizers itself.
     name = reference.backend.id_to_token(300)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": name}))
@@ -289,3 +296,13 @@ def test_the_benchmark_rebuilds_each_published_structure_and_auto_takes_tiktoken
         assert tok.encoder == "tiktoken", (name, tok.fallback)
         assert tok.encode_batch(CHECK) == tok.reference_encode_batch(CHECK), name
     assert load_tokenizer(tmp_path / "tekken").eod_id == 2  # </s>, below the vocabulary as in tekken
+
+
+def test_the_background_reference_names_an_unreadable_tokenizer_file(tmp_path):
+    from megatron_lite.data import DataError
+    from megatron_lite.data.reference import BackgroundReference
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "BPE", "vocab": [1, 2]}}')
+    with pytest.raises(DataError, match=f"{bad}: unreadable tokenizer .*expected a tokenizers JSON file"):
+        BackgroundReference(str(bad)).encode_batch(["text"])
