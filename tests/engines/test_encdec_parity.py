@@ -139,7 +139,7 @@ ORIGINAL_T5 = ["model.tie_embeddings=true", "model.scale_decoder_output=true"]
         ("t5 v1.1", [], ["pp2-1f1b", "pp2-gpipe", "pp2-interleaved", "tp2pp2-1f1b"], 3),
         # 4 microbatches per rank on each of 2 data-parallel ranks
         ("t5 v1.1, data x pipeline", ["training.micro_batch_size=1"], ["fsdp2-pp2-1f1b", "ddp2-pp2-1f1b",
-                                                                       "zero1-pp2-1f1b"], 10),
+                                                                       "zero1-pp2-1f1b"], 6),
         ("transformer", TRANSFORMER_STYLE, ["pp2-1f1b", "pp2-gpipe", "zero0-pp2-1f1b"], 3),
         # the encoder's bias table on both ranks (layer 0 | layers 1-3), and a decoder spanning the cut (0-2 | 3)
         # with the embedding and the tied head on both
