@@ -112,7 +112,7 @@ def test_structure_check_sees_a_dropped_axis(tiny_config, tmp_path):
 ])
 def test_frozen_pass_leaves_the_training_pass_unchanged(tiny_config, layout, extra):
     """Learning rate 0 changes no weight, and the optimizer state, loss scale and RNG are put back after it."""
-    run = [*extra, "training.train_steps=3", "training.global_batch_size=16", "training.micro_batch_size=2"]
+    run = [*extra, "training.train_steps=3", "training.global_batch_size=16", "training.micro_batch_size=4"]
     plain = run_layout(layout, tiny_config, run).losses
     checked = run_layout(layout, tiny_config, run, check=GradientCheck(3))
     assert checked.losses == plain
