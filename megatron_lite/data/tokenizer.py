@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -83,7 +84,8 @@ class Tokenizer:
             self.sentinel_ids.append(i)
         self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
         if self._background is not None and (self._fast is None or self._hf is not None):
-            self.close_reference()  # no check to run, or tokenizers is loaded here already (the table was derived)
+            self._background.close()  # no check to run, or tokenizers is loaded here already (the table was derived)
+            self._background = None
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -156,7 +158,7 @@ class Tokenizer:
         else:
             ids = self.reference_encode_batch(texts)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter((i for x in ids for i in x), dtype=np.int64, count=int(lengths.sum()))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         if append_eod:
             ends = np.cumsum(lengths)
             flat = np.insert(flat, ends, self.eod_id)
@@ -172,12 +174,6 @@ class Tokenizer:
                 return background.encode_batch(texts)
             background.close()
         return encode_reference(self._tok, texts)
-
-    def close_reference(self) -> None:
-        """Stop the background reference process, if one is still waiting."""
-        if self._background is not None:
-            self._background.close()
-            self._background = None
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
