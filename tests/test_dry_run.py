@@ -112,6 +112,19 @@ def test_a_step_traces_at_world_64(overrides, world):
     assert traced["total"] > 0 and traced.get("activations", 0) > 0
 
 
+def test_activations_are_read_at_the_backward_s_peak_where_optimizer_states_outweigh_them():
+    """Full recomputation on a thin shard keeps less for backward than AdamW's moments weigh: read at the one peak
+    of the whole step, which fell in the optimizer's first step, the traced activations and temporaries were 8% of
+    the planner's. The backward and the optimizer step are traced apart, the step with the states later steps find."""
+    report = dry_run(_small("parallel.engine=fsdp", "model.activation_checkpointing=true"), 2, trace=True)
+    worst, traced = report.worst(), report.worst().traced
+    planned = report.planner_stage(worst)["phases"]["activations"]
+    assert worst.optimizer_bytes > planned  # the case this is about
+    assert 0.5 < (traced["activations"] + traced["temporaries"]) / planned < 2, (traced, planned)
+    assert 0 < traced["step_temporaries"] < worst.optimizer_bytes
+    assert traced["optimizer"] == worst.optimizer_bytes  # the moments exist before the backward, as in later steps
+
+
 T5_SMALL = ["model.hidden_size=256", "model.num_heads=4", "model.ffn_hidden_size=512", "training.micro_batch_size=1",
             "training.precision=bf16", "training.global_batch_size=64", "training.eval_samples=64"]
 

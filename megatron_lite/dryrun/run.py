@@ -2,8 +2,9 @@
 
 The layout goes through training's own rules (``rules.check_layout``, as a launch on GPUs would), then each class of
 rank is built as training builds it (``simulate.py``), the most loaded one traces a step (``trace.py``), and the
-planner's estimate for the same layout stands beside the counts. It fits when the most loaded rank's model states,
-gathered parameters, traced activations and temporaries and the device's fixed overhead fit the named GPU.
+planner's estimate for the same layout stands beside the counts. It fits when the most loaded rank's model states and
+the device's fixed overhead, with the higher of the step's two traced peaks (the backward's: gathered parameters,
+activations and temporaries; the optimizer step's: its temporaries), fit the named GPU.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class DryRunReport:
         return next(r for r in self.ranks if r.rank == self.worst_rank)
 
     def peak_bytes(self, rank: RankHoldings | None = None) -> int:
-        """Model states + gathered parameters + traced activations and temporaries + the fixed overhead."""
+        """Model states + the fixed overhead + the higher of the two phases' peaks: the backward's (gathered
+        parameters, traced activations and temporaries) and the optimizer step's (its traced temporaries)."""
         r = rank or self.worst()
         traced = r.traced or {}
-        return (r.state_bytes + r.gathered_bytes + traced.get("activations", 0) + traced.get("temporaries", 0)
-                + OVERHEAD_BYTES)
+        backward = r.gathered_bytes + traced.get("activations", 0) + traced.get("temporaries", 0)
+        return r.state_bytes + max(backward, traced.get("step_temporaries", 0)) + OVERHEAD_BYTES
 
     @property
     def fits(self) -> bool:
@@ -83,10 +85,12 @@ class DryRunReport:
                          f"{gib(r.gathered_bytes):>8} {gib((r.traced or {}).get('total')):>8} | {plan:>20}{mark}")
         w = self.worst()
         traced = w.traced or {}
-        lines.append(f"most loaded rank {w.rank}: states {gib(w.state_bytes)} GiB + gathered {gib(w.gathered_bytes)} + "
-                     f"traced activations {gib(traced.get('activations', 0))} + temporaries "
-                     f"{gib(traced.get('temporaries', 0))} + overhead {gib(OVERHEAD_BYTES)} = "
-                     f"{gib(self.peak_bytes())} GiB of {self.gpu}'s {gib(self.gpu_memory)} GiB")
+        step = traced.get("step_temporaries")
+        lines.append(f"most loaded rank {w.rank}: states {gib(w.state_bytes)} GiB + overhead {gib(OVERHEAD_BYTES)} + "
+                     f"backward's peak (gathered {gib(w.gathered_bytes)} + traced activations "
+                     f"{gib(traced.get('activations', 0))} + temporaries {gib(traced.get('temporaries', 0))})"
+                     + ("" if step is None else f" or the optimizer step's (temporaries {gib(step)}), the higher")
+                     + f" = {gib(self.peak_bytes())} GiB of {self.gpu}'s {gib(self.gpu_memory)} GiB")
         if self.planner and "error" in self.planner:
             lines.append(f"planner: {self.planner['error']}")
         elif self.planner:
