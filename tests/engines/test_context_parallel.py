@@ -16,8 +16,9 @@ from tests.engines.conftest import assert_layouts_match, assert_refused_in_one_l
 TOLERANCE = 1e-5
 STEPS = 4  # training steps (warm-up, then the decay), after the frozen-weights pass's 4 steps
 # Two microbatches per step where dp is 1, one where it is 2: accumulation is covered, and each microbatch costs
-# every layer's key/value all-gather, so more of them would only slow the test.
-RUN = ["training.global_batch_size=16", "training.micro_batch_size=8", "training.eval_samples=16"]
+# every layer's key/value all-gather, so more of them would only slow the test; so would more than two layers (every
+# layer runs the same code, and one feeds the next).
+RUN = ["training.global_batch_size=16", "training.micro_batch_size=8", "training.eval_samples=16", "model.num_layers=2"]
 GPT2_STYLE = ["model.position=learned", "model.norm=layernorm", "model.activation=gelu_tanh", "model.bias=true",
               "model.num_kv_heads=null", "model.tie_embeddings=true"]
 LAYOUTS = ["cp2", "cp4", "ddp2-cp2", "fsdp2-cp2", "zero1-cp2", "tp2cp2-sp", "cp2pp2-1f1b"]  # tp2cp2: gpt2-style

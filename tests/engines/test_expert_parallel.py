@@ -12,8 +12,9 @@ from tests.engines.conftest import assert_layouts_match, assert_refused_in_one_l
 
 TOLERANCE = 1e-5
 STEPS = 4  # training steps (warm-up, then the decay), after the frozen-weights pass's 4 steps
-# Two microbatches per step at dp 2 (ep2), one at dp 4: each costs two all-to-alls per layer.
-RUN = ["training.global_batch_size=16", "training.micro_batch_size=4", "training.eval_samples=16"]
+# Two microbatches per step at dp 2 (ep2), one at dp 4: each costs two all-to-alls per layer, in two layers (every
+# layer runs the same code and one feeds the next; with model.moe.every=2, one dense layer and one mixture).
+RUN = ["training.global_batch_size=16", "training.micro_batch_size=4", "training.eval_samples=16", "model.num_layers=2"]
 SIGMOID_SHARED = ["model.moe.router=sigmoid", "model.moe.shared_experts=1", "model.moe.shared_expert_gate=true",
                   "model.moe.every=2"]
 # The balancing bias moves by +-rate on the sign of (mean load - load): a routing choice that flips between
