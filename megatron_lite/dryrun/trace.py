@@ -86,6 +86,7 @@ def trace_step(cfg: Config, topology: Topology, built: Built) -> dict[str, int]:
 
 
 def _tracker(engine: str, stage: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """torch's tracker for this engine: FSDP2's knows its sharded, gathered and reduced tensors."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     if engine == "fsdp":
@@ -98,6 +99,7 @@ def _tracker(engine: str, stage: torch.nn.Module, model: torch.nn.Module, optimi
 
 
 def _by_category(tracker, which: str = "peak") -> dict[str, int]:
+    """The tracker's ``which`` snapshot ("peak" or "current") summed over devices, in our category names."""
     out: dict[str, int] = {"total": 0}
     for device_stats in tracker.get_tracker_snapshot(which).values():
         for key, value in device_stats.items():
