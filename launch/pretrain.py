@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from megatron_lite.rules import check_run_settings
+        from megatron_lite.rules import check_layout, check_run_settings
         from megatron_lite.training.preflight import check_data_files, check_data_fits_model
 
         check_run_settings(cfg)  # what needs no torch fails first, in a fraction of a second
+        # the layout at the launched world size too (the launchers set WORLD_SIZE); the device is known from the
+        # config or, for "auto", once torch is imported, and training checks the layout again with it
+        device = cfg.training.device if cfg.training.device != "auto" else None
+        check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")), device)
         check_data_fits_model(cfg)
         check_data_files(cfg)
         from megatron_lite.training.trainer import train  # torch loads only for a valid config

@@ -66,8 +66,10 @@ def engine_name(cfg: Config, world: int) -> str:
     return name
 
 
-def check_layout(cfg: Config, world: int, device_type: str) -> str:
-    """Every rule for running ``cfg`` on ``world`` ranks of ``device_type`` ("cpu", "cuda"); the engine's name."""
+def check_layout(cfg: Config, world: int, device_type: str | None) -> str:
+    """Every rule for running ``cfg`` on ``world`` ranks of ``device_type`` ("cpu", "cuda"); the engine's name.
+    ``device_type`` None: every rule but those about the device (the entry point asks so before it imports torch,
+    which finding the device needs, and training asks again with it)."""
     size = sizes(cfg, world)
     name = engine_name(cfg, world)
     check_batch(cfg, size.dp)
@@ -88,7 +90,7 @@ def check_batch(cfg: Config, dp: int) -> int:
     return gbs
 
 
-def check_engine_settings(cfg: Config, name: str, device_type: str) -> None:
+def check_engine_settings(cfg: Config, name: str, device_type: str | None) -> None:
     """Settings the chosen engine would ignore or reject."""
     par, precision = cfg.parallel, cfg.training.precision
     if par.zero_stage > 0 and name != "deepspeed":
@@ -136,7 +138,7 @@ def check_engine_settings(cfg: Config, name: str, device_type: str) -> None:
             "training.precision=fp16 is not supported by parallel.engine=fsdp (FSDP2 has no sharded loss scaler); "
             "use bf16, or fp16 with the ddp or deepspeed engine"
         )
-    if name == "fsdp" and par.fsdp_cpu_offload and device_type != "cuda":
+    if name == "fsdp" and par.fsdp_cpu_offload and device_type not in ("cuda", None):
         raise ConfigError(
             "parallel.fsdp_cpu_offload offloads parameters from GPU to CPU memory; it is not supported when "
             f"training on {device_type} (parameters already live in host memory)"

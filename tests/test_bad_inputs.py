@@ -240,6 +240,20 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(case, ws):
     assert not (ws / "yaml-ran").exists()
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("parallel.tp=3", "world size 1 is not divisible by parallel.tp=3"),
+    ("training.global_batch_size=7", "training.global_batch_size=7 is not divisible"),
+])
+def test_a_layout_the_rules_refuse_fails_before_torch_is_imported(ws, override, expected):
+    """The entry point checks the layout at the launched world size before it imports torch (seconds, on every rank)."""
+    argv = _pretrain(ws, "early", override)[1:]
+    code = ("import runpy, sys; main = runpy.run_path(sys.argv[1], run_name='pretrain')['main']; "
+            "status = main(sys.argv[2:]); print(status, 'torch' in sys.modules)")
+    proc = _run([sys.executable, "-c", code, *argv])
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+    assert expected in proc.stderr
+
+
 def test_debug_adds_the_traceback(ws):
     proc = _run([*_pretrain(ws, "debug", "data.seq_len=4096"), "--debug"])
     assert proc.returncode == 2 and "Traceback" in proc.stderr
