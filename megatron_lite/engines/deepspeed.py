@@ -75,13 +75,20 @@ from megatron_lite.topology import Topology, ensure_process_group
 
 
 def import_deepspeed(device: torch.device):
-    """Import DeepSpeed with its CPU accelerator selected when training on the CPU (silences the detection warning)."""
+    """Import DeepSpeed with its CPU accelerator selected when training on the CPU (silences the detection warning).
+
+    On the CPU its comm layer would also compile a shared-memory all-reduce op with the C++ compiler as it starts
+    (about 45 s on 2 cores, and again whenever another process asks with other flags, as launches with other
+    environments do); only its inference all-reduce uses that op, training's collectives go through the gloo group,
+    so it is marked unavailable and nothing is compiled."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed's ZeRO calls collectives that newer torch marks deprecated, once per step and rank: not actionable here.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
 
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

@@ -25,7 +25,9 @@ class Note:
 def _save_native(rank: int, config: str, out: str) -> None:
     """Train the tiny model 2 steps under plain deepspeed.initialize per ZeRO stage; save DeepSpeed's checkpoint,
     and on rank 0 the full fp32 weights and moments DeepSpeed reports (the reference)."""
-    import deepspeed
+    from megatron_lite.engines.deepspeed import import_deepspeed
+
+    deepspeed = import_deepspeed(torch.device("cpu"))  # as training imports it: the CPU accelerator, nothing compiled
     import torch.nn.functional as F
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from safetensors.torch import save_file
